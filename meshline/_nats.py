@@ -1,0 +1,569 @@
+"""The NATS transport: nats-py on asyncio, driven from Trio through trio-asyncio.
+
+Crossing from Trio into asyncio costs 100-150 us, so the per-message paths never
+cross. They rely on both event loops running on one thread:
+
+* **Publish** appends the encoded ``PUB`` command to nats-py's outgoing buffer and,
+  if its flusher task is idle, wakes it. The flusher (an asyncio task) is the pump:
+  it writes every command queued since it last ran in one ``writelines`` call.
+* **Subscriptions** swap nats-py's per-subscription asyncio queue for a shim whose
+  ``put_nowait`` pushes straight into a bounded Trio buffer, so the parser task
+  hands each message to Trio with no asyncio task switch at all.
+* **Requests** share one wildcard inbox subscription per connection. Its shim
+  resolves a token map on the Trio side; the timeout is a Trio cancel scope.
+
+Control-plane calls (connect, subscribe, unsubscribe, every KV operation) cross
+once per call. Everything nats-py raises is mapped onto meshline's errors here.
+
+The fast paths touch these nats-py internals: ``Client._pending``,
+``_pending_data_size``, ``_flush_queue``, ``_max_payload``, ``_max_pending_size``
+and ``Subscription._pending_queue`` / ``_pending_size``. nats-py is pinned to 2.16.x
+for that reason; :func:`_check_nats_internals` fails loudly if they change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any, TypeVar
+
+import attrs
+import nats
+import nats.errors
+import nats.js.errors
+import trio
+import trio_asyncio
+from nats.js import api as js_api
+from nats.protocol import command as nats_command
+
+from ._buffer import DEFAULT_BUFFER, MessageBuffer, Overflow
+from ._errors import (
+    KeyExistsError,
+    MeshlineError,
+    NoRespondersError,
+    PayloadTooLargeError,
+    RequestTimeoutError,
+    RevisionMismatchError,
+    TransportClosedError,
+    TransportError,
+)
+from ._names import validate_bucket, validate_key, validate_subject
+from ._transport import (
+    KeyValue,
+    KVEntry,
+    KVOperation,
+    KVWatch,
+    Message,
+    Subscription,
+    Transport,
+    check_data,
+    check_timeout,
+    check_ttl,
+)
+
+__all__ = ["NatsTransport", "open_nats_transport"]
+
+T = TypeVar("T")
+
+OUTGOING_HIGH_WATER = 4 * 1024 * 1024
+"""Bytes queued for the socket beyond which ``publish`` waits for a flush."""
+
+LIMIT_MARKER_TTL = 60
+"""Seconds that the server-placed marker for an expired key lives (JetStream)."""
+
+_WRONG_LAST_SEQUENCE = (10071, 10164)
+_KV_OPERATION = "KV-Operation"
+_MARKER_REASON = "Nats-Marker-Reason"
+_EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
+
+
+def _check_nats_internals(client: Any) -> None:
+    missing = [
+        name
+        for name in ("_pending", "_pending_data_size", "_flush_queue", "_max_payload")
+        if not hasattr(client, name)
+    ]
+    if missing:
+        raise TransportError(
+            f"this nats-py version lacks internals meshline relies on: {', '.join(missing)}"
+        )
+
+
+@contextlib.contextmanager
+def _mapped_errors(what: str) -> Iterator[None]:
+    """Translate nats-py and asyncio failures into meshline errors."""
+    try:
+        yield
+    except MeshlineError:
+        raise
+    except nats.errors.ConnectionClosedError as exc:
+        raise TransportClosedError(f"{what}: the NATS connection is closed") from exc
+    except nats.errors.MaxPayloadError as exc:
+        raise PayloadTooLargeError(f"{what}: payload exceeds the server's max_payload") from exc
+    except nats.js.errors.ServiceUnavailableError as exc:
+        raise TransportError(f"{what}: JetStream is unavailable") from exc
+    except nats.errors.NoRespondersError as exc:
+        raise TransportError(f"{what}: JetStream is not enabled on the server") from exc
+    except (nats.errors.TimeoutError, asyncio.TimeoutError) as exc:
+        raise TransportError(f"{what}: the NATS server did not answer in time") from exc
+    except nats.errors.Error as exc:
+        raise TransportError(f"{what}: {exc}") from exc
+    except OSError as exc:
+        raise TransportError(f"{what}: {exc}") from exc
+
+
+class _BufferShim:
+    """Stands in for a nats-py subscription's asyncio queue; feeds a Trio buffer."""
+
+    __slots__ = ("_buffer", "_subscription")
+
+    def __init__(self, nats_subscription: Any, buffer: MessageBuffer[Message]) -> None:
+        self._subscription = nats_subscription
+        self._buffer = buffer
+
+    def put_nowait(self, msg: Any) -> None:
+        self._subscription._pending_size -= len(msg.data)
+        self._buffer.push(Message(msg.subject, msg.data, msg.reply or None))
+
+    def qsize(self) -> int:
+        return 0
+
+    def empty(self) -> bool:
+        return True
+
+    def task_done(self) -> None:
+        pass
+
+    async def join(self) -> None:
+        pass
+
+
+@attrs.define(eq=False, slots=True)
+class _ReplyWaiter:
+    event: trio.Event = attrs.Factory(trio.Event)
+    reply: Message | None = None
+    no_responders: bool = False
+
+
+class _InboxShim:
+    """Stands in for the request inbox's asyncio queue; resolves waiting requests."""
+
+    __slots__ = ("_prefix_length", "_subscription", "_waiters")
+
+    def __init__(self, nats_subscription: Any, prefix: str, waiters: dict[str, _ReplyWaiter]):
+        self._subscription = nats_subscription
+        self._prefix_length = len(prefix)
+        self._waiters = waiters
+
+    def put_nowait(self, msg: Any) -> None:
+        self._subscription._pending_size -= len(msg.data)
+        waiter = self._waiters.get(msg.subject[self._prefix_length :])
+        if waiter is None or waiter.event.is_set():
+            return
+        headers = msg.headers
+        if headers and headers.get("Status") == "503" and not msg.data:
+            waiter.no_responders = True
+        else:
+            waiter.reply = Message(msg.subject, msg.data, msg.reply or None)
+        waiter.event.set()
+
+    def qsize(self) -> int:
+        return 0
+
+    def empty(self) -> bool:
+        return True
+
+    def task_done(self) -> None:
+        pass
+
+    async def join(self) -> None:
+        pass
+
+
+class _NatsSubscription(Subscription):
+    def __init__(
+        self,
+        subject: str,
+        buffer: MessageBuffer[Message],
+        transport: NatsTransport,
+        nats_subscription: Any,
+    ) -> None:
+        super().__init__(subject, buffer)
+        self._transport = transport
+        self._nats_subscription = nats_subscription
+
+    async def _unsubscribe(self) -> None:
+        self._transport._subscriptions.discard(self)
+        if self._transport._nc.is_closed:
+            return
+        with contextlib.suppress(TransportError):
+            await self._transport._aio(
+                "unsubscribe", self._nats_subscription.unsubscribe, timeout=5.0
+            )
+
+
+class NatsTransport(Transport):
+    """A :class:`~meshline.Transport` over one NATS connection.
+
+    Get one from :func:`open_nats_transport`. It reconnects on its own: while the
+    connection is down, publishes are buffered (up to nats-py's reconnect buffer)
+    and subscriptions resume once it is back.
+    """
+
+    def __init__(self, nc: Any, loop: asyncio.AbstractEventLoop) -> None:
+        _check_nats_internals(nc)
+        self._nc = nc
+        self._loop = loop
+        self._closed = False
+        self._tokens = itertools.count()
+        self._waiters: dict[str, _ReplyWaiter] = {}
+        self._subscriptions: set[_NatsSubscription] = set()
+        self._inbox_prefix = ""
+        self._js: Any = nc.jetstream()
+
+    @property
+    def connected(self) -> bool:
+        """True while the NATS connection is up (False while reconnecting)."""
+        return bool(self._nc.is_connected)
+
+    async def _aio(
+        self, what: str, function: Callable[..., Awaitable[T]], *args: Any, timeout: float = 10.0
+    ) -> T:
+        """Run one asyncio coroutine function (one bridge crossing), errors mapped."""
+        with _mapped_errors(what):
+            with trio.fail_after(timeout):
+                return await trio_asyncio.aio_as_trio(function)(*args)  # type: ignore[no-any-return]
+
+    async def _start(self) -> None:
+        self._inbox_prefix = self._nc.new_inbox() + "."
+        inbox = await self._aio("subscribe", self._nc.subscribe, self._inbox_prefix + "*")
+        inbox._pending_queue = _InboxShim(inbox, self._inbox_prefix, self._waiters)
+
+    def _check_open(self) -> None:
+        if self._closed or self._nc.is_closed:
+            raise TransportClosedError("the NATS transport is closed")
+
+    def _enqueue(self, subject: str, reply: str, data: bytes) -> None:
+        """Queue one PUB command for nats-py's flusher, without crossing the bridge."""
+        nc = self._nc
+        self._check_open()
+        size = len(data)
+        if size > nc._max_payload:
+            raise PayloadTooLargeError(
+                f"message of {size} bytes exceeds the server's max_payload of {nc._max_payload}"
+            )
+        command = nats_command.pub_cmd(subject, reply, data)
+        if not nc.is_connected and nc._pending_data_size + len(command) > nc._max_pending_size:
+            raise TransportError("NATS is reconnecting and the outgoing buffer is full")
+        nc._pending.append(command)
+        nc._pending_data_size += len(command)
+        flush_queue = nc._flush_queue
+        if nc.is_connected and flush_queue is not None and flush_queue.empty():
+            flush_queue.put_nowait(self._loop.create_future())
+
+    async def publish(self, subject: str, data: bytes, *, reply: str | None = None) -> None:
+        validate_subject(subject)
+        if reply is not None:
+            validate_subject(reply)
+        data = check_data(data)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self._enqueue(subject, reply or "", data)
+        if self._nc._pending_data_size > OUTGOING_HIGH_WATER and self._nc.is_connected:
+            await self._aio("flush", self._nc.flush)
+
+    async def open_subscription(
+        self,
+        subject: str,
+        *,
+        queue: str | None = None,
+        limit: int = DEFAULT_BUFFER,
+        overflow: Overflow = Overflow.DROP_NEWEST,
+    ) -> Subscription:
+        validate_subject(subject, wildcards=True)
+        if queue is not None:
+            validate_subject(queue)
+        self._check_open()
+        buffer: MessageBuffer[Message] = MessageBuffer(limit, overflow, subject)
+
+        async def subscribe() -> Any:
+            nats_subscription = await self._nc.subscribe(subject, queue=queue or "")
+            nats_subscription._pending_queue = _BufferShim(nats_subscription, buffer)
+            return nats_subscription
+
+        nats_subscription = await self._aio("subscribe", subscribe)
+        subscription = _NatsSubscription(subject, buffer, self, nats_subscription)
+        self._subscriptions.add(subscription)
+        return subscription
+
+    async def request(self, subject: str, data: bytes, *, timeout: float) -> Message:
+        validate_subject(subject)
+        timeout = check_timeout(timeout)
+        data = check_data(data)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        token = str(next(self._tokens))
+        waiter = _ReplyWaiter()
+        self._waiters[token] = waiter
+        try:
+            self._enqueue(subject, self._inbox_prefix + token, data)
+            with trio.move_on_after(timeout):
+                await waiter.event.wait()
+        finally:
+            del self._waiters[token]
+        if waiter.reply is not None:
+            return waiter.reply
+        if waiter.no_responders:
+            raise NoRespondersError(subject)
+        if self._closed:
+            raise TransportClosedError("the transport closed during the request")
+        raise RequestTimeoutError(subject, timeout)
+
+    async def key_value(self, bucket: str) -> KeyValue:
+        validate_bucket(bucket)
+        self._check_open()
+        js = self._js
+
+        async def create() -> bool:
+            try:
+                await js.create_key_value(
+                    js_api.KeyValueConfig(
+                        bucket=bucket, history=1, limit_marker_ttl=LIMIT_MARKER_TTL
+                    )
+                )
+            except nats.js.errors.BadRequestError:
+                # The stream exists with a different configuration: bind to it as is.
+                await js.stream_info(f"KV_{bucket}")
+            info = await js.stream_info(f"KV_{bucket}")
+            return bool(info.config.allow_direct)
+
+        direct = await self._aio("open KV bucket", create)
+        return _NatsKeyValue(self, bucket, direct)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self._closed = True
+        for subscription in list(self._subscriptions):
+            subscription._buffer.close()
+        for waiter in self._waiters.values():
+            waiter.event.set()
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            with contextlib.suppress(TransportError):
+                await self._aio("close", self._nc.close, timeout=5.0)
+
+
+@asynccontextmanager
+async def open_nats_transport(
+    servers: str | list[str] = "nats://127.0.0.1:4222",
+    *,
+    name: str | None = None,
+    connect_timeout: float = 5.0,
+    reconnect_wait: float = 0.25,
+    **nats_options: Any,
+) -> AsyncIterator[NatsTransport]:
+    """Connect to NATS and yield a transport; close it on exit.
+
+    ``servers`` is one URL or a list (a cluster). The connection retries forever
+    after it was once established, waiting ``reconnect_wait`` seconds between
+    attempts. Extra keyword arguments go to :func:`nats.connect` unchanged.
+
+    This opens a trio-asyncio loop for the connection's lifetime. The first connect
+    must succeed within ``connect_timeout``, else :class:`~meshline.TransportError`.
+    Leaving the block (even by cancellation) closes the connection, shielded, within
+    5 seconds.
+    """
+
+    async def noop_callback(*_: Any) -> None:
+        pass
+
+    options: dict[str, Any] = {
+        "servers": [servers] if isinstance(servers, str) else list(servers),
+        "name": name,
+        "connect_timeout": connect_timeout,
+        "reconnect_time_wait": reconnect_wait,
+        "max_reconnect_attempts": -1,
+        "allow_reconnect": True,
+        "error_cb": noop_callback,
+        "disconnected_cb": noop_callback,
+        "reconnected_cb": noop_callback,
+    }
+    options.update(nats_options)
+    async with trio_asyncio.open_loop() as loop:
+        with _mapped_errors("connect"), trio.fail_after(connect_timeout * 2 + 1):
+            nc = await trio_asyncio.aio_as_trio(nats.connect)(**options)
+        transport = NatsTransport(nc, loop)
+        try:
+            await transport._start()
+            yield transport
+        finally:
+            with trio.CancelScope(shield=True):
+                await transport.aclose()
+
+
+def _entry_from_raw(key: str, msg: Any) -> KVEntry | None:
+    """Classify a raw stream message for ``key``: a live value, or None if absent."""
+    headers = msg.headers or {}
+    if headers.get(_KV_OPERATION) in ("DEL", "PURGE") or _MARKER_REASON in headers:
+        return None
+    return KVEntry(key, msg.data or b"", msg.seq)
+
+
+class _NatsKeyValue(KeyValue):
+    def __init__(self, transport: NatsTransport, bucket: str, direct: bool) -> None:
+        self.bucket = bucket
+        self._transport = transport
+        self._js = transport._js
+        self._stream = f"KV_{bucket}"
+        self._prefix = f"$KV.{bucket}."
+        self._direct = direct
+
+    async def _raw_latest(self, key: str) -> Any | None:
+        """asyncio side: the latest stream message for ``key``, markers included."""
+        try:
+            return await self._js.get_msg(
+                self._stream, subject=self._prefix + key, direct=self._direct
+            )
+        except nats.js.errors.NotFoundError:
+            return None
+
+    async def _publish(
+        self, key: str, value: bytes, headers: dict[str, str] | None, ttl: int | None
+    ) -> int:
+        """asyncio side: one JetStream publish; returns the new revision."""
+        ack = await self._js.publish(self._prefix + key, value, headers=headers, msg_ttl=ttl)
+        return int(ack.seq)
+
+    async def get(self, key: str) -> KVEntry | None:
+        validate_key(key)
+        self._transport._check_open()
+        msg = await self._transport._aio("KV get", self._raw_latest, key)
+        return None if msg is None else _entry_from_raw(key, msg)
+
+    async def put(self, key: str, value: bytes, *, ttl: int | None = None) -> int:
+        validate_key(key)
+        value, ttl = check_data(value), check_ttl(ttl)
+        self._transport._check_open()
+        return await self._transport._aio("KV put", self._publish, key, value, None, ttl)
+
+    async def create(self, key: str, value: bytes, *, ttl: int | None = None) -> int:
+        validate_key(key)
+        value, ttl = check_data(value), check_ttl(ttl)
+        self._transport._check_open()
+
+        async def create() -> int:
+            expected = 0
+            for _ in range(3):
+                headers = {_EXPECTED_LAST_SUBJECT_SEQUENCE: str(expected)}
+                try:
+                    return await self._publish(key, value, headers, ttl)
+                except nats.js.errors.APIError as exc:
+                    if exc.err_code not in _WRONG_LAST_SEQUENCE:
+                        raise
+                latest = await self._raw_latest(key)
+                if latest is not None and _entry_from_raw(key, latest) is not None:
+                    break
+                # Deleted, purged or expired (a marker): create on top of it.
+                expected = 0 if latest is None else int(latest.seq)
+            raise KeyExistsError(key)
+
+        return await self._transport._aio("KV create", create)
+
+    async def update(
+        self, key: str, value: bytes, *, revision: int, ttl: int | None = None
+    ) -> int:
+        validate_key(key)
+        value, ttl = check_data(value), check_ttl(ttl)
+        self._transport._check_open()
+
+        async def update() -> int:
+            headers = {_EXPECTED_LAST_SUBJECT_SEQUENCE: str(revision)}
+            try:
+                return await self._publish(key, value, headers, ttl)
+            except nats.js.errors.APIError as exc:
+                if exc.err_code in _WRONG_LAST_SEQUENCE:
+                    raise RevisionMismatchError(key, revision) from None
+                raise
+
+        return await self._transport._aio("KV update", update)
+
+    async def delete(self, key: str, *, revision: int | None = None) -> None:
+        validate_key(key)
+        self._transport._check_open()
+        headers = {_KV_OPERATION: "DEL"}
+        if revision is not None:
+            headers[_EXPECTED_LAST_SUBJECT_SEQUENCE] = str(revision)
+
+        async def delete() -> None:
+            try:
+                await self._publish(key, b"", headers, None)
+            except nats.js.errors.APIError as exc:
+                if revision is not None and exc.err_code in _WRONG_LAST_SEQUENCE:
+                    raise RevisionMismatchError(key, revision) from None
+                raise
+
+        await self._transport._aio("KV delete", delete)
+
+    async def purge(self, key: str) -> None:
+        validate_key(key)
+        self._transport._check_open()
+        headers = {_KV_OPERATION: "PURGE", "Nats-Rollup": "sub"}
+        await self._transport._aio("KV purge", self._publish, key, b"", headers, None)
+
+    async def keys(self) -> list[str]:
+        async with self.watch() as watch:
+            return sorted(entry.key for entry in watch.snapshot)
+
+    def watch(self, pattern: str = ">") -> AbstractAsyncContextManager[KVWatch]:
+        validate_key(pattern, pattern=True)
+        return self._watch(pattern)
+
+    @asynccontextmanager
+    async def _watch(self, pattern: str) -> AsyncIterator[KVWatch]:
+        self._transport._check_open()
+        buffer: MessageBuffer[KVEntry] = MessageBuffer(DEFAULT_BUFFER, Overflow.ERROR, pattern)
+        snapshot_done = trio.Event()
+        snapshot: list[KVEntry] = []
+        kv = await self._transport._aio("KV bind", self._js.key_value, self.bucket)
+        watcher = await self._transport._aio("KV watch", kv.watch, pattern)
+
+        def convert(entry: Any) -> KVEntry:
+            operation = {"DEL": KVOperation.DELETE, "PURGE": KVOperation.PURGE}.get(
+                entry.operation, KVOperation.PUT
+            )
+            return KVEntry(entry.key, entry.value or b"", int(entry.revision), operation)
+
+        async def pump() -> None:
+            """asyncio side: move entries from nats-py's watcher into the Trio buffer."""
+            in_snapshot = True
+            while True:
+                entry = await watcher._updates.get()
+                if entry is None:
+                    in_snapshot = False
+                    snapshot_done.set()
+                    continue
+                if not hasattr(entry, "key"):
+                    buffer.close()
+                    return
+                converted = convert(entry)
+                if in_snapshot:
+                    if converted.operation is KVOperation.PUT:
+                        snapshot.append(converted)
+                    else:
+                        snapshot[:] = [e for e in snapshot if e.key != converted.key]
+                else:
+                    buffer.push(converted)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio_asyncio.aio_as_trio(pump))
+            try:
+                await snapshot_done.wait()
+                yield KVWatch(snapshot, buffer)
+            finally:
+                nursery.cancel_scope.cancel()
+                buffer.close()
+                with trio.CancelScope(shield=True), trio.move_on_after(5):
+                    with contextlib.suppress(TransportError):
+                        await self._transport._aio("KV unwatch", watcher.stop)

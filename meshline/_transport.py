@@ -1,0 +1,308 @@
+"""The transport seam: the only interface the rest of meshline uses for messaging.
+
+Two implementations exist: :mod:`meshline._memory` (in-process) and
+:mod:`meshline._nats` (NATS through nats-py). Both pass the same conformance suite.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import math
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Self
+
+import attrs
+import trio
+
+from ._buffer import DEFAULT_BUFFER, MessageBuffer, Overflow
+from ._errors import InvalidArgumentError
+
+__all__ = [
+    "KVEntry",
+    "KVOperation",
+    "KVWatch",
+    "KeyValue",
+    "Message",
+    "Subscription",
+    "Transport",
+]
+
+
+@attrs.frozen(slots=True)
+class Message:
+    """One message received on a subscription, or the reply to a request."""
+
+    subject: str
+    data: bytes
+    reply: str | None = None
+    """The subject to answer on, if the sender expects a reply."""
+
+
+class KVOperation(enum.StrEnum):
+    """What a :class:`KVEntry` records."""
+
+    PUT = "put"
+    DELETE = "delete"
+    PURGE = "purge"
+    """The key was purged, or its TTL ran out."""
+
+
+@attrs.frozen(slots=True)
+class KVEntry:
+    """One revision of one key in a KV bucket."""
+
+    key: str
+    value: bytes
+    revision: int
+    """The bucket-wide sequence number of this write. It only grows."""
+    operation: KVOperation = KVOperation.PUT
+
+
+class Subscription:
+    """Messages arriving on a subject, buffered up to a limit.
+
+    Iterate it with ``async for``. Iteration ends when the subscription or its
+    transport is closed. Cancelling a task that waits in ``async for`` loses nothing.
+    """
+
+    def __init__(self, subject: str, buffer: MessageBuffer[Message]) -> None:
+        self.subject = subject
+        self._buffer = buffer
+
+    @property
+    def dropped(self) -> int:
+        """How many messages the overflow policy has discarded so far."""
+        return self._buffer.dropped
+
+    @property
+    def pending(self) -> int:
+        """How many messages are buffered and not yet read."""
+        return len(self._buffer)
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> Message:
+        return await self._buffer.receive()
+
+    async def receive(self) -> Message:
+        """Return the next message.
+
+        :raises trio.EndOfChannel: the subscription is closed and drained.
+        :raises SubscriptionOverflowError: the buffer overflowed under ``Overflow.ERROR``.
+        """
+        try:
+            return await self._buffer.receive()
+        except StopAsyncIteration:
+            raise trio.EndOfChannel from None
+
+    async def aclose(self) -> None:
+        """Stop receiving. Messages already buffered stay readable. Idempotent.
+
+        This is shielded from cancellation, so interest is always withdrawn.
+        """
+        if self._buffer.closed:
+            return
+        self._buffer.close()
+        with trio.CancelScope(shield=True):
+            await self._unsubscribe()
+
+    async def _unsubscribe(self) -> None:
+        """Withdraw interest at the transport. Overridden per transport."""
+
+
+class KVWatch:
+    """A watch on a KV bucket: a snapshot, then live changes.
+
+    :attr:`snapshot` holds the current value of every matching key (deleted and
+    expired keys left out) as of the moment the watch started. Iterating the watch
+    then yields every later change in revision order, including ``DELETE`` and
+    ``PURGE`` entries (an expired TTL shows up as ``PURGE``). An entry is never
+    yielded twice, even if the server delivers it twice.
+    """
+
+    def __init__(self, snapshot: list[KVEntry], buffer: MessageBuffer[KVEntry]) -> None:
+        self.snapshot = snapshot
+        self._buffer = buffer
+        self._last_revision = max((entry.revision for entry in snapshot), default=0)
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> KVEntry:
+        while True:
+            entry = await self._next_raw()
+            if entry.revision > self._last_revision:
+                self._last_revision = entry.revision
+                return entry
+
+    async def _next_raw(self) -> KVEntry:
+        return await self._buffer.receive()
+
+
+def check_ttl(ttl: int | None) -> int | None:
+    """Validate a per-key TTL: whole seconds, at least 1, or None for no TTL."""
+    if ttl is None:
+        return None
+    if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 1:
+        raise InvalidArgumentError(f"a KV TTL is a whole number of seconds >= 1, got {ttl!r}")
+    return ttl
+
+
+def check_timeout(timeout: float) -> float:
+    """Validate a request timeout in seconds: positive and finite."""
+    if not (isinstance(timeout, int | float) and 0 < timeout < math.inf):
+        raise InvalidArgumentError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    return float(timeout)
+
+
+def check_data(data: bytes) -> bytes:
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise InvalidArgumentError(f"message data must be bytes, not {type(data).__name__}")
+    return bytes(data)
+
+
+class KeyValue(abc.ABC):
+    """A KV bucket: revisioned keys with compare-and-set and optional per-key TTL.
+
+    Keys must satisfy :func:`meshline.validate_key`; encode user-supplied strings
+    with :func:`meshline.encode_token` first. A TTL is whole seconds, at least 1.
+
+    On cancellation a write may or may not have reached the server; read the key to
+    find out. No local state is left half-changed either way.
+    """
+
+    bucket: str
+
+    @abc.abstractmethod
+    async def get(self, key: str) -> KVEntry | None:
+        """Return the current entry for ``key``, or None if it is absent.
+
+        A deleted, purged or expired key is absent.
+        """
+
+    @abc.abstractmethod
+    async def put(self, key: str, value: bytes, *, ttl: int | None = None) -> int:
+        """Write ``value`` unconditionally and return the new revision."""
+
+    @abc.abstractmethod
+    async def create(self, key: str, value: bytes, *, ttl: int | None = None) -> int:
+        """Write ``value`` only if ``key`` is absent, and return the new revision.
+
+        A key that was deleted, purged or expired counts as absent, and can be
+        created again at once.
+
+        :raises KeyExistsError: the key holds a value.
+        """
+
+    @abc.abstractmethod
+    async def update(
+        self, key: str, value: bytes, *, revision: int, ttl: int | None = None
+    ) -> int:
+        """Write ``value`` only if the key's latest revision is ``revision``.
+
+        Returns the new revision. Passing ``ttl`` (re)starts the key's TTL; without it
+        the new revision has no TTL.
+
+        :raises RevisionMismatchError: the key has moved on (or expired).
+        """
+
+    @abc.abstractmethod
+    async def delete(self, key: str, *, revision: int | None = None) -> None:
+        """Delete ``key``, only if its latest revision is ``revision`` when one is given.
+
+        Deleting an absent key without ``revision`` is not an error.
+
+        :raises RevisionMismatchError: ``revision`` was given and is not the latest.
+        """
+
+    @abc.abstractmethod
+    async def purge(self, key: str) -> None:
+        """Remove ``key`` and its history. Never fails for an absent key."""
+
+    @abc.abstractmethod
+    async def keys(self) -> list[str]:
+        """Return every key that currently holds a value, sorted."""
+
+    @abc.abstractmethod
+    def watch(self, pattern: str = ">") -> AbstractAsyncContextManager[KVWatch]:
+        """Watch keys matching ``pattern`` (``*`` = one token, final ``>`` = the rest).
+
+        Use as ``async with kv.watch() as w:``; the snapshot is loaded on entry.
+        """
+
+
+
+class Transport(abc.ABC):
+    """Publish/subscribe, request/reply and KV buckets, on one connection.
+
+    Subjects must satisfy :func:`meshline.validate_subject`. Build them from fixed
+    parts and :func:`meshline.encode_token` tokens, never from raw user strings.
+    """
+
+    @abc.abstractmethod
+    async def publish(self, subject: str, data: bytes, *, reply: str | None = None) -> None:
+        """Send ``data`` to every subscriber of ``subject``. At most once, no ack.
+
+        This only queues the message for sending; it waits only when the outgoing
+        buffer is full. Cancellation before it returns means the message was not sent.
+        """
+
+    @asynccontextmanager
+    async def subscribe(
+        self,
+        subject: str,
+        *,
+        queue: str | None = None,
+        limit: int = DEFAULT_BUFFER,
+        overflow: Overflow = Overflow.DROP_NEWEST,
+    ) -> AsyncIterator[Subscription]:
+        """Subscribe to ``subject`` (wildcards allowed) for the duration of the block.
+
+        With ``queue``, each message goes to one member of that queue group.
+        ``limit`` bounds the buffer and ``overflow`` says what happens beyond it.
+        Leaving the block unsubscribes, even when cancelled.
+        """
+        subscription = await self.open_subscription(
+            subject, queue=queue, limit=limit, overflow=overflow
+        )
+        try:
+            yield subscription
+        finally:
+            await subscription.aclose()
+
+    @abc.abstractmethod
+    async def open_subscription(
+        self,
+        subject: str,
+        *,
+        queue: str | None = None,
+        limit: int = DEFAULT_BUFFER,
+        overflow: Overflow = Overflow.DROP_NEWEST,
+    ) -> Subscription:
+        """Like :meth:`subscribe`, for subscriptions that outlive one block.
+
+        The caller must ``await subscription.aclose()``; closing the transport also
+        closes it. Once this returns, the subscription is active at the server.
+        """
+
+    @abc.abstractmethod
+    async def request(self, subject: str, data: bytes, *, timeout: float) -> Message:
+        """Send ``data`` to one subscriber of ``subject`` and wait for its reply.
+
+        The timeout is a Trio cancel scope. Whether the request times out, is
+        cancelled by the caller, or gets its reply, nothing is left pending.
+
+        :raises NoRespondersError: nobody subscribes to ``subject``; raised at once.
+        :raises RequestTimeoutError: no reply within ``timeout`` seconds.
+        """
+
+    @abc.abstractmethod
+    async def key_value(self, bucket: str) -> KeyValue:
+        """Open the KV bucket ``bucket``, creating it if needed (per-key TTL enabled)."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Close the transport: subscriptions end, pending requests fail. Idempotent."""
