@@ -43,6 +43,8 @@ MAX_SUBJECT_LENGTH = 2048
 """Subjects travel in NATS control lines, which the server caps at 4 KiB by default."""
 
 _SUBJECT_TOKEN = re.compile(r"[!-~]+")  # printable ASCII, no space
+_PLAIN_TOKEN = r"[!-)+,\-/-=?-~]+"  # printable ASCII without space, ".", "*" and ">"
+_PLAIN_SUBJECT = re.compile(rf"{_PLAIN_TOKEN}(?:\.{_PLAIN_TOKEN})*")
 _KEY = re.compile(r"[-/_=.A-Za-z0-9]+")
 _KEY_PATTERN_TOKEN = re.compile(r"[-/_=A-Za-z0-9]+|\*|>")
 _BUCKET = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -104,6 +106,12 @@ def validate_subject(subject: str, *, wildcards: bool = False) -> str:
 
     :raises InvalidNameError: the subject is malformed.
     """
+    if (
+        isinstance(subject, str)
+        and len(subject) <= MAX_SUBJECT_LENGTH
+        and _PLAIN_SUBJECT.fullmatch(subject)
+    ):
+        return subject  # the common case: no wildcards, one regex call
     if not isinstance(subject, str) or not subject:
         raise InvalidNameError(f"subject must be a non-empty str, got {subject!r}")
     if len(subject) > MAX_SUBJECT_LENGTH:

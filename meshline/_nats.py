@@ -51,6 +51,7 @@ from ._errors import (
     TransportError,
 )
 from ._names import validate_bucket, validate_key, validate_subject
+from ._timer import DeadlineTimer
 from ._transport import (
     KeyValue,
     KVEntry,
@@ -83,7 +84,15 @@ _EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
 def _check_nats_internals(client: Any) -> None:
     missing = [
         name
-        for name in ("_pending", "_pending_data_size", "_flush_queue", "_max_payload")
+        for name in (
+            "_pending",
+            "_pending_data_size",
+            "_flush_queue",
+            "_max_payload",
+            "_max_pending_size",
+            "_process_msg",
+            "_subs",
+        )
         if not hasattr(client, name)
     ]
     if missing:
@@ -128,6 +137,9 @@ class _BufferShim:
         self._subscription._pending_size -= len(msg.data)
         self._buffer.push(Message(msg.subject, msg.data, msg.reply or None))
 
+    def deliver(self, subject: bytes, reply: bytes, data: bytes) -> None:
+        self._buffer.push(Message(subject.decode(), data, reply.decode() or None))
+
     def qsize(self) -> int:
         return 0
 
@@ -141,11 +153,31 @@ class _BufferShim:
         pass
 
 
-@attrs.define(eq=False, slots=True)
 class _ReplyWaiter:
-    event: trio.Event = attrs.Factory(trio.Event)
-    reply: Message | None = None
-    no_responders: bool = False
+    """One pending request: the parked task, and what woke it."""
+
+    __slots__ = ("done", "no_responders", "reply", "task", "timed_out")
+
+    def __init__(self, task: trio.lowlevel.Task) -> None:
+        self.task = task
+        self.done = False
+        self.reply: Message | None = None
+        self.no_responders = False
+        self.timed_out = False
+
+    def expire(self) -> None:
+        if not self.done:
+            self.timed_out = True
+            self.wake()
+
+    def wake(self) -> None:
+        if not self.done:
+            self.done = True
+            trio.lowlevel.reschedule(self.task)
+
+    def abort(self, _: object) -> trio.lowlevel.Abort:
+        self.done = True
+        return trio.lowlevel.Abort.SUCCEEDED
 
 
 class _InboxShim:
@@ -161,14 +193,21 @@ class _InboxShim:
     def put_nowait(self, msg: Any) -> None:
         self._subscription._pending_size -= len(msg.data)
         waiter = self._waiters.get(msg.subject[self._prefix_length :])
-        if waiter is None or waiter.event.is_set():
+        if waiter is None or waiter.done:
             return
         headers = msg.headers
         if headers and headers.get("Status") == "503" and not msg.data:
             waiter.no_responders = True
         else:
             waiter.reply = Message(msg.subject, msg.data, msg.reply or None)
-        waiter.event.set()
+        waiter.wake()
+
+    def deliver(self, subject: bytes, reply: bytes, data: bytes) -> None:
+        waiter = self._waiters.get(subject[self._prefix_length :].decode())
+        if waiter is None or waiter.done:
+            return
+        waiter.reply = Message(subject.decode(), data, reply.decode() or None)
+        waiter.wake()
 
     def qsize(self) -> int:
         return 0
@@ -181,6 +220,32 @@ class _InboxShim:
 
     async def join(self) -> None:
         pass
+
+
+def _install_fast_dispatch(nc: Any) -> None:
+    """Route header-less messages for meshline's shims around nats-py's ``Msg`` building.
+
+    nats-py's parser awaits ``client._process_msg`` for every ``MSG``. For our own
+    subscriptions, a plain message needs none of its work (headers, JetStream flow
+    control, a ``Msg`` dataclass), so it goes straight to the shim. Everything else,
+    including messages with headers such as "no responders", takes nats-py's path.
+    """
+    original = nc._process_msg
+    subscriptions = nc._subs
+    stats = nc.stats
+
+    async def process_msg(sid: int, subject: bytes, reply: bytes, data: bytes, headers: Any):
+        subscription = subscriptions.get(sid)
+        if subscription is not None and not headers:
+            sink = subscription._pending_queue
+            if type(sink) is _BufferShim or type(sink) is _InboxShim:
+                stats["in_msgs"] += 1
+                stats["in_bytes"] += len(data)
+                sink.deliver(subject, reply, data)
+                return
+        await original(sid, subject, reply, data, headers)
+
+    nc._process_msg = process_msg
 
 
 class _NatsSubscription(Subscription):
@@ -215,6 +280,7 @@ class NatsTransport(Transport):
 
     def __init__(self, nc: Any, loop: asyncio.AbstractEventLoop) -> None:
         _check_nats_internals(nc)
+        _install_fast_dispatch(nc)
         self._nc = nc
         self._loop = loop
         self._closed = False
@@ -223,6 +289,7 @@ class NatsTransport(Transport):
         self._subscriptions: set[_NatsSubscription] = set()
         self._inbox_prefix = ""
         self._js: Any = nc.jetstream()
+        self._timer = DeadlineTimer()
 
     @property
     def connected(self) -> bool:
@@ -304,14 +371,15 @@ class NatsTransport(Transport):
         data = check_data(data)
         await trio.lowlevel.checkpoint_if_cancelled()
         token = str(next(self._tokens))
-        waiter = _ReplyWaiter()
+        waiter = _ReplyWaiter(trio.lowlevel.current_task())
+        self._enqueue(subject, self._inbox_prefix + token, data)
         self._waiters[token] = waiter
+        deadline = self._timer.add(timeout, waiter.expire)
         try:
-            self._enqueue(subject, self._inbox_prefix + token, data)
-            with trio.move_on_after(timeout):
-                await waiter.event.wait()
+            await trio.lowlevel.wait_task_rescheduled(waiter.abort)
         finally:
             del self._waiters[token]
+            self._timer.remove(deadline)
         if waiter.reply is not None:
             return waiter.reply
         if waiter.no_responders:
@@ -349,7 +417,7 @@ class NatsTransport(Transport):
         for subscription in list(self._subscriptions):
             subscription._buffer.close()
         for waiter in self._waiters.values():
-            waiter.event.set()
+            waiter.wake()
         with trio.CancelScope(shield=True), trio.move_on_after(5):
             with contextlib.suppress(TransportError):
                 await self._aio("close", self._nc.close, timeout=5.0)
@@ -396,8 +464,11 @@ async def open_nats_transport(
             nc = await trio_asyncio.aio_as_trio(nats.connect)(**options)
         transport = NatsTransport(nc, loop)
         try:
-            await transport._start()
-            yield transport
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(transport._timer.run)
+                await transport._start()
+                yield transport
+                nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
                 await transport.aclose()

@@ -292,8 +292,10 @@ class Transport(abc.ABC):
     async def request(self, subject: str, data: bytes, *, timeout: float) -> Message:
         """Send ``data`` to one subscriber of ``subject`` and wait for its reply.
 
-        The timeout is a Trio cancel scope. Whether the request times out, is
-        cancelled by the caller, or gets its reply, nothing is left pending.
+        Cancelling the caller (any enclosing Trio cancel scope) abandons the request
+        at once. Whether the request times out, is cancelled, or gets its reply, its
+        pending entry is removed before this returns or raises. A reply that arrives
+        later is discarded.
 
         :raises NoRespondersError: nobody subscribes to ``subject``; raised at once.
         :raises RequestTimeoutError: no reply within ``timeout`` seconds.
