@@ -210,6 +210,10 @@ class MemoryTransport(Transport):
         finally:
             del self._waiters[token]
 
+    @property
+    def pending_requests(self) -> int:
+        return len(self._waiters)
+
     async def key_value(self, bucket: str) -> KeyValue:
         validate_bucket(bucket)
         await trio.lowlevel.checkpoint()

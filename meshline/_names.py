@@ -47,6 +47,7 @@ _PLAIN_TOKEN = r"[!-)+,\-/-=?-~]+"  # printable ASCII without space, ".", "*" an
 _PLAIN_SUBJECT = re.compile(rf"{_PLAIN_TOKEN}(?:\.{_PLAIN_TOKEN})*")
 _KEY = re.compile(r"[-/_=.A-Za-z0-9]+")
 _KEY_PATTERN_TOKEN = re.compile(r"[-/_=A-Za-z0-9]+|\*|>")
+_SHORT_TOKEN = re.compile(r"b[A-Za-z0-9_-]+")
 _BUCKET = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
@@ -87,14 +88,16 @@ def decode_token(token: str) -> str:
     :raises InvalidNameError: ``token`` is not a short-form token. Hashed tokens
         cannot be reversed; store the original string alongside them.
     """
-    if not token.startswith("b") or len(token) < 2:
+    if not isinstance(token, str) or not _SHORT_TOKEN.fullmatch(token):
         raise InvalidNameError(f"{token!r} is not a reversible meshline token")
     body = token[1:]
     try:
-        raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
-        return raw.decode("utf-8")
+        value = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)).decode("utf-8")
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raise InvalidNameError(f"{token!r} is not a valid meshline token") from None
+    if not value or encode_token(value) != token:
+        raise InvalidNameError(f"{token!r} is not a canonical meshline token")
+    return value
 
 
 def validate_subject(subject: str, *, wildcards: bool = False) -> str:

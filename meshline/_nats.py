@@ -52,6 +52,7 @@ from ._errors import (
 )
 from ._names import validate_bucket, validate_key, validate_subject
 from ._timer import DeadlineTimer
+from ._util import single_exceptions
 from ._transport import (
     KeyValue,
     KVEntry,
@@ -116,7 +117,7 @@ def _mapped_errors(what: str) -> Iterator[None]:
         raise TransportError(f"{what}: JetStream is unavailable") from exc
     except nats.errors.NoRespondersError as exc:
         raise TransportError(f"{what}: JetStream is not enabled on the server") from exc
-    except (nats.errors.TimeoutError, asyncio.TimeoutError) as exc:
+    except (nats.errors.TimeoutError, asyncio.TimeoutError, trio.TooSlowError) as exc:
         raise TransportError(f"{what}: the NATS server did not answer in time") from exc
     except nats.errors.Error as exc:
         raise TransportError(f"{what}: {exc}") from exc
@@ -388,6 +389,10 @@ class NatsTransport(Transport):
             raise TransportClosedError("the transport closed during the request")
         raise RequestTimeoutError(subject, timeout)
 
+    @property
+    def pending_requests(self) -> int:
+        return len(self._waiters)
+
     async def key_value(self, bucket: str) -> KeyValue:
         validate_bucket(bucket)
         self._check_open()
@@ -459,19 +464,20 @@ async def open_nats_transport(
         "reconnected_cb": noop_callback,
     }
     options.update(nats_options)
-    async with trio_asyncio.open_loop() as loop:
-        with _mapped_errors("connect"), trio.fail_after(connect_timeout * 2 + 1):
-            nc = await trio_asyncio.aio_as_trio(nats.connect)(**options)
-        transport = NatsTransport(nc, loop)
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(transport._timer.run)
-                await transport._start()
-                yield transport
-                nursery.cancel_scope.cancel()
-        finally:
-            with trio.CancelScope(shield=True):
-                await transport.aclose()
+    with single_exceptions():
+        async with trio_asyncio.open_loop() as loop:
+            with _mapped_errors("connect"), trio.fail_after(connect_timeout * 2 + 1):
+                nc = await trio_asyncio.aio_as_trio(nats.connect)(**options)
+            transport = NatsTransport(nc, loop)
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(transport._timer.run)
+                    await transport._start()
+                    yield transport
+                    nursery.cancel_scope.cancel()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await transport.aclose()
 
 
 def _entry_from_raw(key: str, msg: Any) -> KVEntry | None:
@@ -627,14 +633,16 @@ class _NatsKeyValue(KeyValue):
                 else:
                     buffer.push(converted)
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(trio_asyncio.aio_as_trio(pump))
-            try:
-                await snapshot_done.wait()
-                yield KVWatch(snapshot, buffer)
-            finally:
-                nursery.cancel_scope.cancel()
-                buffer.close()
-                with trio.CancelScope(shield=True), trio.move_on_after(5):
-                    with contextlib.suppress(TransportError):
-                        await self._transport._aio("KV unwatch", watcher.stop)
+        with single_exceptions():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio_asyncio.aio_as_trio(pump))
+                try:
+                    with _mapped_errors("KV watch"), trio.fail_after(30):
+                        await snapshot_done.wait()
+                    yield KVWatch(snapshot, buffer)
+                finally:
+                    nursery.cancel_scope.cancel()
+                    buffer.close()
+                    with trio.CancelScope(shield=True), trio.move_on_after(5):
+                        with contextlib.suppress(TransportError):
+                            await self._transport._aio("KV unwatch", watcher.stop)

@@ -129,10 +129,10 @@ class NatsServer:
             self.wait_ready(timeout=timeout)
         return self
 
-    def wait_ready(self, *, timeout: float = 20.0, jetstream: bool = True) -> None:
-        """Block until the server reports healthy (and JetStream up, by default)."""
-        query = "?js-enabled-only=true" if jetstream else ""
-        url = f"http://127.0.0.1:{self.monitor_port}/healthz{query}"
+    def wait_ready(self, *, timeout: float = 20.0) -> None:
+        """Block until ``/healthz`` passes: in a cluster, that includes a JetStream
+        meta leader being elected, so KV buckets can be created at once."""
+        url = f"http://127.0.0.1:{self.monitor_port}/healthz"
         deadline = time.monotonic() + timeout
         while True:
             if self.process is not None and self.process.poll() is not None:

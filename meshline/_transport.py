@@ -301,6 +301,11 @@ class Transport(abc.ABC):
         :raises RequestTimeoutError: no reply within ``timeout`` seconds.
         """
 
+    @property
+    @abc.abstractmethod
+    def pending_requests(self) -> int:
+        """How many requests are waiting for a reply right now."""
+
     @abc.abstractmethod
     async def key_value(self, bucket: str) -> KeyValue:
         """Open the KV bucket ``bucket``, creating it if needed (per-key TTL enabled)."""

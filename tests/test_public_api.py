@@ -1,0 +1,71 @@
+"""Locks the public API: adding or removing a name must be a deliberate change."""
+
+from __future__ import annotations
+
+import meshline
+import meshline.testing
+
+EXPECTED = {
+    "DEFAULT_BUFFER",
+    "InvalidArgumentError",
+    "InvalidNameError",
+    "KVConflictError",
+    "KVEntry",
+    "KVOperation",
+    "KVWatch",
+    "KeyExistsError",
+    "KeyValue",
+    "MemoryHub",
+    "MemoryTransport",
+    "MeshlineError",
+    "Message",
+    "NatsTransport",
+    "NoRespondersError",
+    "Overflow",
+    "PayloadTooLargeError",
+    "RequestTimeoutError",
+    "RevisionMismatchError",
+    "Subscription",
+    "SubscriptionOverflowError",
+    "Transport",
+    "TransportClosedError",
+    "TransportError",
+    "decode_token",
+    "encode_token",
+    "open_memory_transport",
+    "open_nats_transport",
+    "testing",
+    "validate_bucket",
+    "validate_key",
+    "validate_subject",
+}
+
+
+def public(module: object) -> set[str]:
+    return {name for name in dir(module) if not name.startswith("_")}
+
+
+def test_public_api_is_locked() -> None:
+    assert public(meshline) == EXPECTED
+
+
+def test_testing_api_is_locked() -> None:
+    assert public(meshline.testing) == {
+        "NatsServer",
+        "NatsServerError",
+        "find_nats_server",
+        "free_port",
+        "nats_cluster",
+    }
+
+
+def test_every_error_is_a_meshline_error() -> None:
+    for name in EXPECTED:
+        value = getattr(meshline, name)
+        if isinstance(value, type) and issubclass(value, Exception):
+            assert issubclass(value, meshline.MeshlineError)
+
+
+def test_public_classes_are_documented() -> None:
+    for name in EXPECTED - {"testing", "DEFAULT_BUFFER"}:
+        assert getattr(meshline, name).__doc__, name
