@@ -10,6 +10,7 @@ connection and a subscriber (or responder) on another, against the same server.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -42,10 +43,8 @@ def run_nats_py(case: str, url: str, count: int) -> dict[str, float]:
         for _ in range(count):
             await pub_nc.publish(SUBJECT, PAYLOAD)
         await pub_nc.flush()
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(done.wait(), 60)
-        except TimeoutError:
-            pass
         elapsed = time.perf_counter() - start
         await sub_nc.close()
         await pub_nc.close()

@@ -45,7 +45,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None, help="rounds per figure")
     args = parser.parse_args()
     rounds = args.rounds or (3 if args.quick else 5)
-    counts = {"publish": 100_000 if args.quick else 300_000, "request": 10_000 if args.quick else 30_000}
+    counts = {
+        "publish": 100_000 if args.quick else 300_000,
+        "request": 10_000 if args.quick else 30_000,
+    }
 
     results: dict[tuple[str, str], list[float]] = {}
     with NatsServer() as server:

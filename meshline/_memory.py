@@ -140,7 +140,7 @@ class MemoryTransport(Transport):
         self._waiters: dict[str, _ReplyWaiter] = {}
         self._subscriptions: set[_MemorySubscription] = set()
         self._inbox = _HubSubscription(
-            tuple(self._inbox_prefix.split(".")[:-1]) + ("*",), None, self._deliver_reply
+            (*tuple(self._inbox_prefix.split(".")[:-1]), "*"), None, self._deliver_reply
         )
         hub._add(self._inbox)
 
@@ -364,9 +364,7 @@ class _MemoryKeyValue(KeyValue):
             raise KeyExistsError(key)
         return state.write(key, value, KVOperation.PUT, ttl)
 
-    async def update(
-        self, key: str, value: bytes, *, revision: int, ttl: int | None = None
-    ) -> int:
+    async def update(self, key: str, value: bytes, *, revision: int, ttl: int | None = None) -> int:
         value, ttl = check_data(value), check_ttl(ttl)
         state = await self._enter(key)
         if state.latest_revision(key) != revision:

@@ -151,9 +151,7 @@ def validate_key(key: str, *, pattern: bool = False) -> str:
         return key
     tokens = key.split(".")
     for index, token in enumerate(tokens):
-        if not _KEY_PATTERN_TOKEN.fullmatch(token) or (
-            token == ">" and index != len(tokens) - 1
-        ):
+        if not _KEY_PATTERN_TOKEN.fullmatch(token) or (token == ">" and index != len(tokens) - 1):
             raise InvalidNameError(f"invalid KV key pattern {key!r}")
     return key
 

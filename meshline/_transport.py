@@ -198,9 +198,7 @@ class KeyValue(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def update(
-        self, key: str, value: bytes, *, revision: int, ttl: int | None = None
-    ) -> int:
+    async def update(self, key: str, value: bytes, *, revision: int, ttl: int | None = None) -> int:
         """Write ``value`` only if the key's latest revision is ``revision``.
 
         Returns the new revision. Passing ``ttl`` (re)starts the key's TTL; without it
@@ -232,7 +230,6 @@ class KeyValue(abc.ABC):
 
         Use as ``async with kv.watch() as w:``; the snapshot is loaded on entry.
         """
-
 
 
 class Transport(abc.ABC):

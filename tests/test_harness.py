@@ -16,7 +16,7 @@ async def wait_for(predicate, timeout: float = 20.0) -> None:  # type: ignore[no
 
 
 def test_missing_binary_is_a_clear_error() -> None:
-    with pytest.raises(NatsServerError, match="exited early|not found|No such file"):
+    with pytest.raises(NatsServerError, match=r"exited early|not found|No such file"):
         try:
             NatsServer(binary="/nonexistent/nats-server").start()
         except FileNotFoundError as exc:
@@ -95,7 +95,7 @@ async def test_unreachable_server_is_a_transport_error() -> None:
 async def test_cluster_routes_messages_and_replicates_kv(
     nats_servers3: list[NatsServer],
 ) -> None:
-    first, second, third = nats_servers3
+    first, _second, third = nats_servers3
     async with (
         meshline.open_nats_transport(first.url) as left,
         meshline.open_nats_transport(third.url) as right,

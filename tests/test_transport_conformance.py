@@ -44,7 +44,9 @@ async def test_publish_reaches_matching_subscriptions_only(
         assert other.pending == 0
 
 
-async def test_two_transports_reach_each_other(open_transport: OpenTransport, unique: Unique) -> None:
+async def test_two_transports_reach_each_other(
+    open_transport: OpenTransport, unique: Unique
+) -> None:
     subject = unique("cross")
     async with open_transport() as left, open_transport() as right:
         async with right.subscribe(subject) as subscription:

@@ -1,0 +1,34 @@
+"""``meshline demo`` runs end to end against its embedded server and exits cleanly."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def test_demo_runs_and_shows_each_feature() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "meshline", "demo"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    for expected in [
+        "gamma got b'hello from alpha'",
+        "1000 concurrent requests answered",
+        "fails at once: no responders",
+        "beta's create lost",
+        "beta saw 'leader' expire",
+        "beta took over at once",
+        "the embedded server is stopped",
+    ]:
+        assert expected in result.stdout
+
+
+def test_cli_requires_a_command() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "meshline"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "demo" in result.stderr
