@@ -124,7 +124,29 @@ def _mapped_errors(what: str) -> Iterator[None]:
         raise TransportError(f"{what}: {exc}") from exc
 
 
-class _BufferShim:
+class _QueueShim:
+    """The parts of ``asyncio.Queue`` that nats-py calls on a subscription's queue.
+
+    A shim never holds messages (it hands each one on at once), so it is always
+    empty and joining it never waits.
+    """
+
+    __slots__ = ()
+
+    def qsize(self) -> int:
+        return 0
+
+    def empty(self) -> bool:
+        return True
+
+    def task_done(self) -> None:
+        pass
+
+    async def join(self) -> None:
+        pass
+
+
+class _BufferShim(_QueueShim):
     """Stands in for a nats-py subscription's asyncio queue; feeds a Trio buffer."""
 
     __slots__ = ("_buffer", "_subscription")
@@ -139,18 +161,6 @@ class _BufferShim:
 
     def deliver(self, subject: bytes, reply: bytes, data: bytes) -> None:
         self._buffer.push(Message(subject.decode(), data, reply.decode() or None))
-
-    def qsize(self) -> int:
-        return 0
-
-    def empty(self) -> bool:
-        return True
-
-    def task_done(self) -> None:
-        pass
-
-    async def join(self) -> None:
-        pass
 
 
 class _ReplyWaiter:
@@ -180,7 +190,7 @@ class _ReplyWaiter:
         return trio.lowlevel.Abort.SUCCEEDED
 
 
-class _InboxShim:
+class _InboxShim(_QueueShim):
     """Stands in for the request inbox's asyncio queue; resolves waiting requests."""
 
     __slots__ = ("_prefix_length", "_subscription", "_waiters")
@@ -208,18 +218,6 @@ class _InboxShim:
             return
         waiter.reply = Message(subject.decode(), data, reply.decode() or None)
         waiter.wake()
-
-    def qsize(self) -> int:
-        return 0
-
-    def empty(self) -> bool:
-        return True
-
-    def task_done(self) -> None:
-        pass
-
-    async def join(self) -> None:
-        pass
 
 
 def _install_fast_dispatch(nc: Any) -> None:
@@ -308,8 +306,13 @@ class NatsTransport(Transport):
 
     async def _start(self) -> None:
         self._inbox_prefix = self._nc.new_inbox() + "."
-        inbox = await self._aio("subscribe", self._nc.subscribe, self._inbox_prefix + "*")
-        inbox._pending_queue = _InboxShim(inbox, self._inbox_prefix, self._waiters)
+
+        async def subscribe_inbox() -> None:
+            inbox = await self._nc.subscribe(self._inbox_prefix + "*")
+            inbox._pending_queue = _InboxShim(inbox, self._inbox_prefix, self._waiters)
+            await self._nc.flush()
+
+        await self._aio("subscribe", subscribe_inbox)
 
     def _check_open(self) -> None:
         if self._closed or self._nc.is_closed:
@@ -360,6 +363,9 @@ class NatsTransport(Transport):
         async def subscribe() -> Any:
             nats_subscription = await self._nc.subscribe(subject, queue=queue or "")
             nats_subscription._pending_queue = _BufferShim(nats_subscription, buffer)
+            # A PING/PONG round trip: once the PONG is back, the server has processed
+            # the SUB, so messages published after this returns are delivered.
+            await self._nc.flush()
             return nats_subscription
 
         nats_subscription = await self._aio("subscribe", subscribe)
