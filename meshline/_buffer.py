@@ -13,7 +13,7 @@ from typing import Generic, TypeVar
 
 import trio
 
-from ._errors import SubscriptionOverflowError, TransportClosedError
+from ._errors import SubscriptionOverflowError
 
 __all__ = ["DEFAULT_BUFFER", "MessageBuffer", "Overflow"]
 
@@ -131,13 +131,3 @@ class MessageBuffer(Generic[T]):
             self._since_yield = 0
             await trio.lowlevel.cancel_shielded_checkpoint()
         return items.popleft()
-
-    def receive_nowait(self) -> T:
-        """Return the next item, or raise :class:`trio.WouldBlock` if there is none."""
-        if self._items:
-            return self._items.popleft()
-        if self._closed:
-            if self._error is not None:
-                raise self._error
-            raise TransportClosedError("subscription is closed")
-        raise trio.WouldBlock
