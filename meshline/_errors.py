@@ -106,3 +106,75 @@ class RevisionMismatchError(KVConflictError):
     def __init__(self, key: str, expected: int) -> None:
         super().__init__(f"key {key!r} is no longer at revision {expected}", key)
         self.expected = expected
+
+
+class MeshError(MeshlineError):
+    """A mesh node operation failed: base of the node-level errors."""
+
+
+class NodeClosedError(MeshError):
+    """The node was used after its ``open_node`` block ended, or while it is ending."""
+
+
+class NodeNotAliveError(MeshError):
+    """The target node is not in this node's view of the alive nodes.
+
+    Raised at once when the target is already unknown or dead, and as soon as the
+    view declares it dead while a request to it is pending. The request may or may
+    not have run on the target.
+    """
+
+    def __init__(self, node_id: int) -> None:
+        super().__init__(f"node {node_id} is not alive")
+        self.node_id = node_id
+
+
+class NoHandlerError(MeshError):
+    """The target node has no handler registered for the request type."""
+
+    def __init__(self, node_id: int, request_type: str) -> None:
+        super().__init__(f"node {node_id} has no handler for request type {request_type!r}")
+        self.node_id = node_id
+        self.request_type = request_type
+
+
+class RemoteHandlerError(MeshError):
+    """The handler on the target node raised.
+
+    ``error_type`` is the qualified class name of the remote exception and
+    ``error_message`` its ``str()``. For a request to the node itself, the original
+    exception is also chained as ``__cause__``.
+    """
+
+    def __init__(
+        self, node_id: int, request_type: str, error_type: str, error_message: str
+    ) -> None:
+        super().__init__(
+            f"handler for {request_type!r} on node {node_id} raised {error_type}: {error_message}"
+        )
+        self.node_id = node_id
+        self.request_type = request_type
+        self.error_type = error_type
+        self.error_message = error_message
+
+
+class MeshRequestTimeoutError(MeshError, TimeoutError):
+    """A node request got no answer within its timeout.
+
+    The handler on the target, if it started, is cancelled too.
+    """
+
+    def __init__(self, node_id: int, request_type: str, timeout: float) -> None:
+        super().__init__(f"node {node_id} did not answer {request_type!r} within {timeout:g} s")
+        self.node_id = node_id
+        self.request_type = request_type
+        self.timeout = timeout
+
+
+class PayloadError(MeshError, ValueError):
+    """A payload could not be encoded, or did not decode into the declared type.
+
+    Raised by the sender when its own data cannot be encoded, and by the requester
+    when the target could not decode the request or the reply does not match the
+    declared response type.
+    """

@@ -26,7 +26,9 @@ from ._errors import InvalidNameError
 __all__ = [
     "MAX_NAME_BYTES",
     "SHORT_TOKEN_BYTES",
+    "check_name",
     "decode_token",
+    "encode_bounded_token",
     "encode_token",
     "validate_bucket",
     "validate_key",
@@ -78,8 +80,34 @@ def encode_token(value: str, what: str = "name") -> str:
     raw = _utf8(value, what)
     if len(raw) <= SHORT_TOKEN_BYTES:
         return "b" + base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+    return _hashed_token(raw)
+
+
+def _hashed_token(raw: bytes) -> str:
     digest = hashlib.sha256(raw).digest()
     return "h" + base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
+def check_name(value: str, what: str = "name") -> str:
+    """Check that a user-supplied name is a non-empty, encodable ``str``; return it.
+
+    The same rules as :func:`encode_token`, for names that travel inside payloads
+    rather than in subjects or keys (request and broadcast types, for instance).
+    """
+    _utf8(value, what)
+    return value
+
+
+def encode_bounded_token(value: str, max_length: int, what: str = "name") -> str:
+    """Like :func:`encode_token`, but hash whenever the reversible form is too long.
+
+    For places with a tight length limit, such as KV bucket names (64 characters).
+    The hashed form is 44 characters, so ``max_length`` must be at least that.
+    """
+    token = encode_token(value, what)
+    if len(token) <= max_length:
+        return token
+    return _hashed_token(value.encode("utf-8"))
 
 
 def decode_token(token: str) -> str:

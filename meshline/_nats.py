@@ -270,6 +270,17 @@ class _NatsSubscription(Subscription):
             )
 
 
+async def _confirm_subscriptions(nc: Any) -> None:
+    """asyncio side: return once the server has processed every SUB sent so far.
+
+    nats-py queues SUB in its outgoing buffer, but writes the PING of ``flush()``
+    straight to the socket, so a PONG alone can come back before the SUB was even
+    sent. First wait until the flusher has written the buffer, then PING.
+    """
+    await nc._flush_pending(force_flush=True)
+    await nc.flush()
+
+
 class NatsTransport(Transport):
     """A :class:`~meshline.Transport` over one NATS connection.
 
@@ -302,7 +313,7 @@ class NatsTransport(Transport):
         """Run one asyncio coroutine function (one bridge crossing), errors mapped."""
         with _mapped_errors(what):
             with trio.fail_after(timeout):
-                return await trio_asyncio.aio_as_trio(function)(*args)  # type: ignore[no-any-return]
+                return await trio_asyncio.aio_as_trio(function, loop=self._loop)(*args)  # type: ignore[no-any-return]
 
     async def _start(self) -> None:
         self._inbox_prefix = self._nc.new_inbox() + "."
@@ -310,7 +321,7 @@ class NatsTransport(Transport):
         async def subscribe_inbox() -> None:
             inbox = await self._nc.subscribe(self._inbox_prefix + "*")
             inbox._pending_queue = _InboxShim(inbox, self._inbox_prefix, self._waiters)
-            await self._nc.flush()
+            await _confirm_subscriptions(self._nc)
 
         await self._aio("subscribe", subscribe_inbox)
 
@@ -363,9 +374,7 @@ class NatsTransport(Transport):
         async def subscribe() -> Any:
             nats_subscription = await self._nc.subscribe(subject, queue=queue or "")
             nats_subscription._pending_queue = _BufferShim(nats_subscription, buffer)
-            # A PING/PONG round trip: once the PONG is back, the server has processed
-            # the SUB, so messages published after this returns are delivered.
-            await self._nc.flush()
+            await _confirm_subscriptions(self._nc)
             return nats_subscription
 
         nats_subscription = await self._aio("subscribe", subscribe)
@@ -640,7 +649,7 @@ class _NatsKeyValue(KeyValue):
 
         with single_exceptions():
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(trio_asyncio.aio_as_trio(pump))
+                nursery.start_soon(trio_asyncio.aio_as_trio(pump, loop=self._transport._loop))
                 try:
                     with _mapped_errors("KV watch"), trio.fail_after(30):
                         await snapshot_done.wait()

@@ -6,7 +6,23 @@ import meshline
 import meshline.testing
 
 EXPECTED = {
+    "BroadcastType",
     "DEFAULT_BUFFER",
+    "DEFAULT_REQUEST_TIMEOUT",
+    "DEFAULT_TTL",
+    "MembershipEvent",
+    "MembershipEventKind",
+    "MembershipEvents",
+    "MeshError",
+    "MeshRequestTimeoutError",
+    "NoHandlerError",
+    "Node",
+    "NodeClosedError",
+    "NodeNotAliveError",
+    "PayloadError",
+    "RemoteHandlerError",
+    "RequestType",
+    "open_node",
     "InvalidArgumentError",
     "InvalidNameError",
     "KVConflictError",

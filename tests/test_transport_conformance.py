@@ -361,3 +361,25 @@ async def test_kv_concurrent_creates_have_one_winner(
         entry = await stores[0].get("leader")
     assert len(winners) == 1 and len(losers) == 9
     assert entry is not None and entry.value == str(winners[0]).encode()
+
+
+async def test_transport_works_from_tasks_that_did_not_open_it(
+    open_transport: OpenTransport, unique: Unique
+) -> None:
+    """A transport opened in one task serves any task, as objects shared by a nursery."""
+    root = unique("foreign")
+
+    async def own(task_status: trio.TaskStatus[meshline.Transport]) -> None:
+        async with open_transport() as opened:
+            task_status.started(opened)
+            await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        transport: meshline.Transport = await nursery.start(own)
+        kv = await transport.key_value(root)
+        await kv.put("k", b"v")
+        async with kv.watch() as watch, transport.subscribe(f"{root}.s") as subscription:
+            assert [entry.value for entry in watch.snapshot] == [b"v"]
+            await transport.publish(f"{root}.s", b"hello")
+            assert (await subscription.receive()).data == b"hello"
+        nursery.cancel_scope.cancel()

@@ -1,0 +1,66 @@
+"""Declared request and broadcast types: a wire name bound to Python types.
+
+Declaring a type once and passing the declaration to both sides lets a type checker
+see that the sender's data, the handler's parameter and the reply all agree, and lets
+msgspec validate payloads on arrival. Plain strings work too; their payloads decode
+into msgspec's generic values (dicts, lists, strings, numbers).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Generic, TypeVar
+
+import attrs
+
+from ._names import check_name
+
+__all__ = ["BroadcastType", "RequestType", "resolve_name"]
+
+RequestT = TypeVar("RequestT")
+ResponseT = TypeVar("ResponseT")
+DataT = TypeVar("DataT")
+
+
+def _check_type_name(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
+    check_name(value, "message type")
+
+
+@attrs.frozen
+class RequestType(Generic[RequestT, ResponseT]):
+    """A node request type: its name, the type of its data, and the type of its answer.
+
+    ``request`` and ``response`` are anything msgspec can decode into: a
+    ``msgspec.Struct``, an attrs class, a dataclass, a builtin, or ``typing.Any``.
+
+    .. code-block:: python
+
+        class Add(msgspec.Struct):
+            a: int
+            b: int
+
+        ADD = meshline.RequestType("add", Add, int)
+    """
+
+    name: str = attrs.field(validator=_check_type_name)
+    request: type[RequestT]
+    response: type[ResponseT]
+
+
+@attrs.frozen
+class BroadcastType(Generic[DataT]):
+    """A broadcast type: its name and the type of its data.
+
+    .. code-block:: python
+
+        CONFIG_CHANGED = meshline.BroadcastType("config-changed", list[str])
+    """
+
+    name: str = attrs.field(validator=_check_type_name)
+    data: type[DataT]
+
+
+def resolve_name(kind: str | RequestType[Any, Any] | BroadcastType[Any]) -> str:
+    """The wire name of a declaration or a plain string type name."""
+    if isinstance(kind, RequestType | BroadcastType):
+        return kind.name
+    return check_name(kind, "message type")

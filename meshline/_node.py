@@ -1,0 +1,945 @@
+"""Mesh nodes: identity, liveness, membership, the leader lease, requests, broadcast.
+
+Everything a node keeps in the mesh's KV bucket:
+
+* ``ids``: the last node id handed out. Ids come from compare-and-set increments of
+  this counter, so an id is never handed out twice, even across crashes.
+* ``nodes.<id>``: one liveness key per node, written with a TTL and refreshed by the
+  heartbeat. Its value records the node's TTL, so observers know its deadline.
+* ``leader``: the leader lease, held by compare-and-set and refreshed like a
+  liveness key.
+
+Subjects: ``ml.<key>.n.<id>`` carries requests (and cancellations) to one node;
+``ml.<key>.b`` carries broadcasts. ``<key>`` is the encoded mesh key.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager, suppress
+from typing import Any, Self, TypeVar, overload
+
+import msgspec
+import trio
+
+from ._buffer import MessageBuffer, Overflow
+from ._declarations import BroadcastType, RequestType, resolve_name
+from ._errors import (
+    InvalidArgumentError,
+    KeyExistsError,
+    KVConflictError,
+    MeshRequestTimeoutError,
+    NodeClosedError,
+    NodeNotAliveError,
+    NoHandlerError,
+    NoRespondersError,
+    PayloadError,
+    RemoteHandlerError,
+    RequestTimeoutError,
+    RevisionMismatchError,
+    TransportClosedError,
+    TransportError,
+)
+from ._membership import (
+    LEADER_KEY,
+    MembershipEvent,
+    MembershipEventKind,
+    MembershipView,
+    node_key,
+)
+from ._names import encode_bounded_token, encode_token
+from ._node_wire import (
+    BroadcastFrame,
+    CancelFrame,
+    ErrorReply,
+    FailureKind,
+    LeaderRecord,
+    NodeFrame,
+    NodeRecord,
+    OkReply,
+    Reply,
+    RequestFrame,
+    decode_payload,
+    encode,
+    encode_payload,
+)
+from ._transport import KeyValue, Message, Subscription, Transport, check_timeout
+from ._util import single_exceptions
+
+__all__ = ["DEFAULT_REQUEST_TIMEOUT", "DEFAULT_TTL", "Node", "open_node"]
+
+logger = logging.getLogger("meshline.node")
+
+DEFAULT_TTL = 2
+"""Seconds without a refresh after which a node counts as dead (and the lease lapses)."""
+
+DEFAULT_REQUEST_TIMEOUT = 5.0
+"""Seconds a node request waits for its answer unless told otherwise."""
+
+_IDS_KEY = "ids"
+_LEASE_SAFETY = 0.9
+"""A leader stops acting as one after this fraction of its TTL without a refresh,
+before any other node may take the lease over."""
+
+RequestT = TypeVar("RequestT")
+ResponseT = TypeVar("ResponseT")
+DataT = TypeVar("DataT")
+
+RequestHandler = Callable[[Any, int], Awaitable[Any]]
+BroadcastHandler = Callable[[Any, int], Awaitable[None] | None]
+MembershipHandler = Callable[[MembershipEvent], Awaitable[None] | None]
+
+_frame_decoder = msgspec.msgpack.Decoder(NodeFrame)
+_reply_decoder = msgspec.msgpack.Decoder(Reply)
+_broadcast_decoder = msgspec.msgpack.Decoder(BroadcastFrame)
+_int_decoder = msgspec.msgpack.Decoder(int)
+
+
+def mesh_names(key: str) -> tuple[str, str]:
+    """The KV bucket and the subject prefix of the mesh called ``key``."""
+    bucket = "ml-" + encode_bounded_token(key, 61, "mesh key")
+    return bucket, "ml." + encode_token(key, "mesh key")
+
+
+class _Handler:
+    __slots__ = ("data_type", "function")
+
+    def __init__(self, function: Callable[..., Any], data_type: Any) -> None:
+        self.function = function
+        self.data_type = data_type
+
+
+def _qualified_name(exc: BaseException) -> str:
+    cls = type(exc)
+    module = cls.__module__
+    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
+
+
+async def _call(function: Callable[..., Any], *args: Any) -> Any:
+    """Call a handler that may be a plain function or a coroutine function."""
+    result = function(*args)
+    if inspect.isawaitable(result):
+        result = await result
+    return result
+
+
+class MembershipEvents:
+    """Membership events as they happen; iterate with ``async for``.
+
+    Iteration ends when the node closes. See :meth:`Node.membership_events`.
+    """
+
+    def __init__(self, buffer: MessageBuffer[MembershipEvent]) -> None:
+        self._buffer = buffer
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> MembershipEvent:
+        return await self._buffer.receive()
+
+    async def receive(self) -> MembershipEvent:
+        """Return the next event.
+
+        :raises trio.EndOfChannel: the node closed and every event was read.
+        :raises SubscriptionOverflowError: the consumer fell ``limit`` events behind.
+        """
+        try:
+            return await self._buffer.receive()
+        except StopAsyncIteration:
+            raise trio.EndOfChannel from None
+
+
+class Node:
+    """One member of a mesh. Create it with :func:`open_node`; it lives in that block.
+
+    A node has a unique integer :attr:`id`, proves it is alive through a liveness key
+    with a TTL, keeps a view of the other alive nodes, competes for the mesh's leader
+    lease, answers requests addressed to it, and hears the mesh's broadcasts.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        key: str,
+        *,
+        ttl: int,
+        heartbeat_interval: float,
+        can_lead: bool,
+        max_concurrent_handlers: int,
+    ) -> None:
+        self._transport = transport
+        self._key = key
+        self._bucket, self._prefix = mesh_names(key)
+        self._ttl = ttl
+        self._heartbeat_interval = heartbeat_interval
+        self._can_lead = can_lead
+        self._max_handlers = max_concurrent_handlers
+        self._id = 0
+        self._kv: KeyValue
+        self._nursery: trio.Nursery
+        self._closed = False
+        self._started_at_ms = int(time.time() * 1000)
+        self._liveness_revision = 0
+        self._view = MembershipView()
+        self._view_changed = trio.Event()
+        self._leader_changed = trio.Event()
+        self._lease_revision: int | None = None
+        self._handlers: dict[str, _Handler] = {}
+        self._broadcast_handlers: dict[str, list[_Handler]] = {}
+        self._membership_handlers: list[MembershipHandler] = []
+        self._membership_queue: MessageBuffer[MembershipEvent] = MessageBuffer(
+            10_000, Overflow.DROP_OLDEST, "membership handlers"
+        )
+        self._joined = False
+        self._membership_buffers: set[MessageBuffer[MembershipEvent]] = set()
+        self._leader_duties: list[Callable[[], Awaitable[None]]] = []
+        self._term_nursery: trio.Nursery | None = None
+        self._request_ids = itertools.count(1)
+        self._inflight: dict[int, set[trio.CancelScope]] = {}
+        self._serving: dict[tuple[int, int], trio.CancelScope] = {}
+        self._capacity_freed = trio.Event()
+        self._subscriptions: list[Subscription] = []
+        self.unhandled_broadcasts = 0
+        """Broadcasts that arrived for a type with no handler here."""
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def id(self) -> int:
+        """This node's id: unique within the mesh key, never reused."""
+        return self._id
+
+    @property
+    def key(self) -> str:
+        """The mesh key this node joined."""
+        return self._key
+
+    @property
+    def ttl(self) -> int:
+        """Seconds without a heartbeat after which others count this node as dead."""
+        return self._ttl
+
+    @property
+    def is_leader(self) -> bool:
+        """Whether this node holds the leader lease right now.
+
+        This is the node's own, conservative judgement: it turns False before the
+        lease could pass to another node, so two nodes never both see True at once
+        (given clocks that run at the same rate).
+        """
+        return self._term_nursery is not None
+
+    @property
+    def leader_id(self) -> int | None:
+        """The lease holder according to this node's view, or None while vacant."""
+        return self._view.leader_id
+
+    def alive_nodes(self) -> frozenset[int]:
+        """The ids of the nodes this node currently sees as alive, itself included."""
+        return self._view.alive
+
+    def is_alive(self, node_id: int) -> bool:
+        """Whether ``node_id`` is in this node's view of the alive nodes."""
+        return self._view.is_alive(node_id)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise NodeClosedError(f"node {self._id} of mesh {self._key!r} is closed")
+
+    # ------------------------------------------------------------------ handlers
+
+    @overload
+    def register_handler(
+        self,
+        kind: RequestType[RequestT, ResponseT],
+        handler: Callable[[RequestT, int], Awaitable[ResponseT]],
+    ) -> Callable[[], None]: ...
+
+    @overload
+    def register_handler(
+        self, kind: str, handler: Callable[[Any, int], Awaitable[Any]]
+    ) -> Callable[[], None]: ...
+
+    def register_handler(
+        self, kind: str | RequestType[Any, Any], handler: RequestHandler
+    ) -> Callable[[], None]:
+        """Answer requests of type ``kind`` with ``handler(data, sender_node_id)``.
+
+        The handler runs in its own task in the node's nursery. What it returns is
+        sent back; if it raises, the requester gets :class:`RemoteHandlerError`. It is
+        cancelled when the requester gives up (cancellation or timeout) and when the
+        node closes. Returns a function that removes the handler.
+
+        :raises InvalidArgumentError: a handler for ``kind`` is already registered.
+        """
+        name = resolve_name(kind)
+        if name in self._handlers:
+            raise InvalidArgumentError(f"a handler for request type {name!r} is already registered")
+        data_type = kind.request if isinstance(kind, RequestType) else Any
+        entry = _Handler(handler, data_type)
+        self._handlers[name] = entry
+
+        def unregister() -> None:
+            if self._handlers.get(name) is entry:
+                del self._handlers[name]
+
+        return unregister
+
+    @overload
+    def register_broadcast_handler(
+        self,
+        kind: BroadcastType[DataT],
+        handler: Callable[[DataT, int], Awaitable[None] | None],
+    ) -> Callable[[], None]: ...
+
+    @overload
+    def register_broadcast_handler(
+        self, kind: str, handler: Callable[[Any, int], Awaitable[None] | None]
+    ) -> Callable[[], None]: ...
+
+    def register_broadcast_handler(
+        self, kind: str | BroadcastType[Any], handler: BroadcastHandler
+    ) -> Callable[[], None]:
+        """Call ``handler(data, sender_node_id)`` for every broadcast of type ``kind``.
+
+        Several handlers may share a type. Broadcasts are handled one at a time, in
+        the order they arrive, in one task of the node: a slow handler delays the
+        rest, so hand long work to a task of your own. An exception from a handler
+        is logged and does not stop later deliveries. Returns a function that removes
+        the handler.
+        """
+        name = resolve_name(kind)
+        data_type = kind.data if isinstance(kind, BroadcastType) else Any
+        entry = _Handler(handler, data_type)
+        self._broadcast_handlers.setdefault(name, []).append(entry)
+
+        def unregister() -> None:
+            handlers = self._broadcast_handlers.get(name, [])
+            if entry in handlers:
+                handlers.remove(entry)
+
+        return unregister
+
+    def add_membership_handler(self, handler: MembershipHandler) -> Callable[[], None]:
+        """Call ``handler(event)`` for every :class:`MembershipEvent`, in order.
+
+        Handlers run one at a time in a task of the node; an exception is logged.
+        Returns a function that removes the handler.
+        """
+        self._membership_handlers.append(handler)
+
+        def remove() -> None:
+            if handler in self._membership_handlers:
+                self._membership_handlers.remove(handler)
+
+        return remove
+
+    @asynccontextmanager
+    async def membership_events(self, *, limit: int = 1000) -> AsyncIterator[MembershipEvents]:
+        """Iterate membership events from now on, for the duration of the block.
+
+        .. code-block:: python
+
+            async with node.membership_events() as events:
+                async for event in events:
+                    ...
+
+        Iteration ends when the node closes. A consumer that falls more than
+        ``limit`` events behind gets :class:`SubscriptionOverflowError` after the
+        buffered ones; :meth:`alive_nodes` always has the current picture.
+        """
+        self._check_open()
+        buffer: MessageBuffer[MembershipEvent] = MessageBuffer(
+            limit, Overflow.ERROR, "membership events"
+        )
+        self._membership_buffers.add(buffer)
+        try:
+            yield MembershipEvents(buffer)
+        finally:
+            self._membership_buffers.discard(buffer)
+            buffer.close()
+
+    def add_leader_duty(self, duty: Callable[[], Awaitable[None]]) -> Callable[[], None]:
+        """Run ``await duty()`` whenever this node becomes the leader.
+
+        The duty runs in a nursery that lives as long as this node's leadership term:
+        it is cancelled when the lease is lost or the node closes, and started again
+        in the next term. If the node leads already, the duty starts at once. An
+        exception from a duty is logged and ends that duty for the current term.
+        Returns a function that removes the duty (a running one finishes its term).
+        """
+        self._leader_duties.append(duty)
+        if self._term_nursery is not None:
+            self._term_nursery.start_soon(self._run_duty, duty)
+
+        def remove() -> None:
+            if duty in self._leader_duties:
+                self._leader_duties.remove(duty)
+
+        return remove
+
+    # ------------------------------------------------------------------ requests
+
+    @overload
+    async def request(
+        self,
+        node_id: int,
+        kind: RequestType[RequestT, ResponseT],
+        data: RequestT,
+        *,
+        timeout: float = ...,
+    ) -> ResponseT: ...
+
+    @overload
+    async def request(self, node_id: int, kind: str, data: Any, *, timeout: float = ...) -> Any: ...
+
+    async def request(
+        self,
+        node_id: int,
+        kind: str | RequestType[Any, Any],
+        data: Any,
+        *,
+        timeout: float = DEFAULT_REQUEST_TIMEOUT,
+    ) -> Any:
+        """Run the handler for ``kind`` on node ``node_id`` and return its answer.
+
+        A request to this node itself calls the handler directly, without the
+        network; the data still goes through encoding and decoding, so handlers see
+        the same values either way.
+
+        If the caller is cancelled, the request is abandoned at once and the handler
+        on the target is cancelled too (a cancellation message follows the request).
+
+        :raises NodeNotAliveError: the target is not alive in this node's view; raised
+            at once, or as soon as the target is declared dead mid-request.
+        :raises NoHandlerError: the target has no handler for ``kind``.
+        :raises RemoteHandlerError: the handler raised.
+        :raises MeshRequestTimeoutError: no answer within ``timeout`` seconds.
+        :raises PayloadError: ``data`` cannot be encoded, the target could not decode
+            it as the declared type, or the answer does not decode as declared.
+        :raises NodeClosedError: this node is closed.
+        """
+        self._check_open()
+        name = resolve_name(kind)
+        check_timeout(timeout)
+        response_type = kind.response if isinstance(kind, RequestType) else Any
+        try:
+            payload = encode_payload(data)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise PayloadError(f"cannot encode data for {name!r}: {exc}") from exc
+        if node_id == self._id:
+            return await self._request_self(name, payload, response_type, timeout)
+        if node_id not in self._view.alive:
+            raise NodeNotAliveError(node_id)
+        request_id = next(self._request_ids)
+        frame = encode(RequestFrame(request_id, self._id, name, timeout, payload))
+        subject = f"{self._prefix}.n.{node_id}"
+        scope = trio.CancelScope()
+        waiting = self._inflight.setdefault(node_id, set())
+        waiting.add(scope)
+        try:
+            with scope:
+                reply = await self._transport.request(subject, frame, timeout=timeout)
+        except RequestTimeoutError:
+            await self._send_cancel(subject, request_id)
+            raise MeshRequestTimeoutError(node_id, name, timeout) from None
+        except NoRespondersError:
+            raise NodeNotAliveError(node_id) from None
+        except trio.Cancelled:
+            await self._send_cancel(subject, request_id)
+            raise
+        finally:
+            waiting.discard(scope)
+            if not waiting:
+                self._inflight.pop(node_id, None)
+        if scope.cancelled_caught:
+            await self._send_cancel(subject, request_id)
+            raise NodeNotAliveError(node_id)
+        return self._read_reply(node_id, name, reply, response_type)
+
+    async def _send_cancel(self, subject: str, request_id: int) -> None:
+        with trio.CancelScope(shield=True):
+            try:
+                await self._transport.publish(subject, encode(CancelFrame(request_id, self._id)))
+            except TransportError:
+                logger.debug("could not send cancellation of request %d", request_id)
+
+    def _read_reply(self, node_id: int, name: str, reply: Message, response_type: Any) -> Any:
+        try:
+            answer = _reply_decoder.decode(reply.data)
+        except msgspec.MsgspecError as exc:
+            raise PayloadError(f"malformed reply from node {node_id}: {exc}") from None
+        if isinstance(answer, OkReply):
+            try:
+                return decode_payload(answer.data, response_type)
+            except msgspec.MsgspecError as exc:
+                raise PayloadError(f"answer to {name!r} from node {node_id}: {exc}") from None
+        if answer.kind is FailureKind.NO_HANDLER:
+            raise NoHandlerError(node_id, name)
+        if answer.kind is FailureKind.BAD_PAYLOAD:
+            raise PayloadError(f"node {node_id} could not decode {name!r}: {answer.message}")
+        raise RemoteHandlerError(node_id, name, answer.error_type, answer.message)
+
+    async def _request_self(
+        self, name: str, payload: msgspec.Raw, response_type: Any, timeout: float
+    ) -> Any:
+        handler = self._handlers.get(name)
+        if handler is None:
+            raise NoHandlerError(self._id, name)
+        try:
+            data = decode_payload(payload, handler.data_type)
+        except msgspec.MsgspecError as exc:
+            raise PayloadError(f"node {self._id} could not decode {name!r}: {exc}") from None
+        with trio.move_on_after(timeout) as scope:
+            try:
+                result = await handler.function(data, self._id)
+            except Exception as exc:
+                raise RemoteHandlerError(self._id, name, _qualified_name(exc), str(exc)) from exc
+        if scope.cancelled_caught:
+            raise MeshRequestTimeoutError(self._id, name, timeout)
+        try:
+            return decode_payload(encode_payload(result), response_type)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise RemoteHandlerError(self._id, name, _qualified_name(exc), str(exc)) from exc
+
+    # ------------------------------------------------------------------ broadcast
+
+    @overload
+    async def broadcast(
+        self, kind: BroadcastType[DataT], data: DataT, *, skip_self: bool = False
+    ) -> None: ...
+
+    @overload
+    async def broadcast(self, kind: str, data: Any, *, skip_self: bool = False) -> None: ...
+
+    async def broadcast(
+        self, kind: str | BroadcastType[Any], data: Any, *, skip_self: bool = False
+    ) -> None:
+        """Deliver ``data`` to the broadcast handlers for ``kind`` on every node.
+
+        This node's handlers get it too, unless ``skip_self`` is true. Delivery is
+        at most once per node (NATS core), in order per sender. Cancellation before
+        this returns means the broadcast was not sent.
+
+        :raises PayloadError: ``data`` cannot be encoded.
+        :raises NodeClosedError: this node is closed.
+        """
+        self._check_open()
+        name = resolve_name(kind)
+        try:
+            payload = encode_payload(data)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise PayloadError(f"cannot encode data for broadcast {name!r}: {exc}") from exc
+        frame = BroadcastFrame(self._id, name, skip_self, payload)
+        await self._transport.publish(f"{self._prefix}.b", encode(frame))
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def _start(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+        self._kv = await self._transport.key_value(self._bucket)
+        self._id = await self._allocate_id()
+        inbox = await self._transport.open_subscription(f"{self._prefix}.n.{self._id}")
+        self._subscriptions.append(inbox)
+        broadcasts = await self._transport.open_subscription(f"{self._prefix}.b")
+        self._subscriptions.append(broadcasts)
+        self._liveness_revision = await self._kv.put(
+            node_key(self._id), self._liveness_record(), ttl=self._ttl
+        )
+        self._joined = True
+        await nursery.start(self._watch_loop)
+        nursery.start_soon(self._expiry_loop)
+        nursery.start_soon(self._heartbeat_loop)
+        nursery.start_soon(self._serve_inbox, inbox)
+        nursery.start_soon(self._serve_broadcasts, broadcasts)
+        if self._can_lead:
+            await nursery.start(self._leader_loop)
+
+    def _liveness_record(self) -> bytes:
+        return encode(NodeRecord(self._id, self._ttl, self._started_at_ms))
+
+    async def _allocate_id(self) -> int:
+        while True:
+            entry = await self._kv.get(_IDS_KEY)
+            if entry is None:
+                floor = 0
+                for key in await self._kv.keys():
+                    digits = key.removeprefix("nodes.")
+                    if key.startswith("nodes.") and digits.isdigit():
+                        floor = max(floor, int(digits))
+                try:
+                    await self._kv.create(_IDS_KEY, encode(floor + 1))
+                except KeyExistsError:
+                    continue
+                return floor + 1
+            node_id = _int_decoder.decode(entry.value) + 1
+            try:
+                await self._kv.update(_IDS_KEY, encode(node_id), revision=entry.revision)
+            except RevisionMismatchError:
+                continue
+            return node_id
+
+    async def _shutdown(self) -> None:
+        """Stop serving, then withdraw from the mesh."""
+        self._closed = True
+        for buffer in self._membership_buffers:
+            buffer.close()
+        self._membership_queue.close()
+        for subscription in self._subscriptions:
+            await subscription.aclose()
+        if self._joined:
+            await self._withdraw()
+
+    async def _withdraw(self) -> None:
+        """Release the lease and remove the liveness key, so others see us leave now.
+
+        A crash skips this, and the others notice through the TTL instead.
+        """
+        # A conflict means the lease or the key moved on already; a transport error
+        # leaves the TTL to remove them.
+        with suppress(KVConflictError, TransportError):
+            if self._lease_revision is not None:
+                await self._kv.delete(LEADER_KEY, revision=self._lease_revision)
+        with suppress(KVConflictError, TransportError):
+            await self._kv.delete(node_key(self._id), revision=self._liveness_revision)
+
+    # ------------------------------------------------------------------ background tasks
+
+    def _publish_events(self, events: list[MembershipEvent]) -> None:
+        for event in events:
+            if event.kind is MembershipEventKind.DOWN and event.node_id in self._inflight:
+                for scope in self._inflight[event.node_id]:
+                    scope.cancel()
+            for buffer in self._membership_buffers:
+                buffer.push(event)
+            if self._membership_handlers:
+                self._membership_queue.push(event)
+
+    async def _watch_loop(self, task_status: trio.TaskStatus[None]) -> None:
+        self._nursery.start_soon(self._run_membership_handlers)
+        started = False
+        while True:
+            try:
+                async with self._kv.watch() as watch:
+                    self._observe(self._view.load(watch.snapshot, trio.current_time()))
+                    self._signal_lease_change()
+                    if not started:
+                        started = True
+                        task_status.started()
+                    async for entry in watch:
+                        self._observe(self._view.apply(entry, trio.current_time()))
+                        if entry.key == LEADER_KEY:
+                            self._signal_lease_change()
+            except TransportClosedError:
+                raise
+            except TransportError as exc:
+                if not started:
+                    raise
+                logger.warning("node %d: membership watch failed (%s); reopening", self._id, exc)
+            await trio.sleep(self._heartbeat_interval)
+
+    def _signal_lease_change(self) -> None:
+        self._leader_changed.set()
+        self._leader_changed = trio.Event()
+
+    def _observe(self, events: list[MembershipEvent]) -> None:
+        self._view_changed.set()
+        self._view_changed = trio.Event()
+        self._publish_events(events)
+
+    async def _expiry_loop(self) -> None:
+        while True:
+            changed = self._view_changed
+            with trio.move_on_at(self._view.next_deadline()):
+                await changed.wait()
+            self._publish_events(self._view.expire(trio.current_time()))
+
+    async def _run_membership_handlers(self) -> None:
+        while True:
+            try:
+                event = await self._membership_queue.receive()
+            except StopAsyncIteration:
+                return
+            for handler in list(self._membership_handlers):
+                try:
+                    await _call(handler, event)
+                except Exception:
+                    logger.exception("membership handler %r failed", handler)
+
+    async def _heartbeat_loop(self) -> None:
+        key = node_key(self._id)
+        while True:
+            await trio.sleep(self._heartbeat_interval)
+            with trio.move_on_after(self._ttl):
+                try:
+                    self._liveness_revision = await self._kv.update(
+                        key,
+                        self._liveness_record(),
+                        revision=self._liveness_revision,
+                        ttl=self._ttl,
+                    )
+                except RevisionMismatchError:
+                    await self._reassert()
+                except TransportClosedError:
+                    raise
+                except TransportError as exc:
+                    logger.warning("node %d: heartbeat failed (%s)", self._id, exc)
+
+    async def _reassert(self) -> None:
+        logger.warning("node %d: liveness key was gone; re-asserting", self._id)
+        self._liveness_revision = await self._kv.put(
+            node_key(self._id), self._liveness_record(), ttl=self._ttl
+        )
+        self._publish_events([MembershipEvent(MembershipEventKind.REASSERTED, self._id)])
+
+    async def _serve_inbox(self, inbox: Subscription) -> None:
+        async for message in inbox:
+            try:
+                frame = _frame_decoder.decode(message.data)
+            except msgspec.MsgspecError:
+                logger.warning("node %d: dropped a malformed frame", self._id)
+                continue
+            if isinstance(frame, CancelFrame):
+                scope = self._serving.get((frame.sender, frame.request_id))
+                if scope is not None:
+                    scope.cancel()
+                continue
+            if message.reply is None:
+                continue
+            handler = self._handlers.get(frame.kind)
+            if handler is None:
+                reply = ErrorReply(FailureKind.NO_HANDLER, "", "")
+                await self._transport.publish(message.reply, encode(reply))
+                continue
+            while len(self._serving) >= self._max_handlers:
+                await self._capacity_freed.wait()
+            scope = trio.CancelScope(deadline=trio.current_time() + frame.timeout)
+            self._serving[frame.sender, frame.request_id] = scope
+            self._nursery.start_soon(self._serve_request, frame, handler, message.reply, scope)
+
+    async def _serve_request(
+        self, frame: RequestFrame, handler: _Handler, reply_to: str, scope: trio.CancelScope
+    ) -> None:
+        try:
+            reply: Reply | None = None
+            with scope:
+                try:
+                    data = decode_payload(frame.data, handler.data_type)
+                except msgspec.MsgspecError as exc:
+                    reply = ErrorReply(FailureKind.BAD_PAYLOAD, _qualified_name(exc), str(exc))
+                else:
+                    reply = await self._run_handler(handler, data, frame.sender)
+            if reply is not None and not scope.cancelled_caught:
+                await self._transport.publish(reply_to, encode(reply))
+        finally:
+            del self._serving[frame.sender, frame.request_id]
+            if len(self._serving) == self._max_handlers - 1:
+                self._capacity_freed.set()
+                self._capacity_freed = trio.Event()
+
+    @staticmethod
+    async def _run_handler(handler: _Handler, data: Any, sender: int) -> Reply:
+        try:
+            result = await handler.function(data, sender)
+            return OkReply(encode_payload(result))
+        except Exception as exc:
+            return ErrorReply(FailureKind.HANDLER_RAISED, _qualified_name(exc), str(exc))
+
+    async def _serve_broadcasts(self, broadcasts: Subscription) -> None:
+        async for message in broadcasts:
+            try:
+                frame = _broadcast_decoder.decode(message.data)
+            except msgspec.MsgspecError:
+                logger.warning("node %d: dropped a malformed broadcast", self._id)
+                continue
+            if frame.skip_sender and frame.sender == self._id:
+                continue
+            handlers = self._broadcast_handlers.get(frame.kind)
+            if not handlers:
+                self.unhandled_broadcasts += 1
+                continue
+            for handler in list(handlers):
+                try:
+                    data = decode_payload(frame.data, handler.data_type)
+                    await _call(handler.function, data, frame.sender)
+                except Exception:
+                    logger.exception(
+                        "node %d: broadcast handler for %r failed", self._id, frame.kind
+                    )
+
+    # ------------------------------------------------------------------ leader lease
+
+    def _lease_record(self) -> bytes:
+        return encode(LeaderRecord(self._id, self._ttl))
+
+    async def _leader_loop(self, task_status: trio.TaskStatus[None]) -> None:
+        started = False
+        while True:
+            if not started and self._view.leader_id not in (None, self._id):
+                started = True
+                task_status.started()  # another node leads; following it takes a while
+            try:
+                acquired = await self._campaign()
+            except TransportClosedError:
+                raise
+            except TransportError as exc:
+                logger.warning("node %d: leader campaign failed (%s)", self._id, exc)
+                acquired = None
+            if not started:
+                started = True
+                task_status.started()
+            if acquired is None:
+                await self._wait_for_lease_change(self._heartbeat_interval)
+                continue
+            revision, valid_until = acquired
+            self._lease_revision = revision
+            try:
+                async with trio.open_nursery() as term:
+                    self._term_nursery = term
+                    for duty in list(self._leader_duties):
+                        term.start_soon(self._run_duty, duty)
+                    await self._hold_lease(revision, valid_until)
+                    term.cancel_scope.cancel()
+            finally:
+                self._term_nursery = None
+            self._lease_revision = None
+
+    async def _campaign(self) -> tuple[int, float] | None:
+        """Bid for the lease; returns (revision, valid until) on success.
+
+        While another node holds a lease that has not lapsed, this waits, following
+        its refreshes, until it lapses or is released. Returns None if a bid loses.
+        """
+        while True:
+            view = self._view
+            if view.leader_id is None:
+                return await self._try_create_lease()
+            if view.leader_id == self._id:
+                return await self._try_take_lease(view.leader_revision)
+            revision, lapses_at = view.leader_revision, view.leader_seen_at + view.leader_ttl
+            changed = self._leader_changed
+            with trio.move_on_at(lapses_at):
+                await changed.wait()
+            if not changed.is_set():
+                return await self._try_take_lease(revision)
+
+    async def _try_create_lease(self) -> tuple[int, float] | None:
+        sent_at = trio.current_time()
+        try:
+            revision = await self._kv.create(LEADER_KEY, self._lease_record(), ttl=self._ttl)
+        except KeyExistsError:
+            return None
+        return revision, sent_at + self._ttl * _LEASE_SAFETY
+
+    async def _try_take_lease(self, revision: int) -> tuple[int, float] | None:
+        sent_at = trio.current_time()
+        try:
+            new_revision = await self._kv.update(
+                LEADER_KEY, self._lease_record(), revision=revision, ttl=self._ttl
+            )
+        except RevisionMismatchError:
+            if await self._kv.get(LEADER_KEY) is None:
+                return await self._try_create_lease()
+            return None
+        return new_revision, sent_at + self._ttl * _LEASE_SAFETY
+
+    async def _wait_for_lease_change(self, at_most: float) -> None:
+        with trio.move_on_after(at_most):
+            await self._leader_changed.wait()
+
+    async def _hold_lease(self, revision: int, valid_until: float) -> None:
+        """Refresh the lease every heartbeat; return once it is lost or lapses."""
+        while True:
+            await trio.sleep(self._heartbeat_interval)
+            if trio.current_time() >= valid_until:
+                return
+            sent_at = trio.current_time()
+            with trio.move_on_at(valid_until):
+                try:
+                    revision = await self._kv.update(
+                        LEADER_KEY, self._lease_record(), revision=revision, ttl=self._ttl
+                    )
+                except KVConflictError:
+                    logger.warning("node %d: lost the leader lease", self._id)
+                    return
+                except TransportClosedError:
+                    raise
+                except TransportError as exc:
+                    logger.warning("node %d: lease refresh failed (%s)", self._id, exc)
+                    continue
+                self._lease_revision = revision
+                valid_until = sent_at + self._ttl * _LEASE_SAFETY
+                continue
+            logger.warning("node %d: leader lease lapsed before it could be refreshed", self._id)
+            return
+
+    async def _run_duty(self, duty: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await duty()
+        except Exception:
+            logger.exception("node %d: leader duty %r failed", self._id, duty)
+
+
+@asynccontextmanager
+async def open_node(
+    transport: Transport,
+    key: str,
+    *,
+    ttl: int = DEFAULT_TTL,
+    heartbeat_interval: float | None = None,
+    can_lead: bool = True,
+    max_concurrent_handlers: int = 1000,
+    shutdown_timeout: float = 2.0,
+) -> AsyncIterator[Node]:
+    """Join the mesh called ``key`` as a new node, for the duration of the block.
+
+    On entry the node gets a fresh id, writes its liveness key, subscribes to its
+    requests and to broadcasts, loads the membership view and makes its first bid for
+    the leader lease; so a lone node is the leader when the block starts.
+
+    :param ttl: whole seconds without a heartbeat after which other nodes count this
+        node as dead, and after which its leader lease lapses. At least 1.
+    :param heartbeat_interval: seconds between refreshes; ``ttl / 4`` by default.
+        Must be below ``ttl``.
+    :param can_lead: whether this node competes for the leader lease.
+    :param max_concurrent_handlers: requests handled at once; beyond it the node
+        reads no further requests until one finishes.
+    :param shutdown_timeout: seconds the cleanup on exit may take at most.
+
+    Leaving the block cancels every task of the node (request handlers, leader
+    duties, heartbeats), then, shielded and within ``shutdown_timeout``, releases the
+    lease and deletes the liveness key, so the other nodes see it leave at once. A
+    node that crashes instead is seen dead within ``ttl`` seconds.
+    """
+    if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 1:
+        raise InvalidArgumentError(f"ttl is a whole number of seconds >= 1, got {ttl!r}")
+    interval = ttl / 4 if heartbeat_interval is None else check_timeout(heartbeat_interval)
+    if interval >= ttl:
+        raise InvalidArgumentError(
+            f"heartbeat_interval ({interval:g} s) must be shorter than ttl ({ttl} s)"
+        )
+    if not (isinstance(max_concurrent_handlers, int) and max_concurrent_handlers >= 1):
+        raise InvalidArgumentError("max_concurrent_handlers must be an int >= 1")
+    check_timeout(shutdown_timeout)
+    node = Node(
+        transport,
+        key,
+        ttl=ttl,
+        heartbeat_interval=interval,
+        can_lead=can_lead,
+        max_concurrent_handlers=max_concurrent_handlers,
+    )
+    with single_exceptions():
+        async with trio.open_nursery() as nursery:
+            try:
+                await node._start(nursery)
+                yield node
+            finally:
+                nursery.cancel_scope.cancel()
+                with trio.move_on_after(shutdown_timeout, shield=True):
+                    await node._shutdown()

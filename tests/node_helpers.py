@@ -1,0 +1,86 @@
+"""Helpers for node tests: nodes that run in background tasks and can be crashed."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+
+import attrs
+import trio
+
+import meshline
+
+OpenTransport = Callable[[], AbstractAsyncContextManager[meshline.Transport]]
+
+
+@attrs.define
+class RunningNode:
+    """A node living in a task of its own, which a test can stop or crash."""
+
+    node: meshline.Node
+    transport: meshline.Transport
+    scope: trio.CancelScope
+    done: trio.Event
+
+    @property
+    def id(self) -> int:
+        return self.node.id
+
+    async def stop(self) -> None:
+        """Leave the mesh gracefully."""
+        self.scope.cancel()
+        await self.done.wait()
+
+    async def crash(self) -> None:
+        """Vanish like a killed process: stop answering, leave the KV state behind."""
+
+        async def withdraw_nothing() -> None:
+            pass
+
+        self.node._withdraw = withdraw_nothing  # type: ignore[method-assign]
+        await self.stop()
+
+
+class Mesh:
+    """Starts nodes of one mesh key, each in a task with a transport of its own."""
+
+    def __init__(self, nursery: trio.Nursery, open_transport: OpenTransport, key: str) -> None:
+        self._nursery = nursery
+        self._open_transport = open_transport
+        self.key = key
+
+    async def start(self, **options: Any) -> RunningNode:
+        done = trio.Event()
+
+        async def run(task_status: trio.TaskStatus[RunningNode]) -> None:
+            try:
+                with trio.CancelScope() as scope:
+                    async with (
+                        self._open_transport() as transport,
+                        meshline.open_node(transport, self.key, **options) as node,
+                    ):
+                        task_status.started(RunningNode(node, transport, scope, done))
+                        await trio.sleep_forever()
+            finally:
+                done.set()
+
+        running: RunningNode = await self._nursery.start(run)
+        return running
+
+
+@asynccontextmanager
+async def open_mesh(open_transport: OpenTransport, key: str) -> AsyncIterator[Mesh]:
+    async with trio.open_nursery() as nursery:
+        yield Mesh(nursery, open_transport, key)
+        nursery.cancel_scope.cancel()
+
+
+POLL = 0.01
+"""How often :func:`wait_until` polls: the slack in time bounds measured through it."""
+
+
+async def wait_until(predicate: Callable[[], bool]) -> None:
+    """Poll ``predicate`` until it holds; the caller bounds the wait with a cancel scope."""
+    while not predicate():
+        await trio.sleep(POLL)
