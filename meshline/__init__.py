@@ -18,6 +18,7 @@ from ._errors import NoRespondersError as NoRespondersError
 from ._errors import PayloadError as PayloadError
 from ._errors import PayloadTooLargeError as PayloadTooLargeError
 from ._errors import RemoteHandlerError as RemoteHandlerError
+from ._errors import RequestAbandonedError as RequestAbandonedError
 from ._errors import RequestTimeoutError as RequestTimeoutError
 from ._errors import RevisionMismatchError as RevisionMismatchError
 from ._errors import SubscriptionOverflowError as SubscriptionOverflowError

@@ -1,4 +1,4 @@
-"""A bounded, synchronous-to-push buffer that one Trio task drains.
+"""A bounded, synchronous-to-push buffer that one or more Trio tasks drain.
 
 Transports push into it from code that must not block (a nats-py parser callback, or
 another task's ``publish`` on the memory transport), so pushing never waits: when the
@@ -117,6 +117,10 @@ class MessageBuffer(Generic[T]):
             taken off the buffer after the last checkpoint.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
+        self._since_yield += 1
+        if self._since_yield >= _FAIRNESS_INTERVAL:
+            self._since_yield = 0
+            await trio.lowlevel.cancel_shielded_checkpoint()
         items = self._items
         while not items:
             if self._closed:
@@ -125,9 +129,6 @@ class MessageBuffer(Generic[T]):
                 raise StopAsyncIteration
             await self._lot.park()
             self._since_yield = 0
-            # Parking is a checkpoint, so items are taken only after a full wake-up.
-        self._since_yield += 1
-        if self._since_yield >= _FAIRNESS_INTERVAL:
-            self._since_yield = 0
-            await trio.lowlevel.cancel_shielded_checkpoint()
+            # Several tasks may receive from one buffer, so look again after waking:
+            # another may have taken the item this task was woken for.
         return items.popleft()

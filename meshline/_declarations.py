@@ -59,8 +59,18 @@ class BroadcastType(Generic[DataT]):
     data: type[DataT]
 
 
+_checked_names: set[str] = set()
+"""Plain type names already validated: checking costs a UTF-8 encode per call."""
+_CHECKED_NAMES_LIMIT = 4096
+
+
 def resolve_name(kind: str | RequestType[Any, Any] | BroadcastType[Any]) -> str:
     """The wire name of a declaration or a plain string type name."""
+    if kind.__class__ is str and kind in _checked_names:
+        return kind
     if isinstance(kind, RequestType | BroadcastType):
         return kind.name
-    return check_name(kind, "message type")
+    name = check_name(kind, "message type")
+    if len(_checked_names) < _CHECKED_NAMES_LIMIT:
+        _checked_names.add(name)
+    return name

@@ -72,6 +72,18 @@ class RequestTimeoutError(TransportError, TimeoutError):
         self.timeout = timeout
 
 
+class RequestAbandonedError(TransportError):
+    """A pending request was given up on purpose by :meth:`Transport.abandon_requests`.
+
+    Higher layers use it to fail requests fast, for instance when the node they
+    were sent to is declared dead.
+    """
+
+    def __init__(self, subject: str) -> None:
+        super().__init__(f"request on subject {subject!r} was abandoned")
+        self.subject = subject
+
+
 class SubscriptionOverflowError(MeshlineError):
     """A subscription with ``overflow="error"`` received more than it could buffer.
 

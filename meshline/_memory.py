@@ -23,6 +23,7 @@ from ._buffer import DEFAULT_BUFFER, MessageBuffer, Overflow
 from ._errors import (
     KeyExistsError,
     NoRespondersError,
+    RequestAbandonedError,
     RequestTimeoutError,
     RevisionMismatchError,
     TransportClosedError,
@@ -150,7 +151,7 @@ class MemoryTransport(Transport):
 
     def _deliver_reply(self, message: Message) -> None:
         waiter = self._waiters.get(message.subject[len(self._inbox_prefix) :])
-        if waiter is not None and waiter.reply is None:
+        if waiter is not None and not waiter.event.is_set():
             waiter.reply = message
             waiter.event.set()
 
@@ -195,7 +196,7 @@ class MemoryTransport(Transport):
         await trio.lowlevel.checkpoint_if_cancelled()
         self._check_open()
         token = str(next(self._tokens))
-        waiter = _ReplyWaiter()
+        waiter = _ReplyWaiter(subject)
         self._waiters[token] = waiter
         try:
             if not self.hub._publish(Message(subject, data, self._inbox_prefix + token)):
@@ -203,12 +204,23 @@ class MemoryTransport(Transport):
             with trio.move_on_after(timeout):
                 await waiter.event.wait()
             if waiter.reply is None:
+                if waiter.abandoned:
+                    raise RequestAbandonedError(subject)
                 if self._closed:
                     raise TransportClosedError("the transport closed during the request")
                 raise RequestTimeoutError(subject, timeout)
             return waiter.reply
         finally:
             del self._waiters[token]
+
+    def abandon_requests(self, subject: str) -> int:
+        abandoned = 0
+        for waiter in self._waiters.values():
+            if waiter.subject == subject and not waiter.event.is_set():
+                waiter.abandoned = True
+                waiter.event.set()
+                abandoned += 1
+        return abandoned
 
     @property
     def pending_requests(self) -> int:
@@ -235,8 +247,10 @@ class MemoryTransport(Transport):
 
 @attrs.define(eq=False)
 class _ReplyWaiter:
+    subject: str
     event: trio.Event = attrs.Factory(trio.Event)
     reply: Message | None = None
+    abandoned: bool = False
 
 
 @asynccontextmanager

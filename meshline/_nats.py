@@ -44,6 +44,7 @@ from ._errors import (
     MeshlineError,
     NoRespondersError,
     PayloadTooLargeError,
+    RequestAbandonedError,
     RequestTimeoutError,
     RevisionMismatchError,
     TransportClosedError,
@@ -166,10 +167,12 @@ class _BufferShim(_QueueShim):
 class _ReplyWaiter:
     """One pending request: the parked task, and what woke it."""
 
-    __slots__ = ("done", "no_responders", "reply", "task", "timed_out")
+    __slots__ = ("abandoned", "done", "no_responders", "reply", "subject", "task", "timed_out")
 
-    def __init__(self, task: trio.lowlevel.Task) -> None:
+    def __init__(self, task: trio.lowlevel.Task, subject: str) -> None:
         self.task = task
+        self.subject = subject
+        self.abandoned = False
         self.done = False
         self.reply: Message | None = None
         self.no_responders = False
@@ -388,7 +391,7 @@ class NatsTransport(Transport):
         data = check_data(data)
         await trio.lowlevel.checkpoint_if_cancelled()
         token = str(next(self._tokens))
-        waiter = _ReplyWaiter(trio.lowlevel.current_task())
+        waiter = _ReplyWaiter(trio.lowlevel.current_task(), subject)
         self._enqueue(subject, self._inbox_prefix + token, data)
         self._waiters[token] = waiter
         deadline = self._timer.add(timeout, waiter.expire)
@@ -401,9 +404,20 @@ class NatsTransport(Transport):
             return waiter.reply
         if waiter.no_responders:
             raise NoRespondersError(subject)
+        if waiter.abandoned:
+            raise RequestAbandonedError(subject)
         if self._closed:
             raise TransportClosedError("the transport closed during the request")
         raise RequestTimeoutError(subject, timeout)
+
+    def abandon_requests(self, subject: str) -> int:
+        abandoned = 0
+        for waiter in list(self._waiters.values()):
+            if waiter.subject == subject and not waiter.done:
+                waiter.abandoned = True
+                waiter.wake()
+                abandoned += 1
+        return abandoned
 
     @property
     def pending_requests(self) -> int:

@@ -39,6 +39,7 @@ from ._errors import (
     NoRespondersError,
     PayloadError,
     RemoteHandlerError,
+    RequestAbandonedError,
     RequestTimeoutError,
     RevisionMismatchError,
     TransportClosedError,
@@ -65,7 +66,9 @@ from ._node_wire import (
     RequestFrame,
     decode_payload,
     encode,
+    encode_ok_reply,
     encode_payload,
+    encode_request,
 )
 from ._transport import KeyValue, Message, Subscription, Transport, check_timeout
 from ._util import single_exceptions
@@ -81,6 +84,8 @@ DEFAULT_REQUEST_TIMEOUT = 5.0
 """Seconds a node request waits for its answer unless told otherwise."""
 
 _IDS_KEY = "ids"
+_SWEEP_INTERVAL = 0.25
+"""Seconds between checks for request handlers that outlived their timeout."""
 _LEASE_SAFETY = 0.9
 """A leader stops acting as one after this fraction of its TTL without a refresh,
 before any other node may take the lease over."""
@@ -103,6 +108,25 @@ def mesh_names(key: str) -> tuple[str, str]:
     """The KV bucket and the subject prefix of the mesh called ``key``."""
     bucket = "ml-" + encode_bounded_token(key, 61, "mesh key")
     return bucket, "ml." + encode_token(key, "mesh key")
+
+
+_NO_HANDLER_REPLY = encode(ErrorReply(FailureKind.NO_HANDLER, "", ""))
+
+
+class _Worker:
+    """A request worker: the cancel scope it runs handlers in, and what it runs now."""
+
+    __slots__ = ("expires_after_sweep", "request", "scope")
+
+    def __init__(self) -> None:
+        self.scope = trio.CancelScope()
+        self.request: tuple[int, int] | None = None
+        self.expires_after_sweep = 0
+
+    def cancel(self) -> None:
+        """Cancel the handler running now (a no-op between requests)."""
+        if self.request is not None:
+            self.scope.cancel()
 
 
 class _Handler:
@@ -200,9 +224,11 @@ class Node:
         self._leader_duties: list[Callable[[], Awaitable[None]]] = []
         self._term_nursery: trio.Nursery | None = None
         self._request_ids = itertools.count(1)
-        self._inflight: dict[int, set[trio.CancelScope]] = {}
-        self._serving: dict[tuple[int, int], trio.CancelScope] = {}
-        self._capacity_freed = trio.Event()
+        self._running: dict[tuple[int, int], _Worker] = {}
+        self._workers = 0
+        self._idle_workers = 0
+        self._sweeps = 0
+        self._node_subjects: dict[int, str] = {}
         self._subscriptions: list[Subscription] = []
         self.unhandled_broadcasts = 0
         """Broadcasts that arrived for a type with no handler here."""
@@ -428,38 +454,27 @@ class Node:
         name = resolve_name(kind)
         check_timeout(timeout)
         response_type = kind.response if isinstance(kind, RequestType) else Any
-        try:
-            payload = encode_payload(data)
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise PayloadError(f"cannot encode data for {name!r}: {exc}") from exc
         if node_id == self._id:
-            return await self._request_self(name, payload, response_type, timeout)
+            return await self._request_self(name, data, response_type, timeout)
         if node_id not in self._view.alive:
             raise NodeNotAliveError(node_id)
         request_id = next(self._request_ids)
-        frame = encode(RequestFrame(request_id, self._id, name, timeout, payload))
-        subject = f"{self._prefix}.n.{node_id}"
-        scope = trio.CancelScope()
-        waiting = self._inflight.setdefault(node_id, set())
-        waiting.add(scope)
         try:
-            with scope:
-                reply = await self._transport.request(subject, frame, timeout=timeout)
+            frame = encode_request(request_id, self._id, name, timeout, data)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise PayloadError(f"cannot encode data for {name!r}: {exc}") from exc
+        subject = self._node_subject(node_id)
+        try:
+            reply = await self._transport.request(subject, frame, timeout=timeout)
         except RequestTimeoutError:
             await self._send_cancel(subject, request_id)
             raise MeshRequestTimeoutError(node_id, name, timeout) from None
-        except NoRespondersError:
+        except (NoRespondersError, RequestAbandonedError):
+            await self._send_cancel(subject, request_id)
             raise NodeNotAliveError(node_id) from None
         except trio.Cancelled:
             await self._send_cancel(subject, request_id)
             raise
-        finally:
-            waiting.discard(scope)
-            if not waiting:
-                self._inflight.pop(node_id, None)
-        if scope.cancelled_caught:
-            await self._send_cancel(subject, request_id)
-            raise NodeNotAliveError(node_id)
         return self._read_reply(node_id, name, reply, response_type)
 
     async def _send_cancel(self, subject: str, request_id: int) -> None:
@@ -485,9 +500,17 @@ class Node:
             raise PayloadError(f"node {node_id} could not decode {name!r}: {answer.message}")
         raise RemoteHandlerError(node_id, name, answer.error_type, answer.message)
 
-    async def _request_self(
-        self, name: str, payload: msgspec.Raw, response_type: Any, timeout: float
-    ) -> Any:
+    def _node_subject(self, node_id: int) -> str:
+        subject = self._node_subjects.get(node_id)
+        if subject is None:
+            subject = self._node_subjects[node_id] = f"{self._prefix}.n.{node_id}"
+        return subject
+
+    async def _request_self(self, name: str, data: Any, response_type: Any, timeout: float) -> Any:
+        try:
+            payload = encode_payload(data)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise PayloadError(f"cannot encode data for {name!r}: {exc}") from exc
         handler = self._handlers.get(name)
         if handler is None:
             raise NoHandlerError(self._id, name)
@@ -544,7 +567,7 @@ class Node:
         self._nursery = nursery
         self._kv = await self._transport.key_value(self._bucket)
         self._id = await self._allocate_id()
-        inbox = await self._transport.open_subscription(f"{self._prefix}.n.{self._id}")
+        inbox = await self._transport.open_subscription(self._node_subject(self._id))
         self._subscriptions.append(inbox)
         broadcasts = await self._transport.open_subscription(f"{self._prefix}.b")
         self._subscriptions.append(broadcasts)
@@ -555,7 +578,8 @@ class Node:
         await nursery.start(self._watch_loop)
         nursery.start_soon(self._expiry_loop)
         nursery.start_soon(self._heartbeat_loop)
-        nursery.start_soon(self._serve_inbox, inbox)
+        nursery.start_soon(self._sweep_handlers)
+        nursery.start_soon(self._serve_requests, inbox)
         nursery.start_soon(self._serve_broadcasts, broadcasts)
         if self._can_lead:
             await nursery.start(self._leader_loop)
@@ -612,9 +636,8 @@ class Node:
 
     def _publish_events(self, events: list[MembershipEvent]) -> None:
         for event in events:
-            if event.kind is MembershipEventKind.DOWN and event.node_id in self._inflight:
-                for scope in self._inflight[event.node_id]:
-                    scope.cancel()
+            if event.kind is MembershipEventKind.DOWN and event.node_id is not None:
+                self._transport.abandon_requests(self._node_subject(event.node_id))
             for buffer in self._membership_buffers:
                 buffer.push(event)
             if self._membership_handlers:
@@ -697,58 +720,96 @@ class Node:
         )
         self._publish_events([MembershipEvent(MembershipEventKind.REASSERTED, self._id)])
 
-    async def _serve_inbox(self, inbox: Subscription) -> None:
-        async for message in inbox:
-            try:
-                frame = _frame_decoder.decode(message.data)
-            except msgspec.MsgspecError:
-                logger.warning("node %d: dropped a malformed frame", self._id)
-                continue
-            if isinstance(frame, CancelFrame):
-                scope = self._serving.get((frame.sender, frame.request_id))
-                if scope is not None:
-                    scope.cancel()
-                continue
-            if message.reply is None:
-                continue
-            handler = self._handlers.get(frame.kind)
-            if handler is None:
-                reply = ErrorReply(FailureKind.NO_HANDLER, "", "")
-                await self._transport.publish(message.reply, encode(reply))
-                continue
-            while len(self._serving) >= self._max_handlers:
-                await self._capacity_freed.wait()
-            scope = trio.CancelScope(deadline=trio.current_time() + frame.timeout)
-            self._serving[frame.sender, frame.request_id] = scope
-            self._nursery.start_soon(self._serve_request, frame, handler, message.reply, scope)
+    async def _serve_requests(self, inbox: Subscription) -> None:
+        """One worker of the pool that answers requests.
 
-    async def _serve_request(
-        self, frame: RequestFrame, handler: _Handler, reply_to: str, scope: trio.CancelScope
-    ) -> None:
+        Workers take frames from the inbox one at a time. The pool grows by one
+        whenever a worker takes a frame and no other worker is left idle, up to
+        ``max_concurrent_handlers``, so a blocking handler never holds up the rest.
+        Workers stay until the node closes.
+
+        Each worker runs handlers inside a cancel scope of its own, reused from one
+        request to the next. A remote cancellation or a handler timeout cancels that
+        scope, and the worker carries on under a fresh one. Reusing scopes instead of
+        opening one (and a task) per request is what makes a request cheap.
+        """
+        worker = _Worker()
+        self._workers += 1
+        self._idle_workers += 1
         try:
-            reply: Reply | None = None
-            with scope:
-                try:
-                    data = decode_payload(frame.data, handler.data_type)
-                except msgspec.MsgspecError as exc:
-                    reply = ErrorReply(FailureKind.BAD_PAYLOAD, _qualified_name(exc), str(exc))
-                else:
-                    reply = await self._run_handler(handler, data, frame.sender)
-            if reply is not None and not scope.cancelled_caught:
-                await self._transport.publish(reply_to, encode(reply))
+            while True:
+                with trio.CancelScope() as scope:
+                    worker.scope = scope
+                    while True:
+                        message = await inbox.receive()
+                        self._idle_workers -= 1
+                        try:
+                            if not self._idle_workers and self._workers < self._max_handlers:
+                                self._nursery.start_soon(self._serve_requests, inbox)
+                            await self._handle_frame(worker, message)
+                        finally:
+                            self._idle_workers += 1
+        except trio.EndOfChannel:
+            return
         finally:
-            del self._serving[frame.sender, frame.request_id]
-            if len(self._serving) == self._max_handlers - 1:
-                self._capacity_freed.set()
-                self._capacity_freed = trio.Event()
+            self._workers -= 1
+            self._idle_workers -= 1
+
+    async def _handle_frame(self, worker: _Worker, message: Message) -> None:
+        try:
+            frame = _frame_decoder.decode(message.data)
+        except msgspec.MsgspecError:
+            logger.warning("node %d: dropped a malformed frame", self._id)
+            return
+        if isinstance(frame, CancelFrame):
+            running = self._running.get((frame.sender, frame.request_id))
+            if running is not None:
+                running.cancel()
+            return
+        reply_to = message.reply
+        if reply_to is None:
+            return
+        handler = self._handlers.get(frame.kind)
+        if handler is None:
+            await self._transport.publish(reply_to, _NO_HANDLER_REPLY)
+            return
+        key = (frame.sender, frame.request_id)
+        worker.request = key
+        worker.expires_after_sweep = self._sweeps + int(frame.timeout / _SWEEP_INTERVAL) + 1
+        self._running[key] = worker
+        try:
+            reply = await self._run_handler(handler, frame)
+        finally:
+            worker.request = None
+            del self._running[key]
+        await self._transport.publish(reply_to, reply)
 
     @staticmethod
-    async def _run_handler(handler: _Handler, data: Any, sender: int) -> Reply:
+    async def _run_handler(handler: _Handler, frame: RequestFrame) -> bytes:
         try:
-            result = await handler.function(data, sender)
-            return OkReply(encode_payload(result))
+            data = decode_payload(frame.data, handler.data_type)
+        except msgspec.MsgspecError as exc:
+            return encode(ErrorReply(FailureKind.BAD_PAYLOAD, _qualified_name(exc), str(exc)))
+        try:
+            result = await handler.function(data, frame.sender)
+            return encode_ok_reply(result)
         except Exception as exc:
-            return ErrorReply(FailureKind.HANDLER_RAISED, _qualified_name(exc), str(exc))
+            return encode(ErrorReply(FailureKind.HANDLER_RAISED, _qualified_name(exc), str(exc)))
+
+    async def _sweep_handlers(self) -> None:
+        """Cancel handlers that outlived the timeout their requester gave them.
+
+        The requester cancels its handler itself when it gives up; this is the safety
+        net for when that message never comes (the requester crashed, say). Sweeping
+        a few times a second costs less than a timer per request, and a handler
+        overstays its timeout by at most two sweep intervals.
+        """
+        while True:
+            await trio.sleep(_SWEEP_INTERVAL)
+            self._sweeps += 1
+            for worker in list(self._running.values()):
+                if worker.expires_after_sweep <= self._sweeps:
+                    worker.cancel()
 
     async def _serve_broadcasts(self, broadcasts: Subscription) -> None:
         async for message in broadcasts:

@@ -24,7 +24,10 @@ __all__ = [
     "Reply",
     "RequestFrame",
     "decode_payload",
+    "encode",
+    "encode_ok_reply",
     "encode_payload",
+    "encode_request",
 ]
 
 
@@ -87,7 +90,24 @@ class LeaderRecord(msgspec.Struct, frozen=True):
 
 
 _encoder = msgspec.msgpack.Encoder()
+_REQUEST_TAG = 0
+_OK_TAG = 0
 encode = _encoder.encode
+
+
+def encode_request(request_id: int, sender: int, kind: str, timeout: float, data: object) -> bytes:
+    """Encode a :class:`RequestFrame` and its payload in one pass.
+
+    The bytes are exactly those of ``encode(RequestFrame(..., encode_payload(data)))``
+    (an ``array_like`` struct is an array led by its tag), without encoding the
+    payload separately first. Raises ``TypeError`` for what msgspec cannot encode.
+    """
+    return _encoder.encode((_REQUEST_TAG, request_id, sender, kind, timeout, data))
+
+
+def encode_ok_reply(result: object) -> bytes:
+    """Encode an :class:`OkReply` carrying ``result`` in one pass (see above)."""
+    return _encoder.encode((_OK_TAG, result))
 
 
 def encode_payload(data: object) -> msgspec.Raw:

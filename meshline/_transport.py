@@ -296,6 +296,16 @@ class Transport(abc.ABC):
 
         :raises NoRespondersError: nobody subscribes to ``subject``; raised at once.
         :raises RequestTimeoutError: no reply within ``timeout`` seconds.
+        :raises RequestAbandonedError: :meth:`abandon_requests` gave up on it.
+        """
+
+    @abc.abstractmethod
+    def abandon_requests(self, subject: str) -> int:
+        """Make every pending request sent to ``subject`` raise at once.
+
+        Each one raises :class:`RequestAbandonedError`; replies that arrive later are
+        discarded. Returns how many were abandoned. Use it when it is known that no
+        reply can come, such as when the responder is known to be gone.
         """
 
     @property

@@ -275,7 +275,7 @@ async def test_timeout_cancels_the_remote_handler(
         with trio.fail_after(5):
             await cancelled.wait()
         assert caller.transport.pending_requests == 0
-        assert not target.node._serving
+        assert not target.node._running
 
 
 async def test_caller_cancellation_cancels_the_remote_handler(
@@ -306,7 +306,7 @@ async def test_caller_cancellation_cancels_the_remote_handler(
             await cancelled.wait()
         assert caller.transport.pending_requests == 0
         with trio.fail_after(5):
-            await wait_until(lambda: not target.node._serving)
+            await wait_until(lambda: not target.node._running)
 
 
 async def test_request_fails_fast_when_the_target_dies_midway(

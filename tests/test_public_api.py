@@ -21,6 +21,7 @@ EXPECTED = {
     "NodeNotAliveError",
     "PayloadError",
     "RemoteHandlerError",
+    "RequestAbandonedError",
     "RequestType",
     "open_node",
     "InvalidArgumentError",
