@@ -1,14 +1,16 @@
-"""``meshline demo``: the transport layer at work against an embedded NATS server."""
+"""``meshline demo``: transports and mesh nodes at work against an embedded NATS server."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import trio
 
-from ._errors import KeyExistsError, NoRespondersError, RevisionMismatchError
+from ._errors import KeyExistsError, NodeNotAliveError, NoRespondersError, RevisionMismatchError
 from ._names import encode_token
 from ._nats import open_nats_transport
+from ._node import Node, open_node
 from ._server import NatsServer
 from ._transport import KVOperation, Transport
 
@@ -93,6 +95,73 @@ async def show_kv(alpha: Transport, beta: Transport) -> None:
     await kv_beta.delete("leader", revision=revision)
 
 
+async def poll(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait until ``condition()`` holds, checking every few milliseconds."""
+    with trio.fail_after(timeout):
+        while True:
+            if condition():
+                return
+            await trio.sleep(0.005)
+
+
+async def show_nodes(transports: dict[str, Transport]) -> None:
+    say("\n== mesh nodes: ids, leader lease, requests, broadcast, failover ==")
+    key = "demo mesh: any key works"
+    nodes: dict[str, Node] = {}
+    scopes: dict[str, trio.CancelScope] = {}
+    heard: list[str] = []
+
+    async def run_node(name: str, task_status: trio.TaskStatus[None]) -> None:
+        with trio.CancelScope() as scope:
+            async with open_node(transports[name], key) as node:
+                nodes[name], scopes[name] = node, scope
+
+                async def whoami(data: str, sender: int) -> str:
+                    return f"{name} (node {node.id}) greets {data}"
+
+                node.register_handler("whoami", whoami)
+                node.register_broadcast_handler(
+                    "news",
+                    lambda data, sender: heard.append(f"{name} heard {data!r} from {sender}"),
+                )
+                task_status.started()
+                await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        for name in transports:
+            await nursery.start(run_node, name)
+        alpha = nodes["alpha"]
+        await poll(lambda: len(alpha.alive_nodes()) == 3)
+        for name, node in nodes.items():
+            role = "leader" if node.is_leader else "follower"
+            say(f"  {name} is node {node.id}, {role}; sees {sorted(node.alive_nodes())}")
+        gamma = nodes["gamma"]
+        say(f"  alpha asks gamma: {await alpha.request(gamma.id, 'whoami', 'alpha')!r}")
+        await gamma.broadcast("news", "gamma is up")
+        await poll(lambda: len(heard) == 3)
+        for line in sorted(heard):
+            say(f"  {line}")
+        leader_name = next(name for name, node in nodes.items() if node.is_leader)
+        leader_id = nodes[leader_name].id
+        survivors = {name: node for name, node in nodes.items() if name != leader_name}
+        say(f"  stopping the leader, {leader_name} (node {leader_id}) ...")
+        started = trio.current_time()
+        scopes[leader_name].cancel()
+        await poll(lambda: any(node.is_leader for node in survivors.values()))
+        new_leader = next(name for name, node in survivors.items() if node.is_leader)
+        waited = (trio.current_time() - started) * 1000
+        say(f"  {new_leader} (node {nodes[new_leader].id}) took the lease after {waited:.0f} ms")
+        for name, node in survivors.items():
+            say(f"  {name} now sees {sorted(node.alive_nodes())}")
+        asker = next(iter(survivors.values()))
+        await poll(lambda: not asker.is_alive(leader_id))
+        try:
+            await asker.request(leader_id, "whoami", "anyone")
+        except NodeNotAliveError as exc:
+            say(f"  a request to the stopped node fails at once: {exc}")
+        nursery.cancel_scope.cancel()
+
+
 async def run_demo(url: str) -> None:
     async with (
         open_nats_transport(url, name="alpha") as alpha,
@@ -103,6 +172,7 @@ async def run_demo(url: str) -> None:
         await show_publish(alpha, beta, gamma)
         await show_requests(alpha, beta)
         await show_kv(alpha, beta)
+        await show_nodes({"alpha": alpha, "beta": beta, "gamma": gamma})
 
 
 def demo(url: str | None = None) -> None:

@@ -115,6 +115,15 @@ def encode_payload(data: object) -> msgspec.Raw:
     return msgspec.Raw(_encoder.encode(data))
 
 
+_decoders: dict[Any, msgspec.msgpack.Decoder[Any]] = {}
+
+
 def decode_payload(raw: msgspec.Raw | bytes, data_type: Any) -> Any:
     """Decode user data into ``data_type``; raises ``msgspec.ValidationError``/``DecodeError``."""
-    return msgspec.msgpack.decode(raw, type=data_type)
+    try:
+        decoder = _decoders.get(data_type)
+    except TypeError:  # an unhashable type annotation: decode without the cache
+        return msgspec.msgpack.decode(raw, type=data_type)
+    if decoder is None:
+        decoder = _decoders[data_type] = msgspec.msgpack.Decoder(data_type)
+    return decoder.decode(raw)

@@ -21,6 +21,10 @@ def test_demo_runs_and_shows_each_feature() -> None:
         "beta's create lost",
         "beta saw 'leader' expire",
         "beta took over at once",
+        "alpha asks gamma: 'gamma (node",
+        "heard 'gamma is up' from",
+        "took the lease after",
+        "a request to the stopped node fails at once",
         "the embedded server is stopped",
     ]:
         assert expected in result.stdout

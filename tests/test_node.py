@@ -453,3 +453,28 @@ async def test_user_exception_escapes_unwrapped(
                 raise LookupError("from the body")
         kv = await transport.key_value(meshline._node.mesh_names(key)[0])
         assert [k for k in await kv.keys() if k != "ids"] == []
+
+
+async def test_handler_outliving_its_timeout_is_cancelled_without_a_cancel_message(
+    open_transport: OpenTransport, unique: Callable[[str], str], clock: object
+) -> None:
+    """A requester that vanishes sends no cancellation; the handler's own deadline ends it."""
+    async with open_mesh(open_transport, unique("orphan")) as mesh:
+        target = await mesh.start()
+        cancelled = trio.Event()
+
+        async def stall(data: object, sender: int) -> None:
+            try:
+                await trio.sleep_forever()
+            finally:
+                cancelled.set()
+
+        target.node.register_handler("stall", stall)
+        frame = meshline._node_wire.encode_request(1, 12_345, "stall", 1.0, None)
+        subject = meshline._node.mesh_names(mesh.key)[1] + f".n.{target.id}"
+        with pytest.raises(meshline.RequestTimeoutError):
+            await target.transport.request(subject, frame, timeout=0.5)
+        assert not cancelled.is_set()
+        with trio.fail_after(10):
+            await cancelled.wait()
+        assert not target.node._running
