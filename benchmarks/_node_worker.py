@@ -89,7 +89,9 @@ def run_meshline(case: str, url: str, count: int, nodes: int) -> dict[str, float
         opened = []
         for _ in range(how_many):
             transport = await stack.enter_async_context(meshline.open_nats_transport(url))
-            opened.append(await stack.enter_async_context(meshline.open_node(transport, "bench")))
+            # Buffers as deep as the baseline's pending_msgs_limit: neither side drops.
+            node = meshline.open_node(transport, "bench", buffer=count + 1)
+            opened.append(await stack.enter_async_context(node))
         return opened
 
     async def request() -> dict[str, float]:
@@ -131,7 +133,8 @@ def run_meshline(case: str, url: str, count: int, nodes: int) -> dict[str, float
                 while received < count * nodes:
                     await trio.sleep(0.001)
             elapsed = time.perf_counter() - start
-            return {"rate": received / elapsed, "received": received}
+            dropped = sum(node.dropped for node in receivers)
+            return {"rate": received / elapsed, "received": received, "dropped": dropped}
 
     return trio.run(request if case == "request" else fanout)
 

@@ -45,8 +45,7 @@ def measure(impl: str, case: str, url: str, count: int, nodes: int = 1) -> float
 def show(label: str, runs: dict[str, list[float]]) -> dict[str, float]:
     medians = {impl: statistics.median(runs[impl]) for impl in IMPLS}
     cells = "  ".join(
-        f"{medians[impl]:>10,.0f} [{', '.join(f'{r:,.0f}' for r in runs[impl])}]"
-        for impl in IMPLS
+        f"{medians[impl]:>10,.0f} [{', '.join(f'{r:,.0f}' for r in runs[impl])}]" for impl in IMPLS
     )
     ratio = medians["meshline"] / medians["nats-py"]
     print(f"{label:<14} {cells}  ratio {ratio:.3f}")

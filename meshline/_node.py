@@ -26,7 +26,7 @@ from typing import Any, Self, TypeVar, overload
 import msgspec
 import trio
 
-from ._buffer import MessageBuffer, Overflow
+from ._buffer import DEFAULT_BUFFER, MessageBuffer, Overflow
 from ._declarations import BroadcastType, RequestType, resolve_name
 from ._errors import (
     InvalidArgumentError,
@@ -195,7 +195,9 @@ class Node:
         heartbeat_interval: float,
         can_lead: bool,
         max_concurrent_handlers: int,
+        buffer: int,
     ) -> None:
+        self._buffer = buffer
         self._transport = transport
         self._key = key
         self._bucket, self._prefix = mesh_names(key)
@@ -249,6 +251,11 @@ class Node:
     def ttl(self) -> int:
         """Seconds without a heartbeat after which others count this node as dead."""
         return self._ttl
+
+    @property
+    def dropped(self) -> int:
+        """Requests and broadcasts discarded so far because their buffer was full."""
+        return sum(subscription.dropped for subscription in self._subscriptions)
 
     @property
     def is_leader(self) -> bool:
@@ -578,9 +585,13 @@ class Node:
         self._nursery = nursery
         self._kv = await self._transport.key_value(self._bucket)
         self._id = await self._allocate_id()
-        inbox = await self._transport.open_subscription(self._node_subject(self._id))
+        inbox = await self._transport.open_subscription(
+            self._node_subject(self._id), limit=self._buffer
+        )
         self._subscriptions.append(inbox)
-        broadcasts = await self._transport.open_subscription(f"{self._prefix}.b")
+        broadcasts = await self._transport.open_subscription(
+            f"{self._prefix}.b", limit=self._buffer
+        )
         self._subscriptions.append(broadcasts)
         self._liveness_revision = await self._kv.put(
             node_key(self._id), self._liveness_record(), ttl=self._ttl
@@ -964,6 +975,7 @@ async def open_node(
     heartbeat_interval: float | None = None,
     can_lead: bool = True,
     max_concurrent_handlers: int = 1000,
+    buffer: int = DEFAULT_BUFFER,
     shutdown_timeout: float = 2.0,
 ) -> AsyncIterator[Node]:
     """Join the mesh called ``key`` as a new node, for the duration of the block.
@@ -979,6 +991,9 @@ async def open_node(
     :param can_lead: whether this node competes for the leader lease.
     :param max_concurrent_handlers: requests handled at once; beyond it the node
         reads no further requests until one finishes.
+    :param buffer: how many incoming requests, and separately how many broadcasts,
+        may wait to be handled. Beyond that, new ones are dropped (requesters then
+        time out) and counted in :attr:`Node.dropped`.
     :param shutdown_timeout: seconds the cleanup on exit may take at most.
 
     Leaving the block cancels every task of the node (request handlers, leader
@@ -995,6 +1010,8 @@ async def open_node(
         )
     if not (isinstance(max_concurrent_handlers, int) and max_concurrent_handlers >= 1):
         raise InvalidArgumentError("max_concurrent_handlers must be an int >= 1")
+    if isinstance(buffer, bool) or not (isinstance(buffer, int) and buffer >= 1):
+        raise InvalidArgumentError("buffer must be an int >= 1")
     check_timeout(shutdown_timeout)
     node = Node(
         transport,
@@ -1003,6 +1020,7 @@ async def open_node(
         heartbeat_interval=interval,
         can_lead=can_lead,
         max_concurrent_handlers=max_concurrent_handlers,
+        buffer=buffer,
     )
     with single_exceptions():
         async with trio.open_nursery() as nursery:
