@@ -41,6 +41,15 @@ from ._node import DEFAULT_TTL as DEFAULT_TTL
 from ._node import MembershipEvents as MembershipEvents
 from ._node import Node as Node
 from ._node import open_node as open_node
+from ._presence import NodeClientRegistry as NodeClientRegistry
+from ._presence import open_client_registry as open_client_registry
+from ._registry import ClientRecord as ClientRecord
+from ._registry import ClientRegistry as ClientRegistry
+from ._registry import RegisteredClient as RegisteredClient
+from ._registry import RegistryBackend as RegistryBackend
+from ._registry_kv import KVRegistryBackend as KVRegistryBackend
+from ._registry_kv import open_kv_registry_backend as open_kv_registry_backend
+from ._registry_memory import MemoryRegistryBackend as MemoryRegistryBackend
 from ._transport import KeyValue as KeyValue
 from ._transport import KVEntry as KVEntry
 from ._transport import KVOperation as KVOperation

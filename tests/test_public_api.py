@@ -7,6 +7,15 @@ import meshline.testing
 
 EXPECTED = {
     "BroadcastType",
+    "ClientRecord",
+    "ClientRegistry",
+    "KVRegistryBackend",
+    "MemoryRegistryBackend",
+    "NodeClientRegistry",
+    "RegisteredClient",
+    "RegistryBackend",
+    "open_client_registry",
+    "open_kv_registry_backend",
     "DEFAULT_BUFFER",
     "DEFAULT_REQUEST_TIMEOUT",
     "DEFAULT_TTL",
@@ -68,6 +77,8 @@ def test_public_api_is_locked() -> None:
 
 def test_testing_api_is_locked() -> None:
     assert public(meshline.testing) == {
+        "HOSTILE_CLIENT_IDS",
+        "RegistryBackendSuite",
         "NatsServer",
         "NatsServerError",
         "find_nats_server",

@@ -1,5 +1,7 @@
-"""Helpers for testing applications built on meshline: real NATS servers on loopback."""
+"""Helpers for testing applications built on meshline: real NATS servers, backend suites."""
 
+from .._registry_suite import HOSTILE_CLIENT_IDS as HOSTILE_CLIENT_IDS
+from .._registry_suite import RegistryBackendSuite as RegistryBackendSuite
 from .._server import NatsServer as NatsServer
 from .._server import NatsServerError as NatsServerError
 from .._server import find_nats_server as find_nats_server

@@ -1,0 +1,264 @@
+"""The KV registry backend: registrations in a KV bucket, ownership by compare-and-set.
+
+One key per client, ``c.<token>`` (see :func:`meshline.encode_token`; the value
+keeps the client id itself, since long ids are hashed). Every write is conditional on
+the revision it read, so two nodes racing for one client cannot both win, and a
+node that lost a client cannot remove or edit the newer registration.
+
+Each backend keeps a replica of the whole bucket, fed by a watch, so reads are
+local dictionary lookups. Its own writes are applied to the replica as soon as the
+server confirms them, so a node always reads its own writes; other nodes' writes
+appear when the watch delivers them (usually within a millisecond or two).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import msgspec
+import trio
+
+from ._errors import KeyExistsError, RevisionMismatchError, TransportClosedError, TransportError
+from ._names import encode_bounded_token, encode_token
+from ._registry import ClientRecord, now_ms
+from ._transport import KeyValue, KVEntry, KVOperation, Transport
+from ._util import single_exceptions
+
+__all__ = ["KVRegistryBackend", "open_kv_registry_backend", "registry_bucket"]
+
+_PREFIX = "c."
+
+
+class _Stored(msgspec.Struct, array_like=True, frozen=True):
+    client_id: str
+    node_id: int
+    connected_at: int
+    metadata: bytes
+
+
+_decoder = msgspec.msgpack.Decoder(_Stored)
+_encode = msgspec.msgpack.Encoder().encode
+
+
+def registry_bucket(key: str) -> str:
+    """The KV bucket holding the registrations of the mesh called ``key``."""
+    return "mlc-" + encode_bounded_token(key, 60, "mesh key")
+
+
+def _record(stored: _Stored) -> ClientRecord:
+    return ClientRecord(stored.client_id, stored.node_id, stored.connected_at, stored.metadata)
+
+
+class KVRegistryBackend:
+    """A :class:`~meshline.RegistryBackend` on a KV bucket, with a local replica.
+
+    Open it with :func:`open_kv_registry_backend`. Reads (``get_client`` and the
+    listings) never touch the network. Writes take one round trip when the replica
+    is current, and retry with a fresh read when a compare-and-set loses.
+    """
+
+    def __init__(self, kv: KeyValue) -> None:
+        self._kv = kv
+        self._records: dict[str, tuple[int, ClientRecord]] = {}
+        """Replica: key -> (revision, record)."""
+        self._known: dict[str, int] = {}
+        """Highest revision known per key, deletions included, to refuse stale news."""
+        self._by_node: dict[int, set[str]] = {}
+        self._watch_revision = 0
+
+    # ------------------------------------------------------------------ replica
+
+    def _set(self, key: str, revision: int, record: ClientRecord | None) -> None:
+        old = self._records.pop(key, None)
+        if old is not None:
+            keys = self._by_node.get(old[1].node_id)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._by_node[old[1].node_id]
+        if record is not None:
+            self._records[key] = (revision, record)
+            self._by_node.setdefault(record.node_id, set()).add(key)
+
+    def _apply_local(self, key: str, revision: int, record: ClientRecord | None) -> None:
+        """Apply a write this backend just made, unless newer news already arrived."""
+        if revision <= self._watch_revision or revision <= self._known.get(key, 0):
+            return
+        self._known[key] = revision
+        self._set(key, revision, record)
+
+    def _forget_local(self, key: str, deleted_revision: int) -> None:
+        """Apply a deletion this backend made of the record at ``deleted_revision``."""
+        current = self._records.get(key)
+        if current is not None and current[0] == deleted_revision:
+            self._known[key] = max(self._known.get(key, 0), deleted_revision)
+            self._set(key, deleted_revision, None)
+
+    def _apply_watched(self, entry: KVEntry) -> None:
+        self._watch_revision = max(self._watch_revision, entry.revision)
+        key = entry.key
+        if entry.revision <= self._known.get(key, 0):
+            return
+        if entry.operation is not KVOperation.PUT:
+            self._known.pop(key, None)  # the watch is ordered: nothing older comes now
+            self._set(key, entry.revision, None)
+            return
+        try:
+            record = _record(_decoder.decode(entry.value))
+        except msgspec.MsgspecError:
+            return
+        self._known[key] = entry.revision
+        self._set(key, entry.revision, record)
+
+    def load(self, snapshot: list[KVEntry]) -> None:
+        """Replace the replica with a watch snapshot."""
+        self._records.clear()
+        self._known.clear()
+        self._by_node.clear()
+        for entry in snapshot:
+            self._apply_watched(entry)
+
+    async def follow(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep the replica current until cancelled; reopen the watch after failures."""
+        started = False
+        while True:
+            try:
+                async with self._kv.watch(_PREFIX + ">") as watch:
+                    self.load(watch.snapshot)
+                    if not started:
+                        started = True
+                        task_status.started()
+                    async for entry in watch:
+                        self._apply_watched(entry)
+            except TransportClosedError:
+                raise
+            except TransportError:
+                if not started:
+                    raise
+            await trio.sleep(0.5)
+
+    # ------------------------------------------------------------------ RegistryBackend
+
+    async def _read(self, key: str) -> tuple[int, ClientRecord] | None:
+        """The authoritative current registration, read from the server."""
+        entry = await self._kv.get(key)
+        if entry is None:
+            return None
+        record = _record(_decoder.decode(entry.value))
+        self._apply_local(key, entry.revision, record)
+        return entry.revision, record
+
+    async def register(self, client_id: str, node_id: int, metadata: bytes) -> int | None:
+        key = _PREFIX + encode_token(client_id, "client id")
+        record = ClientRecord(client_id, node_id, now_ms(), metadata)
+        value = _encode(_Stored(client_id, node_id, record.connected_at, metadata))
+        current = self._records.get(key)
+        while True:
+            try:
+                if current is None:
+                    revision = await self._kv.create(key, value)
+                    self._apply_local(key, revision, record)
+                    return None
+                revision = await self._kv.update(key, value, revision=current[0])
+            except (KeyExistsError, RevisionMismatchError):
+                current = await self._read(key)
+                continue
+            self._apply_local(key, revision, record)
+            previous = current[1].node_id
+            return None if previous == node_id else previous
+
+    async def _owned(self, key: str, node_id: int) -> tuple[int, ClientRecord] | None:
+        """The registration if ``node_id`` owns it, confirmed with the server if needed."""
+        current = self._records.get(key)
+        if current is None or current[1].node_id != node_id:
+            current = await self._read(key)
+        if current is None or current[1].node_id != node_id:
+            return None
+        return current
+
+    async def unregister(self, client_id: str, node_id: int) -> bool:
+        key = _PREFIX + encode_token(client_id, "client id")
+        current = await self._owned(key, node_id)
+        while current is not None:
+            try:
+                await self._kv.delete(key, revision=current[0])
+            except RevisionMismatchError:
+                current = await self._read(key)
+                if current is None or current[1].node_id != node_id:
+                    return False
+                continue
+            self._forget_local(key, current[0])
+            return True
+        return False
+
+    async def update_metadata(self, client_id: str, node_id: int, metadata: bytes) -> bool:
+        key = _PREFIX + encode_token(client_id, "client id")
+        current = await self._owned(key, node_id)
+        while current is not None:
+            revision, old = current
+            record = ClientRecord(client_id, node_id, old.connected_at, metadata)
+            value = _encode(_Stored(client_id, node_id, old.connected_at, metadata))
+            try:
+                new_revision = await self._kv.update(key, value, revision=revision)
+            except RevisionMismatchError:
+                current = await self._read(key)
+                if current is None or current[1].node_id != node_id:
+                    return False
+                continue
+            self._apply_local(key, new_revision, record)
+            return True
+        return False
+
+    async def get_client(self, client_id: str) -> ClientRecord | None:
+        await trio.lowlevel.checkpoint()
+        current = self._records.get(_PREFIX + encode_token(client_id, "client id"))
+        return None if current is None else current[1]
+
+    async def list_clients(self) -> list[ClientRecord]:
+        await trio.lowlevel.checkpoint()
+        return [record for _, record in self._records.values()]
+
+    async def list_clients_for_node(self, node_id: int) -> list[ClientRecord]:
+        await trio.lowlevel.checkpoint()
+        return [self._records[key][1] for key in self._by_node.get(node_id, ())]
+
+    def count(self) -> int:
+        """How many registrations the replica holds."""
+        return len(self._records)
+
+    async def cleanup_node(self, node_id: int) -> list[ClientRecord]:
+        removed = []
+        for key in list(self._by_node.get(node_id, ())):
+            current = self._records.get(key)
+            while current is not None and current[1].node_id == node_id:
+                try:
+                    await self._kv.delete(key, revision=current[0])
+                except RevisionMismatchError:
+                    current = await self._read(key)
+                    continue
+                self._forget_local(key, current[0])
+                removed.append(current[1])
+                break
+        return removed
+
+
+@asynccontextmanager
+async def open_kv_registry_backend(
+    transport: Transport, key: str
+) -> AsyncIterator[KVRegistryBackend]:
+    """Open the KV registry backend of the mesh called ``key``, for the block.
+
+    On entry the bucket is opened (created if needed) and the replica is loaded, so
+    reads are complete at once. A task in the block's nursery keeps the replica
+    current; leaving the block stops it.
+    """
+    kv = await transport.key_value(registry_bucket(key))
+    backend = KVRegistryBackend(kv)
+    with single_exceptions():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(backend.follow)
+            try:
+                yield backend
+            finally:
+                nursery.cancel_scope.cancel()

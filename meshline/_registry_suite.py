@@ -1,0 +1,211 @@
+"""A conformance suite for registry backends, for anyone who writes one.
+
+Subclass :class:`RegistryBackendSuite` in a pytest module (with pytest-trio in
+``trio_mode``) and implement :meth:`~RegistryBackendSuite.open_backends`:
+
+.. code-block:: python
+
+    from contextlib import asynccontextmanager
+    from meshline.testing import RegistryBackendSuite
+
+    class TestMyBackend(RegistryBackendSuite):
+        @asynccontextmanager
+        async def open_backends(self, count):
+            store = make_a_fresh_store()
+            yield [MyBackend(store) for _ in range(count)]
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+
+import trio
+
+from ._registry import ClientRecord, RegistryBackend, now_ms
+
+__all__ = ["HOSTILE_CLIENT_IDS", "RegistryBackendSuite"]
+
+HOSTILE_CLIENT_IDS = [
+    "plain",
+    "a.b.c",
+    "*",
+    ">",
+    "with space",
+    "line\nbreak",
+    "tab\tand\rreturn",
+    "ünïcødé ☃ 😀",
+    "$SYS.>",
+    "x" * 1024,
+    "é" * 512,
+]
+"""Client ids that must round-trip exactly: separators, wildcards, 1 KiB, unicode."""
+
+
+class RegistryBackendSuite(abc.ABC):
+    """Checks that a :class:`~meshline.RegistryBackend` follows the ownership rules.
+
+    Every backend in the list :meth:`open_backends` yields is one node's handle on
+    the same store. A backend may show other nodes' writes a little later (a
+    replica fed by a watch); the suite waits up to :attr:`settle_timeout` for them.
+    """
+
+    settle_timeout = 10.0
+
+    @abc.abstractmethod
+    def open_backends(self, count: int) -> AbstractAsyncContextManager[list[RegistryBackend]]:
+        """Yield ``count`` handles on one fresh, empty store."""
+
+    async def eventually(self, check: Callable[[], Awaitable[bool]]) -> None:
+        """Wait until ``await check()`` is true, up to :attr:`settle_timeout`."""
+        with trio.fail_after(self.settle_timeout):
+            while not await check():
+                await trio.sleep(0.01)
+
+    async def test_register_new_client_and_read_own_write(self) -> None:
+        async with self.open_backends(1) as (backend,):
+            before = now_ms()
+            assert await backend.register("c1", 1, b"meta") is None
+            record = await backend.get_client("c1")
+            assert record is not None
+            assert (record.client_id, record.node_id, record.metadata) == ("c1", 1, b"meta")
+            assert before - 60_000 <= record.connected_at <= now_ms() + 60_000
+            assert await backend.get_client("absent") is None
+
+    async def test_register_elsewhere_supersedes_and_reports_the_old_node(self) -> None:
+        async with self.open_backends(2) as (one, two):
+            assert await one.register("c", 1, b"first") is None
+            assert await two.register("c", 2, b"second") == 1
+            assert await two.register("c", 2, b"again") is None
+            assert await one.register("c", 1, b"back") == 2
+
+            async def settled() -> bool:
+                record = await two.get_client("c")
+                return record is not None and record.metadata == b"back"
+
+            await self.eventually(settled)
+
+    async def test_only_the_owner_unregisters(self) -> None:
+        async with self.open_backends(2) as (one, two):
+            await one.register("c", 1, b"m")
+            await two.register("c", 2, b"m")
+            assert await one.unregister("c", 1) is False
+            record = await one.get_client("c")
+            assert record is None or record.node_id == 2
+            assert await two.unregister("c", 2) is True
+            assert await two.get_client("c") is None
+            assert await two.unregister("c", 2) is False
+
+    async def test_only_the_owner_updates_and_connected_at_is_kept(self) -> None:
+        async with self.open_backends(2) as (one, two):
+            assert await one.update_metadata("c", 1, b"x") is False
+            await one.register("c", 1, b"old")
+            original = await one.get_client("c")
+            assert original is not None
+            assert await two.update_metadata("c", 2, b"stolen") is False
+            assert await one.update_metadata("c", 1, b"new") is True
+            updated = await one.get_client("c")
+            assert updated == ClientRecord("c", 1, original.connected_at, b"new")
+
+    async def test_listings_by_node(self) -> None:
+        async with self.open_backends(2) as (one, two):
+            for index in range(5):
+                await one.register(f"a{index}", 1, b"")
+            for index in range(3):
+                await two.register(f"b{index}", 2, b"")
+
+            async def settled() -> bool:
+                return len(await one.list_clients()) == 8 == len(await two.list_clients())
+
+            await self.eventually(settled)
+            mine = {record.client_id for record in await one.list_clients_for_node(1)}
+            assert mine == {f"a{index}" for index in range(5)}
+            assert len(await one.list_clients_for_node(2)) == 3
+            assert await one.list_clients_for_node(99) == []
+
+    async def test_cleanup_removes_only_what_the_node_still_owns(self) -> None:
+        async with self.open_backends(3) as (dead, other, leader):
+            await dead.register("stays-dead", 1, b"orphan")
+            await dead.register("moved", 1, b"was here")
+            await other.register("moved", 2, b"now here")
+            await other.register("unrelated", 2, b"")
+
+            async def settled() -> bool:
+                return len(await leader.list_clients()) == 3
+
+            await self.eventually(settled)
+            removed = await leader.cleanup_node(1)
+            assert [(r.client_id, r.metadata) for r in removed] == [("stays-dead", b"orphan")]
+            assert await leader.get_client("stays-dead") is None
+            moved = await leader.get_client("moved")
+            assert moved is not None and moved.node_id == 2
+            assert await leader.cleanup_node(1) == []
+
+    async def test_any_client_id_round_trips(self) -> None:
+        async with self.open_backends(2) as (one, two):
+            for client_id in HOSTILE_CLIENT_IDS:
+                await one.register(client_id, 1, client_id.encode())
+
+            async def settled() -> bool:
+                return len(await two.list_clients()) == len(HOSTILE_CLIENT_IDS)
+
+            await self.eventually(settled)
+            for client_id in HOSTILE_CLIENT_IDS:
+                record = await two.get_client(client_id)
+                assert record is not None
+                assert (record.client_id, record.metadata) == (client_id, client_id.encode())
+            listed = {record.client_id for record in await two.list_clients()}
+            assert listed == set(HOSTILE_CLIENT_IDS)
+
+    async def test_concurrent_registers_form_one_chain(self) -> None:
+        """Racing registers linearise: each reports the one before it, one is left."""
+        nodes = 5
+        async with self.open_backends(nodes) as backends:
+            for _ in range(5):
+                results: dict[int, int | None] = {}
+
+                async def register(node_id: int, backend: RegistryBackend) -> None:
+                    results[node_id] = await backend.register("contested", node_id, b"")
+
+                async with trio.open_nursery() as nursery:
+                    for node_id, backend in enumerate(backends, start=1):
+                        nursery.start_soon(register, node_id, backend)
+                final = await backends[0].get_client("contested")
+                winners = [node_id for node_id in results if node_id not in results.values()]
+                assert len(winners) == 1
+                reported = [value for value in results.values() if value is not None]
+                assert len(reported) == len(set(reported))
+                assert set(reported) <= set(results)
+
+                async def settled(winner: int = winners[0]) -> bool:
+                    record = await backends[0].get_client("contested")
+                    return record is not None and record.node_id == winner
+
+                await self.eventually(settled)
+                assert final is None or final.node_id in results
+                await backends[winners[0] - 1].unregister("contested", winners[0])
+
+    async def test_stale_owner_races_cannot_remove_a_newer_registration(self) -> None:
+        async with self.open_backends(2) as (old, new):
+            for round_number in range(10):
+                client_id = f"race{round_number}"
+                await old.register(client_id, 1, b"old")
+                outcome: dict[str, object] = {}
+
+                async def take_over(client_id: str = client_id) -> None:
+                    outcome["superseded"] = await new.register(client_id, 2, b"new")
+
+                async def leave(client_id: str = client_id) -> None:
+                    outcome["unregistered"] = await old.unregister(client_id, 1)
+
+                async def edit(client_id: str = client_id) -> None:
+                    outcome["updated"] = await old.update_metadata(client_id, 1, b"stale")
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(take_over)
+                    nursery.start_soon(leave)
+                    nursery.start_soon(edit)
+                record = await new.get_client(client_id)
+                assert record is not None and record.node_id == 2
+                assert record.metadata == b"new"

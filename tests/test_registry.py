@@ -1,0 +1,96 @@
+"""Registry backends against the shared conformance suite, and the typed registry."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+
+import attrs
+import msgspec
+import pytest
+
+import meshline
+from meshline.testing import RegistryBackendSuite
+
+from .conftest import OpenTransport
+
+
+class TestMemoryBackend(RegistryBackendSuite):
+    @asynccontextmanager
+    async def open_backends(self, count: int) -> AsyncIterator[list[meshline.RegistryBackend]]:
+        backend = meshline.MemoryRegistryBackend()
+        yield [backend] * count
+
+
+class TestKVBackend(RegistryBackendSuite):
+    """The KV backend, each node on a transport of its own, over memory and NATS."""
+
+    @pytest.fixture(autouse=True)
+    def _transports(self, open_transport: OpenTransport, unique: Callable[[str], str]) -> None:
+        self.open_transport = open_transport
+        self.key = unique("registry")
+
+    @asynccontextmanager
+    async def open_backends(self, count: int) -> AsyncIterator[list[meshline.RegistryBackend]]:
+        async with AsyncExitStack() as stack:
+            backends: list[meshline.RegistryBackend] = []
+            for _ in range(count):
+                transport = await stack.enter_async_context(self.open_transport())
+                backend = meshline.open_kv_registry_backend(transport, self.key)
+                backends.append(await stack.enter_async_context(backend))
+            yield backends
+
+
+@attrs.frozen
+class UserMeta:
+    user_id: str
+    roles: list[str]
+
+
+class StructMeta(msgspec.Struct):
+    user_id: str
+    score: float
+
+
+@pytest.mark.parametrize(
+    ("metadata_type", "metadata"),
+    [
+        (UserMeta, UserMeta("u.1 *>", ["admin"])),
+        (StructMeta, StructMeta("ü", 1.5)),
+        (dict, {"user": "x", "nested": {"a": [1, 2]}}),
+    ],
+)
+async def test_typed_metadata_round_trips(metadata_type: type, metadata: object) -> None:
+    registry: meshline.ClientRegistry[object] = meshline.ClientRegistry(
+        7, meshline.MemoryRegistryBackend(), metadata_type=metadata_type
+    )
+    assert await registry.register("client", metadata) is None
+    client = await registry.get_client("client")
+    assert client == meshline.RegisteredClient("client", 7, client.connected_at, metadata)
+    assert await registry.list_clients_for_node() == [client]
+
+
+async def test_bad_input_is_refused_and_leaves_state_alone() -> None:
+    registry: meshline.ClientRegistry[dict[str, object]] = meshline.ClientRegistry(
+        1, meshline.MemoryRegistryBackend()
+    )
+    await registry.register("kept", {"v": 1})
+    for bad in ["", "x" * 1025, "\ud800", None]:
+        with pytest.raises(meshline.InvalidArgumentError):
+            await registry.register(bad, {})  # type: ignore[arg-type]
+    with pytest.raises(meshline.PayloadError):
+        await registry.register("kept", {"v": object()})
+    kept = await registry.get_client("kept")
+    assert kept is not None and kept.metadata == {"v": 1}
+    assert [c.client_id for c in await registry.list_clients()] == ["kept"]
+
+
+async def test_stored_metadata_of_the_wrong_shape_is_a_clear_error() -> None:
+    backend = meshline.MemoryRegistryBackend()
+    await meshline.ClientRegistry(1, backend).register("c", {"not": "a user"})
+    typed: meshline.ClientRegistry[UserMeta] = meshline.ClientRegistry(
+        1, backend, metadata_type=UserMeta
+    )
+    with pytest.raises(meshline.PayloadError):
+        await typed.get_client("c")
+    assert await backend.get_client("c") is not None
