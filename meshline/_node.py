@@ -466,7 +466,7 @@ class Node:
             response_type = kind.response if isinstance(kind, RequestType) else Any
         if node_id == self._id:
             return await self._request_self(name, data, response_type, timeout)
-        if node_id not in self._view.alive:
+        if not self._view.is_alive(node_id):
             raise NodeNotAliveError(node_id)
         request_id = next(self._request_ids)
         try:

@@ -218,3 +218,36 @@ class RegistryBackendSuite(abc.ABC):
         # The old owner's removal succeeded only if it came first; then nobody was
         # superseded. Otherwise the takeover reports node 1.
         assert (outcome["unregistered"], outcome["superseded"]) in [(True, None), (False, 1)]
+
+    async def test_cleanup_racing_reregistrations_removes_only_the_dead_nodes(self) -> None:
+        async with self.open_backends(3) as (dead, survivor, leader):
+            clients = [f"client-{index}" for index in range(20)]
+            for client_id in clients:
+                await dead.register(client_id, 1, b"dead")
+
+            async def settled() -> bool:
+                return len(await leader.list_clients_for_node(1)) == len(clients)
+
+            await self.eventually(settled)
+            moving = clients[::2]
+            superseded: dict[str, int | None] = {}
+            removed: list[ClientRecord] = []
+
+            async def move(client_id: str) -> None:
+                superseded[client_id] = await survivor.register(client_id, 2, b"alive")
+
+            async def clean_up() -> None:
+                removed.extend(await leader.cleanup_node(1))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(clean_up)
+                for client_id in moving:
+                    nursery.start_soon(move, client_id)
+            removed_ids = {record.client_id for record in removed}
+            for client_id in moving:
+                # Moved before the cleanup reached it: it superseded node 1 and must
+                # survive. Moved after: the cleanup removed node 1's registration.
+                assert (client_id in removed_ids) == (superseded[client_id] is None)
+                record = await survivor.get_client(client_id)
+                assert record is not None and record.node_id == 2
+            assert set(clients) - set(moving) <= removed_ids

@@ -8,17 +8,23 @@ real clock for NATS, so sleeps are instant on memory and real on NATS.
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 
 import pytest
 import trio
 import trio.testing
+from hypothesis import settings
 
 import meshline
 from meshline.testing import NatsServer, nats_cluster
 
 _names = itertools.count()
+
+settings.register_profile("ci", max_examples=200, deadline=None)
+settings.register_profile("thorough", max_examples=2000, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(scope="session")
