@@ -22,6 +22,7 @@ class RunningNode:
     transport: meshline.Transport
     scope: trio.CancelScope
     done: trio.Event
+    registry: meshline.NodeClientRegistry[Any] | None = None
 
     @property
     def id(self) -> int:
@@ -39,6 +40,8 @@ class RunningNode:
             pass
 
         self.node._withdraw = withdraw_nothing  # type: ignore[method-assign]
+        if self.registry is not None:
+            self.registry._own.clear()  # nor does a killed process unregister its clients
         await self.stop()
 
 
@@ -50,7 +53,8 @@ class Mesh:
         self._open_transport = open_transport
         self.key = key
 
-    async def start(self, **options: Any) -> RunningNode:
+    async def start(self, *, registry: dict[str, Any] | None = None, **options: Any) -> RunningNode:
+        """Start a node; with ``registry``, also a client registry with those options."""
         done = trio.Event()
 
         async def run(task_status: trio.TaskStatus[RunningNode]) -> None:
@@ -60,8 +64,14 @@ class Mesh:
                         self._open_transport() as transport,
                         meshline.open_node(transport, self.key, **options) as node,
                     ):
-                        task_status.started(RunningNode(node, transport, scope, done))
-                        await trio.sleep_forever()
+                        running = RunningNode(node, transport, scope, done)
+                        if registry is None:
+                            task_status.started(running)
+                            await trio.sleep_forever()
+                        async with meshline.open_client_registry(node, **registry) as opened:
+                            running.registry = opened
+                            task_status.started(running)
+                            await trio.sleep_forever()
             finally:
                 done.set()
 
