@@ -30,6 +30,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, TypeVar
 
+import msgspec
 import nats
 import nats.errors
 import nats.js.errors
@@ -77,6 +78,31 @@ LIMIT_MARKER_TTL = 60
 """Seconds that the server-placed marker for an expired key lives (JetStream)."""
 
 _WRONG_LAST_SEQUENCE = (10071, 10164)
+
+JS_TIMEOUT = 5.0
+"""Seconds to wait for a JetStream publish ack (as nats-py's default)."""
+
+
+class _ApiError(msgspec.Struct):
+    code: int = 0
+    err_code: int = 0
+    description: str = ""
+
+
+class _PubAck(msgspec.Struct):
+    seq: int | None = None
+    error: _ApiError | None = None
+
+
+_pub_ack_decoder = msgspec.json.Decoder(_PubAck)
+
+
+class _JetStreamError(TransportError):
+    """The server refused a JetStream write; ``err_code`` says why."""
+
+    def __init__(self, err_code: int, description: str) -> None:
+        super().__init__(f"JetStream refused the write: {description} (error {err_code})")
+        self.err_code = err_code
 _KV_OPERATION = "KV-Operation"
 _MARKER_REASON = "Nats-Marker-Reason"
 _EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
@@ -332,8 +358,8 @@ class NatsTransport(Transport):
         if self._closed or self._nc.is_closed:
             raise TransportClosedError("the NATS transport is closed")
 
-    def _enqueue(self, subject: str, reply: str, data: bytes) -> None:
-        """Queue one PUB command for nats-py's flusher, without crossing the bridge."""
+    def _enqueue(self, subject: str, reply: str, data: bytes, headers: bytes = b"") -> None:
+        """Queue one PUB (or HPUB) command for nats-py's flusher, without the bridge."""
         nc = self._nc
         self._check_open()
         size = len(data)
@@ -341,7 +367,10 @@ class NatsTransport(Transport):
             raise PayloadTooLargeError(
                 f"message of {size} bytes exceeds the server's max_payload of {nc._max_payload}"
             )
-        command = nats_command.pub_cmd(subject, reply, data)
+        if headers:
+            command = nats_command.hpub_cmd(subject, reply, headers, data)
+        else:
+            command = nats_command.pub_cmd(subject, reply, data)
         if not nc.is_connected and nc._pending_data_size + len(command) > nc._max_pending_size:
             raise TransportError("NATS is reconnecting and the outgoing buffer is full")
         nc._pending.append(command)
@@ -389,10 +418,15 @@ class NatsTransport(Transport):
         validate_subject(subject)
         timeout = check_timeout(timeout)
         data = check_data(data)
+        return await self._request(subject, data, timeout)
+
+    async def _request(
+        self, subject: str, data: bytes, timeout: float, headers: bytes = b""
+    ) -> Message:
         await trio.lowlevel.checkpoint_if_cancelled()
         token = str(next(self._tokens))
         waiter = _ReplyWaiter(trio.lowlevel.current_task(), subject)
-        self._enqueue(subject, self._inbox_prefix + token, data)
+        self._enqueue(subject, self._inbox_prefix + token, data, headers)
         self._waiters[token] = waiter
         deadline = self._timer.add(timeout, waiter.expire)
         try:
@@ -409,6 +443,27 @@ class NatsTransport(Transport):
         if self._closed:
             raise TransportClosedError("the transport closed during the request")
         raise RequestTimeoutError(subject, timeout)
+
+    async def _js_publish(self, subject: str, data: bytes, headers: dict[str, str]) -> int:
+        """Publish to a JetStream stream and return the sequence from its ack.
+
+        Done on the Trio side, like ``request``: one HPUB and one reply, no bridge.
+
+        :raises _JetStreamError: the server refused the write (its error code kept).
+        """
+        encoded = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        reply = await self._request(
+            subject, data, JS_TIMEOUT, f"NATS/1.0\r\n{encoded}\r\n".encode()
+        )
+        try:
+            ack = _pub_ack_decoder.decode(reply.data)
+        except msgspec.MsgspecError as exc:
+            raise TransportError(f"malformed JetStream ack: {reply.data[:200]!r}") from exc
+        if ack.error is not None:
+            raise _JetStreamError(ack.error.err_code, ack.error.description)
+        if ack.seq is None:
+            raise TransportError(f"JetStream ack without a sequence: {reply.data[:200]!r}")
+        return ack.seq
 
     def abandon_requests(self, subject: str) -> int:
         abandoned = 0
@@ -537,11 +592,12 @@ class _NatsKeyValue(KeyValue):
             return None
 
     async def _publish(
-        self, key: str, value: bytes, headers: dict[str, str] | None, ttl: int | None
+        self, key: str, value: bytes, headers: dict[str, str], ttl: int | None
     ) -> int:
-        """asyncio side: one JetStream publish; returns the new revision."""
-        ack = await self._js.publish(self._prefix + key, value, headers=headers, msg_ttl=ttl)
-        return int(ack.seq)
+        """One JetStream publish from the Trio side; returns the new revision."""
+        if ttl is not None:
+            headers = {**headers, "Nats-TTL": str(ttl)}
+        return await self._transport._js_publish(self._prefix + key, value, headers)
 
     async def get(self, key: str) -> KVEntry | None:
         validate_key(key)
@@ -553,46 +609,38 @@ class _NatsKeyValue(KeyValue):
         validate_key(key)
         value, ttl = check_data(value), check_ttl(ttl)
         self._transport._check_open()
-        return await self._transport._aio("KV put", self._publish, key, value, None, ttl)
+        return await self._publish(key, value, {}, ttl)
 
     async def create(self, key: str, value: bytes, *, ttl: int | None = None) -> int:
         validate_key(key)
         value, ttl = check_data(value), check_ttl(ttl)
         self._transport._check_open()
-
-        async def create() -> int:
-            expected = 0
-            for _ in range(3):
-                headers = {_EXPECTED_LAST_SUBJECT_SEQUENCE: str(expected)}
-                try:
-                    return await self._publish(key, value, headers, ttl)
-                except nats.js.errors.APIError as exc:
-                    if exc.err_code not in _WRONG_LAST_SEQUENCE:
-                        raise
-                latest = await self._raw_latest(key)
-                if latest is not None and _entry_from_raw(key, latest) is not None:
-                    break
-                # Deleted, purged or expired (a marker): create on top of it.
-                expected = 0 if latest is None else int(latest.seq)
-            raise KeyExistsError(key)
-
-        return await self._transport._aio("KV create", create)
+        expected = 0
+        for _ in range(3):
+            headers = {_EXPECTED_LAST_SUBJECT_SEQUENCE: str(expected)}
+            try:
+                return await self._publish(key, value, headers, ttl)
+            except _JetStreamError as exc:
+                if exc.err_code not in _WRONG_LAST_SEQUENCE:
+                    raise
+            latest = await self._transport._aio("KV get", self._raw_latest, key)
+            if latest is not None and _entry_from_raw(key, latest) is not None:
+                break
+            # Deleted, purged or expired (a marker): create on top of it.
+            expected = 0 if latest is None else int(latest.seq)
+        raise KeyExistsError(key)
 
     async def update(self, key: str, value: bytes, *, revision: int, ttl: int | None = None) -> int:
         validate_key(key)
         value, ttl = check_data(value), check_ttl(ttl)
         self._transport._check_open()
-
-        async def update() -> int:
-            headers = {_EXPECTED_LAST_SUBJECT_SEQUENCE: str(revision)}
-            try:
-                return await self._publish(key, value, headers, ttl)
-            except nats.js.errors.APIError as exc:
-                if exc.err_code in _WRONG_LAST_SEQUENCE:
-                    raise RevisionMismatchError(key, revision) from None
-                raise
-
-        return await self._transport._aio("KV update", update)
+        headers = {_EXPECTED_LAST_SUBJECT_SEQUENCE: str(revision)}
+        try:
+            return await self._publish(key, value, headers, ttl)
+        except _JetStreamError as exc:
+            if exc.err_code in _WRONG_LAST_SEQUENCE:
+                raise RevisionMismatchError(key, revision) from None
+            raise
 
     async def delete(self, key: str, *, revision: int | None = None) -> None:
         validate_key(key)
@@ -600,22 +648,18 @@ class _NatsKeyValue(KeyValue):
         headers = {_KV_OPERATION: "DEL"}
         if revision is not None:
             headers[_EXPECTED_LAST_SUBJECT_SEQUENCE] = str(revision)
-
-        async def delete() -> None:
-            try:
-                await self._publish(key, b"", headers, None)
-            except nats.js.errors.APIError as exc:
-                if revision is not None and exc.err_code in _WRONG_LAST_SEQUENCE:
-                    raise RevisionMismatchError(key, revision) from None
-                raise
-
-        await self._transport._aio("KV delete", delete)
+        try:
+            await self._publish(key, b"", headers, None)
+        except _JetStreamError as exc:
+            if revision is not None and exc.err_code in _WRONG_LAST_SEQUENCE:
+                raise RevisionMismatchError(key, revision) from None
+            raise
 
     async def purge(self, key: str) -> None:
         validate_key(key)
         self._transport._check_open()
         headers = {_KV_OPERATION: "PURGE", "Nats-Rollup": "sub"}
-        await self._transport._aio("KV purge", self._publish, key, b"", headers, None)
+        await self._publish(key, b"", headers, None)
 
     async def keys(self) -> list[str]:
         async with self.watch() as watch:

@@ -84,6 +84,19 @@ class NodeClientRegistry(ClientRegistry[MetadataT], Generic[MetadataT]):
             return []
         return await super().list_clients_for_node(node)
 
+    async def count_clients_for_node(self, node_id: int | None = None) -> int:
+        node = self.node.id if node_id is None else node_id
+        if not self.node.is_alive(node):
+            return 0
+        return await super().count_clients_for_node(node)
+
+    async def count_clients(self) -> int:
+        """How many clients are registered on the alive nodes."""
+        total = 0
+        for node_id in self.node.alive_nodes():
+            total += await self.backend.count_clients_for_node(node_id)
+        return total
+
     async def reassert(self) -> int:
         """Write again each own registration that went missing; return how many.
 

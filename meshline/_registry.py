@@ -126,6 +126,10 @@ class RegistryBackend(Protocol):
         """Remove the registrations ``node_id`` still owns; return what was removed."""
         ...
 
+    async def count_clients_for_node(self, node_id: int) -> int:
+        """How many registrations ``node_id`` owns."""
+        ...
+
 
 class _MetadataCodec(Generic[MetadataT]):
     """Metadata to bytes and back: msgspec for Structs and builtins, cattrs for attrs."""
@@ -223,6 +227,11 @@ class ClientRegistry(Generic[MetadataT]):
         node = self.node_id if node_id is None else node_id
         records = await self.backend.list_clients_for_node(node)
         return [self._client(record) for record in records]
+
+    async def count_clients_for_node(self, node_id: int | None = None) -> int:
+        """How many registrations ``node_id`` (this node by default) owns."""
+        node = self.node_id if node_id is None else node_id
+        return await self.backend.count_clients_for_node(node)
 
     async def cleanup_node(self, node_id: int | None = None) -> list[RegisteredClient[MetadataT]]:
         """Remove what ``node_id`` (this node by default) still owns; return it.

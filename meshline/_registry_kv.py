@@ -223,9 +223,9 @@ class KVRegistryBackend:
         await trio.lowlevel.checkpoint()
         return [self._records[key][1] for key in self._by_node.get(node_id, ())]
 
-    def count(self) -> int:
-        """How many registrations the replica holds."""
-        return len(self._records)
+    async def count_clients_for_node(self, node_id: int) -> int:
+        await trio.lowlevel.checkpoint()
+        return len(self._by_node.get(node_id, ()))
 
     async def cleanup_node(self, node_id: int) -> list[ClientRecord]:
         removed = []

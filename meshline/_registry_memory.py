@@ -55,6 +55,10 @@ class MemoryRegistryBackend:
         await trio.lowlevel.checkpoint()
         return [record for record in self._records.values() if record.node_id == node_id]
 
+    async def count_clients_for_node(self, node_id: int) -> int:
+        await trio.lowlevel.checkpoint()
+        return sum(1 for record in self._records.values() if record.node_id == node_id)
+
     async def cleanup_node(self, node_id: int) -> list[ClientRecord]:
         await trio.lowlevel.checkpoint()
         removed = [record for record in self._records.values() if record.node_id == node_id]

@@ -125,6 +125,8 @@ class RegistryBackendSuite(abc.ABC):
             assert mine == {f"a{index}" for index in range(5)}
             assert len(await one.list_clients_for_node(2)) == 3
             assert await one.list_clients_for_node(99) == []
+            assert await one.count_clients_for_node(1) == 5
+            assert await one.count_clients_for_node(99) == 0
 
     async def test_cleanup_removes_only_what_the_node_still_owns(self) -> None:
         async with self.open_backends(3) as (dead, other, leader):
