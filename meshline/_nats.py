@@ -103,6 +103,8 @@ class _JetStreamError(TransportError):
     def __init__(self, err_code: int, description: str) -> None:
         super().__init__(f"JetStream refused the write: {description} (error {err_code})")
         self.err_code = err_code
+
+
 _KV_OPERATION = "KV-Operation"
 _MARKER_REASON = "Nats-Marker-Reason"
 _EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"

@@ -107,9 +107,11 @@ class NodeClientRegistry(ClientRegistry[MetadataT], Generic[MetadataT]):
         for client_id, metadata in list(self._own.items()):
             record = await self.backend.get_client(client_id)
             if record is None:
-                await self.backend.register(client_id, self.node_id, metadata)
-                restored += 1
-            elif record.node_id != self.node_id:
+                if await self.backend.restore(client_id, self.node_id, metadata):
+                    restored += 1
+                    continue
+                record = await self.backend.get_client(client_id)
+            if record is not None and record.node_id != self.node_id:
                 self._own.pop(client_id, None)
         return restored
 

@@ -7,6 +7,8 @@ lost a client to another node, or was declared dead) from clobbering newer truth
 
 The rules, which every backend implements and :mod:`meshline.testing` checks:
 
+- ``restore`` writes only where no registration exists.
+
 - ``register`` always wins: it replaces any registration atomically, and reports
   which other node held the client before, if any.
 - ``unregister`` and ``update_metadata`` act only if the caller's node owns the
@@ -99,6 +101,14 @@ class RegistryBackend(Protocol):
         """Record ``client_id`` on ``node_id``, replacing any registration.
 
         Returns the node that held it before if that is another node, else None.
+        """
+        ...
+
+    async def restore(self, client_id: str, node_id: int, metadata: bytes) -> bool:
+        """Record ``client_id`` on ``node_id`` only if nobody holds it; return whether it did.
+
+        Used to re-assert a registration that was lost, without taking a client
+        back from a node it has since moved to.
         """
         ...
 

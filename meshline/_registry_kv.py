@@ -168,6 +168,17 @@ class KVRegistryBackend:
             previous = current[1].node_id
             return None if previous == node_id else previous
 
+    async def restore(self, client_id: str, node_id: int, metadata: bytes) -> bool:
+        key = _PREFIX + encode_token(client_id, "client id")
+        record = ClientRecord(client_id, node_id, now_ms(), metadata)
+        value = _encode(_Stored(client_id, node_id, record.connected_at, metadata))
+        try:
+            revision = await self._kv.create(key, value)
+        except KeyExistsError:
+            return False
+        self._apply_local(key, revision, record)
+        return True
+
     async def _owned(self, key: str, node_id: int) -> tuple[int, ClientRecord] | None:
         """The registration if ``node_id`` owns it, confirmed with the server if needed."""
         current = self._records.get(key)

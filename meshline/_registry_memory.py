@@ -27,6 +27,13 @@ class MemoryRegistryBackend:
             return None
         return previous.node_id
 
+    async def restore(self, client_id: str, node_id: int, metadata: bytes) -> bool:
+        await trio.lowlevel.checkpoint()
+        if client_id in self._records:
+            return False
+        self._records[client_id] = ClientRecord(client_id, node_id, now_ms(), metadata)
+        return True
+
     async def unregister(self, client_id: str, node_id: int) -> bool:
         await trio.lowlevel.checkpoint()
         record = self._records.get(client_id)

@@ -88,6 +88,17 @@ class RegistryBackendSuite(abc.ABC):
 
             await self.eventually(settled)
 
+    async def test_restore_writes_only_where_nothing_is_registered(self) -> None:
+        async with self.open_backends(2) as (one, two):
+            assert await one.restore("c", 1, b"first") is True
+            assert await two.restore("c", 2, b"second") is False
+            record = await two.get_client("c")
+            assert record is None or (record.node_id, record.metadata) == (1, b"first")
+            assert await one.unregister("c", 1) is True
+            assert await two.restore("c", 2, b"second") is True
+            record = await two.get_client("c")
+            assert record is not None and record.node_id == 2
+
     async def test_only_the_owner_unregisters(self) -> None:
         async with self.open_backends(2) as (one, two):
             await one.register("c", 1, b"m")
