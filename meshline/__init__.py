@@ -4,6 +4,10 @@ from ._buffer import DEFAULT_BUFFER as DEFAULT_BUFFER
 from ._buffer import Overflow as Overflow
 from ._declarations import BroadcastType as BroadcastType
 from ._declarations import RequestType as RequestType
+from ._errors import ClientDisconnectedError as ClientDisconnectedError
+from ._errors import ClientError as ClientError
+from ._errors import ClientInvocationError as ClientInvocationError
+from ._errors import ClientNotFoundError as ClientNotFoundError
 from ._errors import InvalidArgumentError as InvalidArgumentError
 from ._errors import InvalidNameError as InvalidNameError
 from ._errors import KeyExistsError as KeyExistsError
@@ -50,6 +54,8 @@ from ._registry import RegistryBackend as RegistryBackend
 from ._registry_kv import KVRegistryBackend as KVRegistryBackend
 from ._registry_kv import open_kv_registry_backend as open_kv_registry_backend
 from ._registry_memory import MemoryRegistryBackend as MemoryRegistryBackend
+from ._service import ClientService as ClientService
+from ._service import open_client_service as open_client_service
 from ._transport import KeyValue as KeyValue
 from ._transport import KVEntry as KVEntry
 from ._transport import KVOperation as KVOperation

@@ -190,3 +190,45 @@ class PayloadError(MeshError, ValueError):
     when the target could not decode the request or the reply does not match the
     declared response type.
     """
+
+
+class ClientError(MeshError):
+    """Reaching a client failed: base of the client service's errors."""
+
+    def __init__(self, message: str, client_id: str) -> None:
+        super().__init__(message)
+        self.client_id = client_id
+
+
+class ClientNotFoundError(ClientError):
+    """The client is not in the registry."""
+
+    def __init__(self, client_id: str) -> None:
+        super().__init__(f"client {client_id!r} is not registered", client_id)
+
+
+class ClientDisconnectedError(ClientError):
+    """The registry named a node for the client, but the client is not there.
+
+    Either that node no longer has the client, or the node is dead. Raised without
+    waiting for the timeout.
+    """
+
+    def __init__(self, client_id: str, node_id: int) -> None:
+        super().__init__(f"client {client_id!r} is not connected to node {node_id}", client_id)
+        self.node_id = node_id
+
+
+class ClientInvocationError(ClientError):
+    """Delivering to the client failed on the node that holds it.
+
+    ``error_type`` is the qualified class name of the exception that
+    ``client_invoke`` raised there, and ``error_message`` its ``str()``.
+    """
+
+    def __init__(self, client_id: str, node_id: int, error_type: str, error_message: str) -> None:
+        message = f"invoking client {client_id!r} on node {node_id} failed"
+        super().__init__(f"{message}: {error_type}: {error_message}", client_id)
+        self.node_id = node_id
+        self.error_type = error_type
+        self.error_message = error_message

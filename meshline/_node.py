@@ -104,10 +104,19 @@ _broadcast_decoder = msgspec.msgpack.Decoder(BroadcastFrame)
 _int_decoder = msgspec.msgpack.Decoder(int)
 
 
-def mesh_names(key: str) -> tuple[str, str]:
-    """The KV bucket and the subject prefix of the mesh called ``key``."""
-    bucket = "ml-" + encode_bounded_token(key, 61, "mesh key")
-    return bucket, "ml." + encode_token(key, "mesh key")
+def mesh_names(key: str, namespace: str = "") -> tuple[str, str]:
+    """The KV bucket and the subject prefix of the mesh called ``key``.
+
+    Layers built on nodes (the client service) pass a ``namespace`` of lowercase
+    letters, so their meshes never share names with a plain node's mesh: encoded
+    keys always start with ``b`` or ``h`` followed by base64, never with a
+    namespace and a separator.
+    """
+    token = encode_token(key, "mesh key")
+    if namespace:
+        bucket = f"ml-{namespace}-" + encode_bounded_token(key, 60 - len(namespace), "mesh key")
+        return bucket, f"ml.{namespace}.{token}"
+    return "ml-" + encode_bounded_token(key, 61, "mesh key"), f"ml.{token}"
 
 
 _NO_HANDLER_REPLY = encode(ErrorReply(FailureKind.NO_HANDLER, "", ""))
@@ -196,11 +205,13 @@ class Node:
         can_lead: bool,
         max_concurrent_handlers: int,
         buffer: int,
+        namespace: str = "",
     ) -> None:
         self._buffer = buffer
         self._transport = transport
         self._key = key
-        self._bucket, self._prefix = mesh_names(key)
+        self._namespace = namespace
+        self._bucket, self._prefix = mesh_names(key, namespace)
         self._ttl = ttl
         self._heartbeat_interval = heartbeat_interval
         self._can_lead = can_lead
@@ -977,6 +988,7 @@ async def open_node(
     max_concurrent_handlers: int = 1000,
     buffer: int = DEFAULT_BUFFER,
     shutdown_timeout: float = 2.0,
+    _namespace: str = "",
 ) -> AsyncIterator[Node]:
     """Join the mesh called ``key`` as a new node, for the duration of the block.
 
@@ -1021,6 +1033,7 @@ async def open_node(
         can_lead=can_lead,
         max_concurrent_handlers=max_concurrent_handlers,
         buffer=buffer,
+        namespace=_namespace,
     )
     with single_exceptions():
         async with trio.open_nursery() as nursery:

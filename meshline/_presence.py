@@ -139,7 +139,9 @@ async def open_client_registry(
     """
     check_timeout(reassert_interval)
     if backend is None:
-        async with open_kv_registry_backend(node._transport, node.key) as kv_backend:
+        async with open_kv_registry_backend(
+            node._transport, node.key, _namespace=node._namespace
+        ) as kv_backend:
             async with open_client_registry(
                 node,
                 backend=kv_backend,

@@ -41,8 +41,13 @@ _decoder = msgspec.msgpack.Decoder(_Stored)
 _encode = msgspec.msgpack.Encoder().encode
 
 
-def registry_bucket(key: str) -> str:
-    """The KV bucket holding the registrations of the mesh called ``key``."""
+def registry_bucket(key: str, namespace: str = "") -> str:
+    """The KV bucket holding the registrations of the mesh called ``key``.
+
+    ``namespace`` separates layers, as in :func:`meshline._node.mesh_names`.
+    """
+    if namespace:
+        return f"mlc-{namespace}-" + encode_bounded_token(key, 59 - len(namespace), "mesh key")
     return "mlc-" + encode_bounded_token(key, 60, "mesh key")
 
 
@@ -256,7 +261,7 @@ class KVRegistryBackend:
 
 @asynccontextmanager
 async def open_kv_registry_backend(
-    transport: Transport, key: str
+    transport: Transport, key: str, *, _namespace: str = ""
 ) -> AsyncIterator[KVRegistryBackend]:
     """Open the KV registry backend of the mesh called ``key``, for the block.
 
@@ -264,7 +269,7 @@ async def open_kv_registry_backend(
     reads are complete at once. A task in the block's nursery keeps the replica
     current; leaving the block stops it.
     """
-    kv = await transport.key_value(registry_bucket(key))
+    kv = await transport.key_value(registry_bucket(key, _namespace))
     backend = KVRegistryBackend(kv)
     with single_exceptions():
         async with trio.open_nursery() as nursery:

@@ -7,6 +7,12 @@ import meshline.testing
 
 EXPECTED = {
     "BroadcastType",
+    "ClientDisconnectedError",
+    "ClientError",
+    "ClientInvocationError",
+    "ClientNotFoundError",
+    "ClientService",
+    "open_client_service",
     "ClientRecord",
     "ClientRegistry",
     "KVRegistryBackend",

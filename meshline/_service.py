@@ -1,0 +1,254 @@
+"""The client service: one object that tracks an application's clients and reaches
+any of them, on whichever node of the cluster holds it.
+
+``invoke`` looks the client up in the registry (a local read), then calls the
+application's ``client_invoke`` on the owning node: directly when that is this node,
+otherwise through a node request, so timeouts, cancellation and typed errors all
+carry over from the node layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, Generic
+
+import msgspec
+import trio
+
+from ._declarations import BroadcastType, RequestType, resolve_name
+from ._errors import (
+    ClientDisconnectedError,
+    ClientInvocationError,
+    ClientNotFoundError,
+    MeshRequestTimeoutError,
+    NodeNotAliveError,
+    NoHandlerError,
+    PayloadError,
+    RemoteHandlerError,
+)
+from ._node import DEFAULT_REQUEST_TIMEOUT, Node, _qualified_name, open_node
+from ._node_wire import decode_payload, encode_payload
+from ._presence import NodeClientRegistry, OrphanHandler, open_client_registry
+from ._registry import ClientRegistry, MetadataT, RegistryBackend, check_client_id
+from ._transport import Transport, check_timeout
+
+__all__ = ["ClientInvoke", "ClientService", "open_client_service"]
+
+ClientInvoke = Callable[[str, str, Any, float], Awaitable[Any]]
+"""``client_invoke(client_id, type, data, timeout)``: deliver to a local client."""
+
+SERVICE_NAMESPACE = "svc"
+
+
+class _InvokeRequest(msgspec.Struct, array_like=True, frozen=True):
+    client_id: str
+    kind: str
+    timeout: float
+    data: msgspec.Raw
+
+
+class _Delivered(msgspec.Struct, array_like=True, frozen=True, tag=0):
+    data: msgspec.Raw
+
+
+class _NotHere(msgspec.Struct, array_like=True, frozen=True, tag=1):
+    pass
+
+
+_INVOKE: RequestType[_InvokeRequest, _Delivered | _NotHere] = RequestType(
+    "meshline.client-invoke",
+    _InvokeRequest,
+    _Delivered | _NotHere,  # type: ignore[arg-type]
+)
+
+
+def _encode(data: Any, what: str) -> msgspec.Raw:
+    try:
+        return encode_payload(data)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise PayloadError(f"cannot encode {what}: {exc}") from exc
+
+
+class ClientService(Generic[MetadataT]):
+    """Tracks this node's clients and invokes any client in the cluster.
+
+    Create it with :func:`open_client_service`.
+    """
+
+    def __init__(
+        self, node: Node, registry: NodeClientRegistry[MetadataT], client_invoke: ClientInvoke
+    ) -> None:
+        self._node = node
+        self._registry = registry
+        self._client_invoke = client_invoke
+
+    @property
+    def instance_id(self) -> int:
+        """This node's id in the service's mesh."""
+        return self._node.id
+
+    @property
+    def node(self) -> Node:
+        """The mesh node underneath: membership, leadership, node requests."""
+        return self._node
+
+    @property
+    def client_registry(self) -> NodeClientRegistry[MetadataT]:
+        """The registry of every client in the cluster."""
+        return self._registry
+
+    async def register_client(self, client_id: str, metadata: MetadataT) -> int | None:
+        """Register a client connected to this node; return the node it moved from."""
+        return await self._registry.register(client_id, metadata)
+
+    async def unregister_client(self, client_id: str) -> bool:
+        """Unregister a client of this node; False if it has moved to another node."""
+        return await self._registry.unregister(client_id)
+
+    async def update_client_metadata(self, client_id: str, metadata: MetadataT) -> bool:
+        """Update a client's metadata; False if it is not registered on this node."""
+        return await self._registry.update_metadata(client_id, metadata)
+
+    def register_broadcast_handler(
+        self, kind: str | BroadcastType[Any], handler: Callable[[Any, int], Any]
+    ) -> Callable[[], None]:
+        """See :meth:`Node.register_broadcast_handler`."""
+        return self._node.register_broadcast_handler(kind, handler)
+
+    async def broadcast(
+        self, kind: str | BroadcastType[Any], data: Any, *, skip_self: bool = False
+    ) -> None:
+        """See :meth:`Node.broadcast`: every service node of this key hears it."""
+        await self._node.broadcast(kind, data, skip_self=skip_self)
+
+    async def invoke(
+        self,
+        client_id: str,
+        kind: str,
+        data: Any,
+        *,
+        timeout: float = DEFAULT_REQUEST_TIMEOUT,
+    ) -> Any:
+        """Call ``client_invoke(client_id, kind, data, timeout)`` on the client's node.
+
+        A client of this node is called directly, without the network. The data and
+        the answer still go through encoding, so they look the same either way.
+
+        If the client moves while the call is in flight, and the node it left
+        answers that it no longer has it, the call is routed once more, to the node
+        the registry names now, within what is left of ``timeout``.
+
+        Cancelling the caller cancels the delivery on the owning node.
+
+        :raises ClientNotFoundError: the client is not registered.
+        :raises ClientDisconnectedError: the registered node does not have the client
+            (any more), or is dead. Raised at once, without waiting out the timeout.
+        :raises ClientInvocationError: ``client_invoke`` raised on the owning node.
+        :raises MeshRequestTimeoutError: no answer within ``timeout`` seconds.
+        :raises PayloadError: ``data`` or the answer cannot be encoded.
+        """
+        check_client_id(client_id)
+        name = resolve_name(kind)
+        check_timeout(timeout)
+        deadline = trio.current_time() + timeout
+        record = await ClientRegistry.get_client(self._registry, client_id)
+        if record is None:
+            raise ClientNotFoundError(client_id)
+        try:
+            return await self._invoke_on(record.node_id, client_id, name, data, timeout)
+        except ClientDisconnectedError as first_failure:
+            moved = await ClientRegistry.get_client(self._registry, client_id)
+            remaining = deadline - trio.current_time()
+            if moved is None or moved.node_id == record.node_id or remaining <= 0:
+                raise first_failure from None
+            return await self._invoke_on(moved.node_id, client_id, name, data, remaining)
+
+    async def _invoke_on(
+        self, node_id: int, client_id: str, name: str, data: Any, timeout: float
+    ) -> Any:
+        if node_id == self._node.id:
+            return await self._deliver_here(client_id, name, data, timeout)
+        if not self._node.is_alive(node_id):
+            raise ClientDisconnectedError(client_id, node_id)
+        request = _InvokeRequest(client_id, name, timeout, _encode(data, "invoke data"))
+        try:
+            reply = await self._node.request(node_id, _INVOKE, request, timeout=timeout)
+        except (NodeNotAliveError, NoHandlerError):
+            raise ClientDisconnectedError(client_id, node_id) from None
+        except RemoteHandlerError as exc:
+            raise ClientInvocationError(
+                client_id, node_id, exc.error_type, exc.error_message
+            ) from None
+        if isinstance(reply, _NotHere):
+            raise ClientDisconnectedError(client_id, node_id)
+        return decode_payload(reply.data, Any)
+
+    async def _holds(self, client_id: str) -> bool:
+        """Whether this node has the client: registered here, and not moved away."""
+        if client_id not in self._registry._own:
+            return False
+        record = await ClientRegistry.get_client(self._registry, client_id)
+        return record is not None and record.node_id == self._node.id
+
+    async def _deliver_here(self, client_id: str, name: str, data: Any, timeout: float) -> Any:
+        if not await self._holds(client_id):
+            raise ClientDisconnectedError(client_id, self._node.id)
+        decoded = decode_payload(_encode(data, "invoke data"), Any)
+        with trio.move_on_after(timeout) as scope:
+            try:
+                result = await self._client_invoke(client_id, name, decoded, timeout)
+            except Exception as exc:
+                raise ClientInvocationError(
+                    client_id, self._node.id, _qualified_name(exc), str(exc)
+                ) from exc
+        if scope.cancelled_caught:
+            raise MeshRequestTimeoutError(self._node.id, name, timeout)
+        return decode_payload(_encode(result, "the answer"), Any)
+
+    async def _serve_invoke(self, request: _InvokeRequest, sender: int) -> _Delivered | _NotHere:
+        if not await self._holds(request.client_id):
+            return _NotHere()
+        data = decode_payload(request.data, Any)
+        result = await self._client_invoke(request.client_id, request.kind, data, request.timeout)
+        return _Delivered(_encode(result, "the answer"))
+
+
+@asynccontextmanager
+async def open_client_service(
+    transport: Transport,
+    key: str,
+    *,
+    client_invoke: ClientInvoke,
+    metadata_type: Any = dict,
+    backend: RegistryBackend | None = None,
+    on_orphaned: OrphanHandler | None = None,
+    reassert_interval: float = 10.0,
+    **node_options: Any,
+) -> AsyncIterator[ClientService[Any]]:
+    """Join the client service called ``key`` as a new node, for the block.
+
+    The service runs its own mesh node; its names are kept apart from a plain node
+    opened with the same ``key``. ``client_invoke(client_id, type, data, timeout)``
+    is called (in a task of this node) whenever any node invokes a client registered
+    here; what it returns goes back to the caller.
+
+    ``metadata_type``, ``backend``, ``on_orphaned`` and ``reassert_interval`` go to
+    :func:`open_client_registry`; other keyword arguments to :func:`open_node`.
+
+    Leaving the block unregisters this node's clients (ownership-safe), then leaves
+    the mesh.
+    """
+    async with (
+        open_node(transport, key, _namespace=SERVICE_NAMESPACE, **node_options) as node,
+        open_client_registry(
+            node,
+            backend=backend,
+            metadata_type=metadata_type,
+            on_orphaned=on_orphaned,
+            reassert_interval=reassert_interval,
+        ) as registry,
+    ):
+        service: ClientService[Any] = ClientService(node, registry, client_invoke)
+        node.register_handler(_INVOKE, service._serve_invoke)
+        yield service
