@@ -6,9 +6,10 @@ import json
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -22,16 +23,29 @@ DETECTION_TARGET = 3.0
 """Seconds within which the issue requires every node to see a crashed node dead."""
 
 SCRIPT = Path(__file__).with_name("node_process.py")
+SERVICE_SCRIPT = Path(__file__).with_name("service_process.py")
+
+
+def node_process(url: str, key: str) -> AbstractAsyncContextManager[tuple[trio.Process, int]]:
+    """Start a node in a child process; yield the process and its node id."""
+    return child_process([str(SCRIPT), url, key])
+
+
+def service_process(
+    url: str, key: str, *clients: str
+) -> AbstractAsyncContextManager[tuple[trio.Process, int]]:
+    """Start a client-service node with ``clients`` in a child process."""
+    return child_process([str(SERVICE_SCRIPT), url, key, *clients])
 
 
 @asynccontextmanager
-async def node_process(url: str, key: str) -> AsyncIterator[tuple[trio.Process, int]]:
-    """Start a node in a child process; yield the process and its node id."""
+async def child_process(arguments: list[str]) -> AsyncIterator[tuple[trio.Process, int]]:
+    """Run a script that prints ``{"id": ...}`` once ready; yield it and that id."""
     async with trio.open_nursery() as nursery:
         process: trio.Process = await nursery.start(
             partial(
                 trio.run_process,
-                [sys.executable, str(SCRIPT), url, key],
+                [sys.executable, *arguments],
                 stdout=subprocess.PIPE,
                 check=False,
             )
@@ -133,3 +147,57 @@ async def test_nodes_recover_after_the_server_restarts(
 
 async def _answer(value: str) -> str:
     return value
+
+
+async def test_client_service_across_three_processes(
+    nats_server: NatsServer, unique: Callable[[str], str]
+) -> None:
+    """Two service nodes in child processes, this process the third: invoke across
+    processes, every error class, cancellation crossing, a client moving, and a
+    SIGKILLed node's clients failing fast."""
+    key = unique("svc-procs")
+    cancelled: list[str] = []
+
+    async def local_invoke(client_id: str, kind: str, data: Any, timeout: float) -> Any:
+        return {"here": client_id}
+
+    async with (
+        service_process(nats_server.url, key, "alpha.1", "shared *") as (first, first_id),
+        service_process(nats_server.url, key, "beta.1") as (_, second_id),
+        meshline.open_nats_transport(nats_server.url) as transport,
+        meshline.open_client_service(transport, key, client_invoke=local_invoke) as me,
+    ):
+        me.register_broadcast_handler(
+            "stall-cancelled", lambda client_id, sender: cancelled.append(client_id)
+        )
+        registry = me.client_registry
+        with trio.fail_after(10):
+            await wait_until(lambda: {first_id, second_id} <= me.node.alive_nodes())
+            while len(await registry.list_clients()) < 3:
+                await trio.sleep(0.01)
+        answer = await me.invoke("alpha.1", "hello", [1, "two"])
+        assert answer == {"pid": first.pid, "client": "alpha.1", "echo": [1, "two"]}
+        assert (await me.invoke("beta.1", "hello", None))["client"] == "beta.1"
+        with pytest.raises(meshline.ClientNotFoundError):
+            await me.invoke("nobody", "hello", None)
+        with pytest.raises(meshline.ClientInvocationError) as failed:
+            await me.invoke("alpha.1", "fail", "x")
+        assert failed.value.error_type == "KeyError"
+        with pytest.raises(meshline.MeshRequestTimeoutError):
+            await me.invoke("beta.1", "stall", None, timeout=0.3)
+        with trio.move_on_after(0.3):
+            await me.invoke("alpha.1", "stall", None, timeout=60)
+        with trio.fail_after(10):
+            await wait_until(lambda: sorted(cancelled) == ["alpha.1", "beta.1"])
+        assert await me.register_client("shared *", {}) == first_id  # it moved here
+        assert await me.invoke("shared *", "hello", None) == {"here": "shared *"}
+        first.kill()
+        with trio.fail_after(10):
+            await wait_until(lambda: not me.node.is_alive(first_id))
+        # Disconnected while the dead node's record is there; not found once the
+        # new leader has cleaned up after it. Either way at once, not after 30 s.
+        with (
+            trio.fail_after(10),
+            pytest.raises((meshline.ClientDisconnectedError, meshline.ClientNotFoundError)),
+        ):
+            await me.invoke("alpha.1", "hello", None, timeout=30)
