@@ -70,6 +70,7 @@ class KVRegistryBackend:
         self._known: dict[str, int] = {}
         """Highest revision known per key, deletions included, to refuse stale news."""
         self._by_node: dict[int, set[str]] = {}
+        self._by_client: dict[str, ClientRecord] = {}
         self._watch_revision = 0
 
     # ------------------------------------------------------------------ replica
@@ -77,6 +78,7 @@ class KVRegistryBackend:
     def _set(self, key: str, revision: int, record: ClientRecord | None) -> None:
         old = self._records.pop(key, None)
         if old is not None:
+            self._by_client.pop(old[1].client_id, None)
             keys = self._by_node.get(old[1].node_id)
             if keys is not None:
                 keys.discard(key)
@@ -84,6 +86,7 @@ class KVRegistryBackend:
                     del self._by_node[old[1].node_id]
         if record is not None:
             self._records[key] = (revision, record)
+            self._by_client[record.client_id] = record
             self._by_node.setdefault(record.node_id, set()).add(key)
 
     def _apply_local(self, key: str, revision: int, record: ClientRecord | None) -> None:
@@ -121,6 +124,7 @@ class KVRegistryBackend:
         self._records.clear()
         self._known.clear()
         self._by_node.clear()
+        self._by_client.clear()
         for entry in snapshot:
             self._apply_watched(entry)
 
@@ -228,8 +232,11 @@ class KVRegistryBackend:
 
     async def get_client(self, client_id: str) -> ClientRecord | None:
         await trio.lowlevel.checkpoint()
-        current = self._records.get(_PREFIX + encode_token(client_id, "client id"))
-        return None if current is None else current[1]
+        return self._by_client.get(client_id)
+
+    def lookup(self, client_id: str) -> ClientRecord | None:
+        """``get_client`` without the checkpoint: a dictionary lookup in the replica."""
+        return self._by_client.get(client_id)
 
     async def list_clients(self) -> list[ClientRecord]:
         await trio.lowlevel.checkpoint()

@@ -54,6 +54,10 @@ class MemoryRegistryBackend:
         await trio.lowlevel.checkpoint()
         return self._records.get(client_id)
 
+    def lookup(self, client_id: str) -> ClientRecord | None:
+        """``get_client`` without the checkpoint."""
+        return self._records.get(client_id)
+
     async def list_clients(self) -> list[ClientRecord]:
         await trio.lowlevel.checkpoint()
         return list(self._records.values())

@@ -30,7 +30,7 @@ from ._errors import (
 from ._node import DEFAULT_REQUEST_TIMEOUT, Node, _qualified_name, open_node
 from ._node_wire import decode_payload, encode_payload
 from ._presence import NodeClientRegistry, OrphanHandler, open_client_registry
-from ._registry import ClientRegistry, MetadataT, RegistryBackend, check_client_id
+from ._registry import ClientRecord, MetadataT, RegistryBackend, check_client_id
 from ._transport import Transport, check_timeout
 
 __all__ = ["ClientInvoke", "ClientService", "open_client_service"]
@@ -82,6 +82,10 @@ class ClientService(Generic[MetadataT]):
         self._node = node
         self._registry = registry
         self._client_invoke = client_invoke
+        lookup = getattr(registry.backend, "lookup", None)
+        self._local_lookup: Callable[[str], ClientRecord | None] | None = (
+            lookup if callable(lookup) else None
+        )
 
     @property
     def instance_id(self) -> int:
@@ -150,15 +154,14 @@ class ClientService(Generic[MetadataT]):
         """
         check_client_id(client_id)
         name = resolve_name(kind)
-        check_timeout(timeout)
         deadline = trio.current_time() + timeout
-        record = await ClientRegistry.get_client(self._registry, client_id)
+        record = await self._lookup(client_id)
         if record is None:
             raise ClientNotFoundError(client_id)
         try:
             return await self._invoke_on(record.node_id, client_id, name, data, timeout)
         except ClientDisconnectedError as first_failure:
-            moved = await ClientRegistry.get_client(self._registry, client_id)
+            moved = await self._lookup(client_id)
             remaining = deadline - trio.current_time()
             if moved is None or moved.node_id == record.node_id or remaining <= 0:
                 raise first_failure from None
@@ -168,6 +171,7 @@ class ClientService(Generic[MetadataT]):
         self, node_id: int, client_id: str, name: str, data: Any, timeout: float
     ) -> Any:
         if node_id == self._node.id:
+            check_timeout(timeout)
             return await self._deliver_here(client_id, name, data, timeout)
         if not self._node.is_alive(node_id):
             raise ClientDisconnectedError(client_id, node_id)
@@ -188,8 +192,15 @@ class ClientService(Generic[MetadataT]):
         """Whether this node has the client: registered here, and not moved away."""
         if client_id not in self._registry._own:
             return False
-        record = await ClientRegistry.get_client(self._registry, client_id)
+        record = await self._lookup(client_id)
         return record is not None and record.node_id == self._node.id
+
+    async def _lookup(self, client_id: str) -> ClientRecord | None:
+        """The client's registration; a plain dictionary lookup when the backend
+        keeps a local replica (``lookup``), else the backend's ``get_client``."""
+        if self._local_lookup is not None:
+            return self._local_lookup(client_id)
+        return await self._registry.backend.get_client(client_id)
 
     async def _deliver_here(self, client_id: str, name: str, data: Any, timeout: float) -> Any:
         if not await self._holds(client_id):
