@@ -4,14 +4,24 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import trio
 
-from ._errors import KeyExistsError, NodeNotAliveError, NoRespondersError, RevisionMismatchError
+from ._errors import (
+    ClientNotFoundError,
+    KeyExistsError,
+    NodeNotAliveError,
+    NoRespondersError,
+    RevisionMismatchError,
+    TransportError,
+)
 from ._names import encode_token
 from ._nats import open_nats_transport
 from ._node import Node, open_node
+from ._registry import RegisteredClient
 from ._server import NatsServer
+from ._service import ClientService, open_client_service
 from ._transport import KVOperation, Transport
 
 
@@ -162,6 +172,86 @@ async def show_nodes(transports: dict[str, Transport]) -> None:
         nursery.cancel_scope.cancel()
 
 
+async def picture(service: ClientService[Any]) -> None:
+    """One line of the cluster as ``service`` sees it: nodes, leader, clients."""
+    node = service.node
+    clients: dict[int, list[str]] = {node_id: [] for node_id in sorted(node.alive_nodes())}
+    for client in await service.client_registry.list_clients():
+        clients.setdefault(client.node_id, []).append(client.client_id)
+    parts = []
+    for node_id, names in sorted(clients.items()):
+        crown = "*" if node_id == node.leader_id else ""
+        parts.append(f"node {node_id}{crown}: {', '.join(sorted(names)) or '-'}")
+    say("  [cluster] " + " | ".join(parts) + "   (* = leader)")
+
+
+async def show_service(url: str) -> None:
+    say("\n== client service: clients on three nodes, invoke, broadcast, a crash ==")
+    homes = {"alpha": ["alice", "bob"], "beta": ["carol", "dave"], "gamma": ["erin", "frank"]}
+    services: dict[str, ClientService[Any]] = {}
+    transports: dict[str, Transport] = {}
+    orphan_reports: list[str] = []
+    heard: list[str] = []
+
+    def on_orphaned(node_id: int, clients: list[RegisteredClient[Any]]) -> None:
+        names = sorted(client.client_id for client in clients)
+        orphan_reports.append(f"node {node_id} died; orphaned clients: {names}")
+
+    async def run(name: str, task_status: trio.TaskStatus[None]) -> None:
+        async def client_invoke(client_id: str, kind: str, data: Any, timeout: float) -> str:
+            return f"{client_id} (on {name}) got {kind}: {data}"
+
+        try:
+            async with open_nats_transport(url, name=f"service-{name}") as transport:
+                transports[name] = transport
+                async with open_client_service(
+                    transport, "demo", client_invoke=client_invoke, on_orphaned=on_orphaned
+                ) as service:
+                    services[name] = service
+                    service.register_broadcast_handler(
+                        "maintenance", lambda data, sender: heard.append(f"{name} heard {data!r}")
+                    )
+                    for client_id in homes[name]:
+                        await service.register_client(client_id, {"home": name})
+                    task_status.started()
+                    await trio.sleep_forever()
+        except* TransportError:
+            pass  # the crash below: its connection was cut
+
+    async with trio.open_nursery() as nursery:
+        for name in homes:
+            await nursery.start(run, name)
+        alpha, beta = services["alpha"], services["beta"]
+        await poll(lambda: len(alpha.node.alive_nodes()) == 3)
+        with trio.fail_after(10):
+            while True:
+                if len(await alpha.client_registry.list_clients()) == 6:
+                    break
+                await trio.sleep(0.01)
+        await picture(alpha)
+        for client_id in ("carol", "frank", "alice"):
+            say(f"  alpha invokes {client_id}: {await alpha.invoke(client_id, 'notify', 'hi')!r}")
+        await beta.broadcast("maintenance", "at 02:00")
+        await poll(lambda: len(heard) == 3)
+        say(f"  beta broadcast; {', '.join(sorted(heard))}")
+        gamma_id = services["gamma"].instance_id
+        say(f"  gamma (node {gamma_id}) crashes: its connection is cut, nothing cleaned up")
+        started = trio.current_time()
+        await transports["gamma"].aclose()
+        superseded = await beta.register_client("frank", {"home": "beta"})
+        say(f"  frank reconnects to beta at once (register says it left node {superseded})")
+        await poll(lambda: bool(orphan_reports))
+        waited = trio.current_time() - started
+        say(f"  the leader, {waited:.1f} s later: {orphan_reports[0]}")
+        try:
+            await alpha.invoke("erin", "notify", "are you there?")
+        except ClientNotFoundError as exc:
+            say(f"  invoking erin now: {exc}")
+        say(f"  alpha invokes frank: {await alpha.invoke('frank', 'notify', 'welcome back')!r}")
+        await picture(alpha)
+        nursery.cancel_scope.cancel()
+
+
 async def run_demo(url: str) -> None:
     async with (
         open_nats_transport(url, name="alpha") as alpha,
@@ -173,6 +263,7 @@ async def run_demo(url: str) -> None:
         await show_requests(alpha, beta)
         await show_kv(alpha, beta)
         await show_nodes({"alpha": alpha, "beta": beta, "gamma": gamma})
+    await show_service(url)
 
 
 def demo(url: str | None = None) -> None:

@@ -25,6 +25,12 @@ def test_demo_runs_and_shows_each_feature() -> None:
         "heard 'gamma is up' from",
         "took the lease after",
         "a request to the stopped node fails at once",
+        "alpha invokes carol: 'carol (on beta) got notify: hi'",
+        "alpha heard 'at 02:00'",
+        "register says it left node",
+        "orphaned clients: ['erin']",
+        "alpha invokes frank: 'frank (on beta) got notify: welcome back'",
+        "[cluster]",
         "the embedded server is stopped",
     ]:
         assert expected in result.stdout
