@@ -154,6 +154,7 @@ class ClientService(Generic[MetadataT]):
         """
         check_client_id(client_id)
         name = resolve_name(kind)
+        check_timeout(timeout)
         deadline = trio.current_time() + timeout
         record = await self._lookup(client_id)
         if record is None:
@@ -171,7 +172,6 @@ class ClientService(Generic[MetadataT]):
         self, node_id: int, client_id: str, name: str, data: Any, timeout: float
     ) -> Any:
         if node_id == self._node.id:
-            check_timeout(timeout)
             return await self._deliver_here(client_id, name, data, timeout)
         if not self._node.is_alive(node_id):
             raise ClientDisconnectedError(client_id, node_id)

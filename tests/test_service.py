@@ -276,3 +276,22 @@ async def test_broadcast_and_exit_cleanup(
         with trio.fail_after(10):
             while await meshline.ClientRegistry.get_client(registry, "leaves-with-two"):
                 await trio.sleep(0.01)
+
+
+async def test_bad_invoke_arguments_are_refused(
+    open_transport: OpenTransport, unique: Callable[[str], str]
+) -> None:
+    async with open_cluster(open_transport, unique("bad")) as cluster:
+        member = await cluster.start()
+        await member.service.register_client("c", {})
+        for client_id in ["", "x" * 1025, None]:
+            with pytest.raises(meshline.InvalidArgumentError):
+                await member.service.invoke(client_id, "x", None)  # type: ignore[arg-type]
+        for timeout in [0, -1, float("inf"), "soon"]:
+            with pytest.raises(meshline.InvalidArgumentError):
+                await member.service.invoke("c", "x", None, timeout=timeout)  # type: ignore[arg-type]
+        with pytest.raises(meshline.InvalidNameError):
+            await member.service.invoke("c", "", None)
+        with pytest.raises(meshline.PayloadError):
+            await member.service.invoke("c", "x", object())
+        assert member.delivered == []
