@@ -16,7 +16,7 @@ from typing import Any, Generic
 import msgspec
 import trio
 
-from ._declarations import BroadcastType, RequestType, resolve_name
+from ._declarations import BroadcastType, resolve_name
 from ._errors import (
     ClientDisconnectedError,
     ClientInvocationError,
@@ -41,26 +41,10 @@ ClientInvoke = Callable[[str, str, Any, float], Awaitable[Any]]
 SERVICE_NAMESPACE = "svc"
 
 
-class _InvokeRequest(msgspec.Struct, array_like=True, frozen=True):
-    client_id: str
-    kind: str
-    timeout: float
-    data: msgspec.Raw
-
-
-class _Delivered(msgspec.Struct, array_like=True, frozen=True, tag=0):
-    data: msgspec.Raw
-
-
-class _NotHere(msgspec.Struct, array_like=True, frozen=True, tag=1):
-    pass
-
-
-_INVOKE: RequestType[_InvokeRequest, _Delivered | _NotHere] = RequestType(
-    "meshline.client-invoke",
-    _InvokeRequest,
-    _Delivered | _NotHere,  # type: ignore[arg-type]
-)
+_INVOKE = "meshline.client-invoke"
+"""The node request type that carries invokes. Its data is ``[client_id, type,
+timeout, data]``; its answer ``[True, result]``, or ``[False]`` when the node does
+not have the client. Plain msgpack arrays: one encoding pass each way."""
 
 
 def _encode(data: Any, what: str) -> msgspec.Raw:
@@ -175,18 +159,19 @@ class ClientService(Generic[MetadataT]):
             return await self._deliver_here(client_id, name, data, timeout)
         if not self._node.is_alive(node_id):
             raise ClientDisconnectedError(client_id, node_id)
-        request = _InvokeRequest(client_id, name, timeout, _encode(data, "invoke data"))
         try:
-            reply = await self._node.request(node_id, _INVOKE, request, timeout=timeout)
+            reply = await self._node.request(
+                node_id, _INVOKE, (client_id, name, timeout, data), timeout=timeout
+            )
         except (NodeNotAliveError, NoHandlerError):
             raise ClientDisconnectedError(client_id, node_id) from None
         except RemoteHandlerError as exc:
             raise ClientInvocationError(
                 client_id, node_id, exc.error_type, exc.error_message
             ) from None
-        if isinstance(reply, _NotHere):
+        if not reply[0]:
             raise ClientDisconnectedError(client_id, node_id)
-        return decode_payload(reply.data, Any)
+        return reply[1]
 
     async def _holds(self, client_id: str) -> bool:
         """Whether this node has the client: registered here, and not moved away."""
@@ -217,12 +202,14 @@ class ClientService(Generic[MetadataT]):
             raise MeshRequestTimeoutError(self._node.id, name, timeout)
         return decode_payload(_encode(result, "the answer"), Any)
 
-    async def _serve_invoke(self, request: _InvokeRequest, sender: int) -> _Delivered | _NotHere:
-        if not await self._holds(request.client_id):
-            return _NotHere()
-        data = decode_payload(request.data, Any)
-        result = await self._client_invoke(request.client_id, request.kind, data, request.timeout)
-        return _Delivered(_encode(result, "the answer"))
+    async def _serve_invoke(self, request: Any, sender: int) -> tuple[bool, Any]:
+        try:
+            client_id, name, timeout, data = request
+        except (TypeError, ValueError):
+            raise PayloadError(f"malformed invoke from node {sender}") from None
+        if not await self._holds(client_id):
+            return (False, None)
+        return (True, await self._client_invoke(client_id, name, data, timeout))
 
 
 @asynccontextmanager
