@@ -422,6 +422,15 @@ class NatsTransport(Transport):
         data = check_data(data)
         return await self._request(subject, data, timeout)
 
+    async def _request_trusted(self, subject: str, data: bytes, timeout: float) -> Message:
+        return await self._request(subject, data, timeout)
+
+    async def _publish_trusted(self, subject: str, data: bytes) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self._enqueue(subject, "", data)
+        if self._nc._pending_data_size > OUTGOING_HIGH_WATER and self._nc.is_connected:
+            await self._aio("flush", self._nc.flush)
+
     async def _request(
         self, subject: str, data: bytes, timeout: float, headers: bytes = b""
     ) -> Message:

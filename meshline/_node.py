@@ -479,6 +479,7 @@ class Node:
             return await self._request_self(name, data, response_type, timeout)
         if not self._view.is_alive(node_id):
             raise NodeNotAliveError(node_id)
+        check_timeout(timeout)
         request_id = next(self._request_ids)
         try:
             frame = encode_request(request_id, self._id, name, timeout, data)
@@ -486,7 +487,7 @@ class Node:
             raise PayloadError(f"cannot encode data for {name!r}: {exc}") from exc
         subject = self._node_subject(node_id)
         try:
-            reply = await self._transport.request(subject, frame, timeout=timeout)
+            reply = await self._transport._request_trusted(subject, frame, timeout)
         except RequestTimeoutError:
             await self._send_cancel(subject, request_id)
             raise MeshRequestTimeoutError(node_id, name, timeout) from None
@@ -825,7 +826,7 @@ class Node:
         finally:
             worker.request = None
             del self._running[key]
-        await self._transport.publish(reply_to, reply)
+        await self._transport._publish_trusted(reply_to, reply)
 
     async def _sweep_handlers(self) -> None:
         """Cancel handlers that outlived the timeout their requester gave them.

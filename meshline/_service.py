@@ -139,15 +139,16 @@ class ClientService(Generic[MetadataT]):
         check_client_id(client_id)
         name = resolve_name(kind)
         check_timeout(timeout)
-        deadline = trio.current_time() + timeout
-        record = await self._lookup(client_id)
+        started = trio.current_time()
+        lookup = self._local_lookup
+        record = lookup(client_id) if lookup is not None else await self._lookup(client_id)
         if record is None:
             raise ClientNotFoundError(client_id)
         try:
             return await self._invoke_on(record.node_id, client_id, name, data, timeout)
         except ClientDisconnectedError as first_failure:
             moved = await self._lookup(client_id)
-            remaining = deadline - trio.current_time()
+            remaining = timeout - (trio.current_time() - started)
             if moved is None or moved.node_id == record.node_id or remaining <= 0:
                 raise first_failure from None
             return await self._invoke_on(moved.node_id, client_id, name, data, remaining)

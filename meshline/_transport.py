@@ -299,6 +299,16 @@ class Transport(abc.ABC):
         :raises RequestAbandonedError: :meth:`abandon_requests` gave up on it.
         """
 
+    async def _request_trusted(self, subject: str, data: bytes, timeout: float) -> Message:
+        """:meth:`request` for a subject, data and timeout that meshline built and
+        checked itself; transports may skip validating them again."""
+        return await self.request(subject, data, timeout=timeout)
+
+    async def _publish_trusted(self, subject: str, data: bytes) -> None:
+        """:meth:`publish` for a subject and data that meshline built or received
+        (a reply subject); transports may skip validating them again."""
+        await self.publish(subject, data)
+
     @abc.abstractmethod
     def abandon_requests(self, subject: str) -> int:
         """Make every pending request sent to ``subject`` raise at once.
