@@ -19,7 +19,13 @@ from contextlib import asynccontextmanager
 import msgspec
 import trio
 
-from ._errors import KeyExistsError, RevisionMismatchError, TransportClosedError, TransportError
+from ._errors import (
+    KeyExistsError,
+    PayloadError,
+    RevisionMismatchError,
+    TransportClosedError,
+    TransportError,
+)
 from ._names import encode_bounded_token, encode_token
 from ._registry import ClientRecord, now_ms
 from ._transport import KeyValue, KVEntry, KVOperation, Transport
@@ -154,7 +160,10 @@ class KVRegistryBackend:
         entry = await self._kv.get(key)
         if entry is None:
             return None
-        record = _record(_decoder.decode(entry.value))
+        try:
+            record = _record(_decoder.decode(entry.value))
+        except msgspec.MsgspecError as exc:
+            raise PayloadError(f"registry key {key!r} holds something else: {exc}") from None
         self._apply_local(key, entry.revision, record)
         return entry.revision, record
 
