@@ -54,6 +54,7 @@ from ._registry import RegistryBackend as RegistryBackend
 from ._registry_kv import KVRegistryBackend as KVRegistryBackend
 from ._registry_kv import open_kv_registry_backend as open_kv_registry_backend
 from ._registry_memory import MemoryRegistryBackend as MemoryRegistryBackend
+from ._registry_sqlite import SQLiteRegistryBackend as SQLiteRegistryBackend
 from ._service import ClientService as ClientService
 from ._service import open_client_service as open_client_service
 from ._transport import KeyValue as KeyValue

@@ -20,6 +20,7 @@ EXPECTED = {
     "NodeClientRegistry",
     "RegisteredClient",
     "RegistryBackend",
+    "SQLiteRegistryBackend",
     "open_client_registry",
     "open_kv_registry_backend",
     "DEFAULT_BUFFER",

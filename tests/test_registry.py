@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 
 import attrs
 import msgspec
@@ -20,6 +21,23 @@ class TestMemoryBackend(RegistryBackendSuite):
     async def open_backends(self, count: int) -> AsyncIterator[list[meshline.RegistryBackend]]:
         backend = meshline.MemoryRegistryBackend()
         yield [backend] * count
+
+
+class TestSQLiteBackend(RegistryBackendSuite):
+    """Each node's handle is a connection of its own to one database file."""
+
+    @pytest.fixture(autouse=True)
+    def _database(self, tmp_path: Path, unique: Callable[[str], str]) -> None:
+        self.path = tmp_path / f"{unique('registry')}.sqlite"
+
+    @asynccontextmanager
+    async def open_backends(self, count: int) -> AsyncIterator[list[meshline.RegistryBackend]]:
+        backends = [meshline.SQLiteRegistryBackend(self.path) for _ in range(count)]
+        try:
+            yield list(backends)
+        finally:
+            for backend in backends:
+                backend.close()
 
 
 class TestKVBackend(RegistryBackendSuite):

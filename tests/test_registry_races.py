@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -299,5 +300,19 @@ def test_races_on_the_kv_backend_over_nats(nats_server: NatsServer, examples: in
                 meshline.open_kv_registry_backend(transport, key)
             )
         return backends
+
+    run_machine(open_store, examples)
+
+
+def test_races_on_the_sqlite_backend(tmp_path: Path, examples: int) -> None:
+    databases = itertools.count()
+
+    async def open_store(stack: AsyncExitStack) -> dict[int, meshline.RegistryBackend]:
+        """A fresh database file per example; each node its own connection."""
+        path = tmp_path / f"races-{next(databases)}.sqlite"
+        backends = {node: meshline.SQLiteRegistryBackend(path) for node in NODES}
+        for backend in backends.values():
+            stack.callback(backend.close)
+        return dict(backends)
 
     run_machine(open_store, examples)
