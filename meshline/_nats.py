@@ -74,6 +74,9 @@ T = TypeVar("T")
 OUTGOING_HIGH_WATER = 4 * 1024 * 1024
 """Bytes queued for the socket beyond which ``publish`` waits for a flush."""
 
+PUBLISH_FAIRNESS_INTERVAL = 128
+"""``publish`` yields to the scheduler at least once per this many calls."""
+
 LIMIT_MARKER_TTL = 60
 """Seconds that the server-placed marker for an expired key lives (JetStream)."""
 
@@ -332,6 +335,7 @@ class NatsTransport(Transport):
         self._inbox_prefix = ""
         self._js: Any = nc.jetstream()
         self._timer = DeadlineTimer()
+        self._since_yield = 0
 
     @property
     def connected(self) -> bool:
@@ -385,11 +389,18 @@ class NatsTransport(Transport):
         validate_subject(subject)
         if reply is not None:
             validate_subject(reply)
-        data = check_data(data)
+        if type(data) is not bytes:
+            data = check_data(data)
         await trio.lowlevel.checkpoint_if_cancelled()
         self._enqueue(subject, reply or "", data)
         if self._nc._pending_data_size > OUTGOING_HIGH_WATER and self._nc.is_connected:
             await self._aio("flush", self._nc.flush)
+            return
+        self._since_yield += 1
+        if self._since_yield >= PUBLISH_FAIRNESS_INTERVAL:
+            # Let the flusher and readers run: a publishing loop must not starve them.
+            self._since_yield = 0
+            await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def open_subscription(
         self,
