@@ -44,6 +44,9 @@ from ._transport import (
 
 __all__ = ["MemoryHub", "MemoryTransport", "open_memory_transport"]
 
+PUBLISH_FAIRNESS_INTERVAL = 128
+"""``publish`` yields to the scheduler at least once per this many calls."""
+
 TOMBSTONE_SECONDS = 60.0
 """How long a deleted or expired key's tombstone is kept, like NATS's limit markers."""
 
@@ -140,6 +143,7 @@ class MemoryTransport(Transport):
         self._tokens = itertools.count()
         self._waiters: dict[str, _ReplyWaiter] = {}
         self._subscriptions: set[_MemorySubscription] = set()
+        self._since_yield = 0
         self._inbox = _HubSubscription(
             (*tuple(self._inbox_prefix.split(".")[:-1]), "*"), None, self._deliver_reply
         )
@@ -163,6 +167,11 @@ class MemoryTransport(Transport):
         await trio.lowlevel.checkpoint_if_cancelled()
         self._check_open()
         self.hub._publish(Message(subject, data, reply))
+        self._since_yield += 1
+        if self._since_yield >= PUBLISH_FAIRNESS_INTERVAL:
+            # Let subscribers run: a publishing loop must not starve them.
+            self._since_yield = 0
+            await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def open_subscription(
         self,
