@@ -25,6 +25,7 @@ __all__ = [
     "RequestFrame",
     "decode_payload",
     "encode",
+    "encode_broadcast",
     "encode_ok_reply",
     "encode_payload",
     "encode_request",
@@ -103,6 +104,11 @@ def encode_request(request_id: int, sender: int, kind: str, timeout: float, data
     payload separately first. Raises ``TypeError`` for what msgspec cannot encode.
     """
     return _encoder.encode((_REQUEST_TAG, request_id, sender, kind, timeout, data))
+
+
+def encode_broadcast(sender: int, kind: str, skip_sender: bool, data: object) -> bytes:
+    """Encode a :class:`BroadcastFrame` and its payload in one pass (see above)."""
+    return _encoder.encode((sender, kind, skip_sender, data))
 
 
 def encode_ok_reply(result: object) -> bytes:

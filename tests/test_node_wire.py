@@ -7,11 +7,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from meshline._node_wire import (
+    BroadcastFrame,
     NodeFrame,
     OkReply,
     Reply,
     RequestFrame,
     encode,
+    encode_broadcast,
     encode_ok_reply,
     encode_payload,
     encode_request,
@@ -40,6 +42,14 @@ def test_request_encoding_matches_the_struct(
     frame = msgspec.msgpack.decode(fast, type=NodeFrame)
     assert isinstance(frame, RequestFrame)
     assert msgspec.msgpack.decode(frame.data) == data
+
+
+@given(sender=st.integers(0, 2**31), kind=st.text(min_size=1), skip=st.booleans(), data=payloads)
+def test_broadcast_encoding_matches_the_struct(
+    sender: int, kind: str, skip: bool, data: object
+) -> None:
+    fast = encode_broadcast(sender, kind, skip, data)
+    assert fast == encode(BroadcastFrame(sender, kind, skip, encode_payload(data)))
 
 
 @given(data=payloads)
