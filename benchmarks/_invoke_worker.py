@@ -1,7 +1,7 @@
 """One measurement for ``benchmarks/invoke.py``, run in its own process.
 
 Usage: ``python _invoke_worker.py IMPL CASE URL COUNT``. IMPL ``nats-py`` runs the
-baseline (nats-py request/reply on asyncio, from ``_node_worker``); IMPL
+baseline (nats-py request/reply on asyncio, from ``_transport_worker``); IMPL
 ``meshline`` runs CASE ``remote`` (100 concurrent callers on one service node invoke
 a client registered on another) or ``local`` (the client is on the caller's node).
 Prints one JSON object: ``{"rate": <invokes per second>}``.
@@ -14,8 +14,8 @@ import sys
 import time
 from typing import Any
 
-from _node_worker import PAYLOAD, REQUESTERS
-from _node_worker import run_nats_py as run_request_baseline
+from _transport_worker import PAYLOAD, REQUESTERS
+from _transport_worker import run_nats_py as run_request_baseline
 
 
 def run_meshline(case: str, url: str, count: int) -> dict[str, float]:
@@ -66,7 +66,7 @@ def run_meshline(case: str, url: str, count: int) -> dict[str, float]:
 def main() -> None:
     impl, case, url, count = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     if impl == "nats-py":
-        result = run_request_baseline("request", url, count, 1)
+        result = run_request_baseline("request", url, count)
     else:
         result = run_meshline(case, url, count)
     print(json.dumps(result))

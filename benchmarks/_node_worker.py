@@ -5,7 +5,8 @@ Usage: ``python _node_worker.py IMPL CASE URL COUNT [NODES]``. IMPL is ``nats-py
 Prints one JSON object: ``{"rate": <operations per second>, ...}``.
 
 * ``request``: 100 concurrent requesters on one connection, one responder on
-  another, echoing a small payload. For meshline, two nodes and ``Node.request``.
+  another, echoing a small payload. The nats-py side is the transport benchmark's
+  own baseline; for meshline, two nodes and ``Node.request``.
 * ``fanout``: one sender publishes COUNT broadcasts and NODES receivers, each on a
   connection of its own, count what they get. The rate is deliveries per second.
 """
@@ -17,8 +18,9 @@ import json
 import sys
 import time
 
-PAYLOAD = b"x" * 64
-REQUESTERS = 100
+from _transport_worker import PAYLOAD, REQUESTERS
+from _transport_worker import run_nats_py as transport_baseline
+
 SUBJECT = "bench.node"
 
 
@@ -26,28 +28,6 @@ def run_nats_py(case: str, url: str, count: int, nodes: int) -> dict[str, float]
     import asyncio
 
     import nats
-
-    async def request() -> dict[str, float]:
-        server_nc = await nats.connect(url)
-        client_nc = await nats.connect(url)
-
-        async def respond(msg: object) -> None:
-            await server_nc.publish(msg.reply, msg.data)  # type: ignore[attr-defined]
-
-        await server_nc.subscribe(SUBJECT, cb=respond)
-        await server_nc.flush()
-        per_task = count // REQUESTERS
-
-        async def requester() -> None:
-            for _ in range(per_task):
-                await client_nc.request(SUBJECT, PAYLOAD, timeout=10)
-
-        start = time.perf_counter()
-        await asyncio.gather(*(requester() for _ in range(REQUESTERS)))
-        elapsed = time.perf_counter() - start
-        await server_nc.close()
-        await client_nc.close()
-        return {"rate": per_task * REQUESTERS / elapsed}
 
     async def fanout() -> dict[str, float]:
         receivers = [await nats.connect(url) for _ in range(nodes)]
@@ -75,7 +55,9 @@ def run_nats_py(case: str, url: str, count: int, nodes: int) -> dict[str, float]
             await nc.close()
         return {"rate": received / elapsed, "received": received}
 
-    return asyncio.run(request() if case == "request" else fanout())
+    if case == "request":
+        return transport_baseline("request", url, count)
+    return asyncio.run(fanout())
 
 
 def run_meshline(case: str, url: str, count: int, nodes: int) -> dict[str, float]:

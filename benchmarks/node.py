@@ -18,11 +18,10 @@ Usage: ``python benchmarks/node.py [--quick] [--rounds N]``
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
-import sys
 from pathlib import Path
+
+from _runner import run_worker
 
 from meshline.testing import NatsServer
 
@@ -32,14 +31,7 @@ FANOUT = (1, 2, 4, 8)
 
 
 def measure(impl: str, case: str, url: str, count: int, nodes: int = 1) -> float:
-    output = subprocess.run(
-        [sys.executable, str(WORKER), impl, case, url, str(count), str(nodes)],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    ).stdout
-    return float(json.loads(output.strip().splitlines()[-1])["rate"])
+    return float(run_worker(WORKER, impl, case, url, count, nodes)["rate"])
 
 
 def show(label: str, runs: dict[str, list[float]]) -> dict[str, float]:

@@ -19,11 +19,10 @@ Usage: ``python benchmarks/registry.py [--quick] [--rounds N]``
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
-import sys
 from pathlib import Path
+
+from _runner import run_worker
 
 from meshline.testing import NatsServer
 
@@ -32,15 +31,7 @@ ACTIONS = ("register", "update", "unregister")
 
 
 def measure(impl: str, case: str, url: str, count: int) -> dict[str, float]:
-    output = subprocess.run(
-        [sys.executable, str(WORKER), impl, case, url, str(count)],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    ).stdout
-    result: dict[str, float] = json.loads(output.strip().splitlines()[-1])
-    return result
+    return run_worker(WORKER, impl, case, url, count, timeout=600)
 
 
 def main() -> None:

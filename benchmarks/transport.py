@@ -17,11 +17,10 @@ Usage: ``python benchmarks/transport.py [--quick] [--rounds N]``
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
-import sys
 from pathlib import Path
+
+from _runner import run_worker
 
 from meshline.testing import NatsServer
 
@@ -29,14 +28,7 @@ WORKER = Path(__file__).with_name("_transport_worker.py")
 
 
 def measure(impl: str, case: str, url: str, count: int) -> float:
-    output = subprocess.run(
-        [sys.executable, str(WORKER), impl, case, url, str(count)],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    ).stdout
-    return float(json.loads(output.strip().splitlines()[-1])["rate"])
+    return float(run_worker(WORKER, impl, case, url, count)["rate"])
 
 
 def main() -> None:
