@@ -255,25 +255,33 @@ async def test_request_errors_are_typed(
         assert caller.transport.pending_requests == 0
 
 
+class Stall:
+    """A request handler that blocks until cancelled, and reports both moments."""
+
+    def __init__(self) -> None:
+        self.entered = trio.Event()
+        self.cancelled = trio.Event()
+
+    async def __call__(self, data: object, sender: int) -> None:
+        self.entered.set()
+        try:
+            await trio.sleep_forever()
+        finally:
+            self.cancelled.set()
+
+
 async def test_timeout_cancels_the_remote_handler(
     open_transport: OpenTransport, unique: Callable[[str], str], clock: object
 ) -> None:
     async with open_mesh(open_transport, unique("timeout")) as mesh:
         caller, target = await mesh.start(), await mesh.start()
-        cancelled = trio.Event()
-
-        async def stall(data: object, sender: int) -> None:
-            try:
-                await trio.sleep_forever()
-            finally:
-                cancelled.set()
-
+        stall = Stall()
         target.node.register_handler("stall", stall)
         with pytest.raises(meshline.MeshRequestTimeoutError) as timed_out:
             await caller.node.request(target.id, "stall", None, timeout=0.5)
         assert isinstance(timed_out.value, TimeoutError)
         with trio.fail_after(5):
-            await cancelled.wait()
+            await stall.cancelled.wait()
         assert caller.transport.pending_requests == 0
         assert not target.node._running
 
@@ -283,15 +291,7 @@ async def test_caller_cancellation_cancels_the_remote_handler(
 ) -> None:
     async with open_mesh(open_transport, unique("cancel")) as mesh:
         caller, target = await mesh.start(), await mesh.start()
-        entered, cancelled = trio.Event(), trio.Event()
-
-        async def stall(data: object, sender: int) -> None:
-            entered.set()
-            try:
-                await trio.sleep_forever()
-            finally:
-                cancelled.set()
-
+        stall = Stall()
         target.node.register_handler("stall", stall)
         async with trio.open_nursery() as nursery:
 
@@ -300,10 +300,10 @@ async def test_caller_cancellation_cancels_the_remote_handler(
 
             nursery.start_soon(call)
             with trio.fail_after(5):
-                await entered.wait()
+                await stall.entered.wait()
             nursery.cancel_scope.cancel()
         with trio.fail_after(5):
-            await cancelled.wait()
+            await stall.cancelled.wait()
         assert caller.transport.pending_requests == 0
         with trio.fail_after(5):
             await wait_until(lambda: not target.node._running)
@@ -317,15 +317,10 @@ async def test_request_fails_fast_when_the_target_dies_midway(
 ) -> None:
     async with open_mesh(open_transport, unique("dies")) as mesh:
         caller, target = await mesh.start(ttl=1), await mesh.start(ttl=1)
-        entered = trio.Event()
-
-        async def stall(data: object, sender: int) -> None:
-            entered.set()
-            await trio.sleep_forever()
-
+        stall = Stall()
         target.node.register_handler("stall", stall)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(target_crash_after, entered, target)
+            nursery.start_soon(target_crash_after, stall.entered, target)
             began = trio.current_time()
             with pytest.raises(meshline.NodeNotAliveError):
                 await caller.node.request(target.id, "stall", None, timeout=60)
@@ -461,20 +456,13 @@ async def test_handler_outliving_its_timeout_is_cancelled_without_a_cancel_messa
     """A requester that vanishes sends no cancellation; the handler's own deadline ends it."""
     async with open_mesh(open_transport, unique("orphan")) as mesh:
         target = await mesh.start()
-        cancelled = trio.Event()
-
-        async def stall(data: object, sender: int) -> None:
-            try:
-                await trio.sleep_forever()
-            finally:
-                cancelled.set()
-
+        stall = Stall()
         target.node.register_handler("stall", stall)
         frame = meshline._node_wire.encode_request(1, 12_345, "stall", 1.0, None)
         subject = meshline._node.mesh_names(mesh.key)[1] + f".n.{target.id}"
         with pytest.raises(meshline.RequestTimeoutError):
             await target.transport.request(subject, frame, timeout=0.5)
-        assert not cancelled.is_set()
+        assert not stall.cancelled.is_set()
         with trio.fail_after(10):
-            await cancelled.wait()
+            await stall.cancelled.wait()
         assert not target.node._running
