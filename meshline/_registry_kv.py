@@ -57,6 +57,15 @@ def registry_bucket(key: str, namespace: str = "") -> str:
     return "mlc-" + encode_bounded_token(key, 60, "mesh key")
 
 
+def _key(client_id: str) -> str:
+    return _PREFIX + encode_token(client_id, "client id")
+
+
+def _stored(record: ClientRecord) -> bytes:
+    """The value stored for ``record``."""
+    return _encode(_Stored(record.client_id, record.node_id, record.connected_at, record.metadata))
+
+
 def _record(stored: _Stored) -> ClientRecord:
     return ClientRecord(stored.client_id, stored.node_id, stored.connected_at, stored.metadata)
 
@@ -168,9 +177,9 @@ class KVRegistryBackend:
         return entry.revision, record
 
     async def register(self, client_id: str, node_id: int, metadata: bytes) -> int | None:
-        key = _PREFIX + encode_token(client_id, "client id")
+        key = _key(client_id)
         record = ClientRecord(client_id, node_id, now_ms(), metadata)
-        value = _encode(_Stored(client_id, node_id, record.connected_at, metadata))
+        value = _stored(record)
         current = self._records.get(key)
         while True:
             try:
@@ -187,9 +196,9 @@ class KVRegistryBackend:
             return None if previous == node_id else previous
 
     async def restore(self, client_id: str, node_id: int, metadata: bytes) -> bool:
-        key = _PREFIX + encode_token(client_id, "client id")
+        key = _key(client_id)
         record = ClientRecord(client_id, node_id, now_ms(), metadata)
-        value = _encode(_Stored(client_id, node_id, record.connected_at, metadata))
+        value = _stored(record)
         try:
             revision = await self._kv.create(key, value)
         except KeyExistsError:
@@ -207,7 +216,7 @@ class KVRegistryBackend:
         return current
 
     async def unregister(self, client_id: str, node_id: int) -> bool:
-        key = _PREFIX + encode_token(client_id, "client id")
+        key = _key(client_id)
         current = await self._owned(key, node_id)
         while current is not None:
             try:
@@ -222,12 +231,12 @@ class KVRegistryBackend:
         return False
 
     async def update_metadata(self, client_id: str, node_id: int, metadata: bytes) -> bool:
-        key = _PREFIX + encode_token(client_id, "client id")
+        key = _key(client_id)
         current = await self._owned(key, node_id)
         while current is not None:
             revision, old = current
             record = ClientRecord(client_id, node_id, old.connected_at, metadata)
-            value = _encode(_Stored(client_id, node_id, old.connected_at, metadata))
+            value = _stored(record)
             try:
                 new_revision = await self._kv.update(key, value, revision=revision)
             except RevisionMismatchError:

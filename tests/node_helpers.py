@@ -14,6 +14,20 @@ import meshline
 OpenTransport = Callable[[], AbstractAsyncContextManager[meshline.Transport]]
 
 
+def skip_cleanup(
+    node: meshline.Node, registry: meshline.NodeClientRegistry[Any] | None = None
+) -> None:
+    """Make leaving the node's block behave like a crash: a killed process neither
+    withdraws from the mesh nor unregisters its clients."""
+
+    async def withdraw_nothing() -> None:
+        pass
+
+    node._withdraw = withdraw_nothing  # type: ignore[method-assign]
+    if registry is not None:
+        registry._own.clear()
+
+
 @attrs.define
 class RunningNode:
     """A node living in a task of its own, which a test can stop or crash."""
@@ -35,13 +49,7 @@ class RunningNode:
 
     async def crash(self) -> None:
         """Vanish like a killed process: stop answering, leave the KV state behind."""
-
-        async def withdraw_nothing() -> None:
-            pass
-
-        self.node._withdraw = withdraw_nothing  # type: ignore[method-assign]
-        if self.registry is not None:
-            self.registry._own.clear()  # nor does a killed process unregister its clients
+        skip_cleanup(self.node, self.registry)
         await self.stop()
 
 

@@ -13,7 +13,7 @@ import trio
 import meshline
 from meshline.testing import HOSTILE_CLIENT_IDS
 
-from .node_helpers import OpenTransport, wait_until
+from .node_helpers import OpenTransport, skip_cleanup, wait_until
 
 
 @attrs.define
@@ -31,13 +31,8 @@ class Member:
         return self.service.instance_id
 
     async def crash(self) -> None:
-        async def nothing() -> None:
-            pass
-
-        self.service.node._withdraw = nothing  # type: ignore[method-assign]
-        self.service.client_registry._own.clear()
-        self.scope.cancel()
-        await self.done.wait()
+        skip_cleanup(self.service.node, self.service.client_registry)
+        await self.stop()
 
     async def stop(self) -> None:
         self.scope.cancel()
