@@ -49,19 +49,19 @@ class NodeClientRegistry(ClientRegistry[MetadataT], Generic[MetadataT]):
         self.node = node
         self._own: dict[str, bytes] = {}
 
-    async def register(self, client_id: str, metadata: MetadataT) -> int | None:
-        superseded = await super().register(client_id, metadata)
-        self._own[client_id] = self._codec.encode(metadata)
+    async def _register_encoded(self, client_id: str, encoded: bytes) -> int | None:
+        superseded = await super()._register_encoded(client_id, encoded)
+        self._own[client_id] = encoded
         return superseded
 
     async def unregister(self, client_id: str) -> bool:
         self._own.pop(client_id, None)
         return await super().unregister(client_id)
 
-    async def update_metadata(self, client_id: str, metadata: MetadataT) -> bool:
-        updated = await super().update_metadata(client_id, metadata)
+    async def _update_encoded(self, client_id: str, encoded: bytes) -> bool:
+        updated = await super()._update_encoded(client_id, encoded)
         if updated:
-            self._own[client_id] = self._codec.encode(metadata)
+            self._own[client_id] = encoded
         else:
             self._own.pop(client_id, None)
         return updated

@@ -204,7 +204,10 @@ class ClientRegistry(Generic[MetadataT]):
         :raises PayloadError: metadata that cannot be encoded.
         """
         check_client_id(client_id)
-        return await self.backend.register(client_id, self.node_id, self._codec.encode(metadata))
+        return await self._register_encoded(client_id, self._codec.encode(metadata))
+
+    async def _register_encoded(self, client_id: str, encoded: bytes) -> int | None:
+        return await self.backend.register(client_id, self.node_id, encoded)
 
     async def unregister(self, client_id: str) -> bool:
         """Remove the registration, only if this node owns it; return whether it did."""
@@ -217,7 +220,9 @@ class ClientRegistry(Generic[MetadataT]):
         ``connected_at`` is kept. Returns False if the client is not registered here.
         """
         check_client_id(client_id)
-        encoded = self._codec.encode(metadata)
+        return await self._update_encoded(client_id, self._codec.encode(metadata))
+
+    async def _update_encoded(self, client_id: str, encoded: bytes) -> bool:
         return await self.backend.update_metadata(client_id, self.node_id, encoded)
 
     async def get_client(self, client_id: str) -> RegisteredClient[MetadataT] | None:
