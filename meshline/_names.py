@@ -53,7 +53,7 @@ _SHORT_TOKEN = re.compile(r"b[A-Za-z0-9_-]+")
 _BUCKET = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
-def _utf8(value: object, what: str) -> bytes:
+def _utf8(value: object, what: str, max_bytes: int = MAX_NAME_BYTES) -> bytes:
     if not isinstance(value, str):
         raise InvalidNameError(f"{what} must be a str, not {type(value).__name__}")
     if not value:
@@ -62,8 +62,8 @@ def _utf8(value: object, what: str) -> bytes:
         raw = value.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise InvalidNameError(f"{what} is not valid unicode text ({exc.reason})") from None
-    if len(raw) > MAX_NAME_BYTES:
-        raise InvalidNameError(f"{what} is {len(raw)} bytes long; the limit is {MAX_NAME_BYTES}")
+    if len(raw) > max_bytes:
+        raise InvalidNameError(f"{what} is {len(raw)} bytes long; the limit is {max_bytes}")
     return raw
 
 
@@ -88,13 +88,14 @@ def _hashed_token(raw: bytes) -> str:
     return "h" + base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
 
-def check_name(value: str, what: str = "name") -> str:
+def check_name(value: str, what: str = "name", max_bytes: int = MAX_NAME_BYTES) -> str:
     """Check that a user-supplied name is a non-empty, encodable ``str``; return it.
 
     The same rules as :func:`encode_token`, for names that travel inside payloads
     rather than in subjects or keys (request and broadcast types, for instance).
+    ``max_bytes`` lowers the length limit (in UTF-8 bytes) where a layer needs to.
     """
-    _utf8(value, what)
+    _utf8(value, what, max_bytes)
     return value
 
 

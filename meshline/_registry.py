@@ -25,7 +25,8 @@ import attrs
 import cattrs
 import msgspec
 
-from ._errors import InvalidArgumentError, PayloadError
+from ._errors import PayloadError
+from ._names import check_name
 
 __all__ = [
     "MAX_CLIENT_ID_BYTES",
@@ -51,19 +52,9 @@ def now_ms() -> int:
 def check_client_id(client_id: str) -> str:
     """Check that ``client_id`` is a non-empty str of at most 1 KiB; return it.
 
-    :raises InvalidArgumentError: it is not.
+    :raises InvalidNameError: it is not (an :class:`InvalidArgumentError`).
     """
-    if not isinstance(client_id, str) or not client_id:
-        raise InvalidArgumentError(f"a client id is a non-empty str, got {client_id!r}")
-    try:
-        size = len(client_id.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise InvalidArgumentError("a client id must be valid unicode text") from None
-    if size > MAX_CLIENT_ID_BYTES:
-        raise InvalidArgumentError(
-            f"a client id is at most {MAX_CLIENT_ID_BYTES} bytes of UTF-8, got {size}"
-        )
-    return client_id
+    return check_name(client_id, "client id", MAX_CLIENT_ID_BYTES)
 
 
 @attrs.frozen
