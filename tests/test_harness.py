@@ -8,11 +8,12 @@ import trio
 import meshline
 from meshline.testing import NatsServer, NatsServerError
 
+from .node_helpers import wait_until
+
 
 async def wait_for(predicate, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
     with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.05)
+        await wait_until(predicate)
 
 
 def test_missing_binary_is_a_clear_error() -> None:

@@ -11,6 +11,7 @@ import meshline
 from meshline import KVOperation, Overflow
 
 from .conftest import OpenTransport
+from .node_helpers import wait_until
 
 Unique = Callable[[str], str]
 
@@ -18,8 +19,7 @@ Unique = Callable[[str], str]
 async def eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
     """Wait until ``predicate()`` holds; NATS delivers asynchronously."""
     with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.01)
+        await wait_until(predicate)
 
 
 async def test_publish_reaches_matching_subscriptions_only(
