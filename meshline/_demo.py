@@ -238,8 +238,11 @@ async def show_service(url: str) -> None:
         say(f"  gamma (node {gamma_id}) crashes: its connection is cut, nothing cleaned up")
         started = trio.current_time()
         await transports["gamma"].aclose()
-        superseded = await beta.register_client("frank", {"home": "beta"})
-        say(f"  frank reconnects to beta at once (register says it left node {superseded})")
+        registration = await beta.register_client("frank", {"home": "beta"})
+        say(
+            "  frank reconnects to beta at once"
+            f" (register says it left node {registration.superseded})"
+        )
         await poll(lambda: bool(orphan_reports))
         waited = trio.current_time() - started
         say(f"  the leader, {waited:.1f} s later: {orphan_reports[0]}")

@@ -13,6 +13,15 @@ The second rule makes detection time independent of how late the server reports 
 expiry: a node that stops refreshing is declared dead ``ttl`` seconds after the last
 refresh this view saw, at the latest. A node declared dead that refreshes again (it
 was paused, or the network was) comes back up.
+
+A view that may be stale declares nobody dead. It is stale while the transport is
+disconnected, and when this node's own heartbeat has not come back through the
+watch within its TTL (the watch is silent, or writes do not land). After a
+reconnect it also *holds* for a grace period: every node gets that long to refresh
+or re-assert before anyone is declared dead. Meanwhile, a node whose key expired
+(``PURGE``) or is missing from a reloaded snapshot is only a *suspect*; it stays in
+the view, and is declared dead once the view is trustworthy again if it has not
+refreshed by then. A graceful leave (``DELETE``) is believed at once.
 """
 
 from __future__ import annotations
@@ -68,12 +77,17 @@ class MembershipEvent:
 
     kind: MembershipEventKind
     node_id: int | None
+    incarnation: int | None = None
+    """For ``UP``, ``DOWN`` and ``REASSERTED``: the node's incarnation as last seen.
+    A node's incarnation grows each time it re-asserts itself after others may have
+    declared it dead; cleanup after a ``DOWN`` touches only that incarnation's state."""
 
 
 @attrs.define
 class _Liveness:
     revision: int
     deadline: float
+    incarnation: int
 
 
 _node_record = msgspec.msgpack.Decoder(NodeRecord)
@@ -94,6 +108,16 @@ class MembershipView:
         self._alive: dict[int, _Liveness] = {}
         self._declared_dead: dict[int, int] = {}
         """Nodes whose refreshes stopped, with the last revision seen from them."""
+        self._incarnations: dict[int, int] = {}
+        """The last incarnation seen per node, dead ones included."""
+        self._suspects: set[int] = set()
+        """Alive nodes whose key vanished while the view could not judge."""
+        self.own_id: int | None = None
+        """This node's id: its own refreshes prove the watch is current."""
+        self._own_seen_at = -math.inf
+        self._own_ttl = math.inf
+        self._disconnected = False
+        self._hold_until = -math.inf
         self.leader_id: int | None = None
         self.leader_revision = 0
         self.leader_seen_at = -math.inf
@@ -106,12 +130,59 @@ class MembershipView:
     def is_alive(self, node_id: int) -> bool:
         return node_id in self._alive
 
-    def next_deadline(self) -> float:
-        """When :meth:`expire` next has something to do (``inf`` if never)."""
-        return min((liveness.deadline for liveness in self._alive.values()), default=math.inf)
+    def incarnation_of(self, node_id: int) -> int | None:
+        """The incarnation last seen from ``node_id`` (alive or dead), if any."""
+        return self._incarnations.get(node_id)
+
+    # ------------------------------------------------------------------ staleness
+
+    def disconnected(self) -> None:
+        """The transport lost its connection: the view is stale until reconnected."""
+        self._disconnected = True
+
+    def reconnected(self, now: float, grace: float) -> None:
+        """The transport is back: judge nobody for ``grace`` seconds from ``now``."""
+        self._disconnected = False
+        self.hold(now + grace)
+
+    def hold(self, until: float) -> None:
+        """Declare nobody dead before ``until``."""
+        self._hold_until = max(self._hold_until, until)
+
+    def is_stale(self, now: float) -> bool:
+        """Whether this view may be out of date: disconnected, or this node's own
+        refreshes have not come back through the watch within its TTL."""
+        return self._disconnected or (
+            self.own_id is not None and now >= self._own_seen_at + self._own_ttl
+        )
+
+    def is_trustworthy(self, now: float) -> bool:
+        """Whether the view may declare nodes dead now: not stale, and not holding."""
+        return now >= self._hold_until and not self.is_stale(now)
+
+    def next_deadline(self, now: float) -> float:
+        """When :meth:`expire` next has something to do (``inf`` if never, or not
+        before the view changes)."""
+        if self._disconnected:
+            return math.inf
+        earliest = min((liveness.deadline for liveness in self._alive.values()), default=math.inf)
+        if self._suspects:
+            earliest = min(earliest, self._hold_until)
+        if self.own_id is not None:
+            own_stale_at = self._own_seen_at + self._own_ttl
+            if own_stale_at <= now:
+                return math.inf  # stale until the own heartbeat comes back: a change
+            earliest = min(earliest, max(own_stale_at, self._hold_until))
+        return max(earliest, self._hold_until)
+
+    # ------------------------------------------------------------------ feeding
 
     def load(self, snapshot: list[KVEntry], now: float) -> list[MembershipEvent]:
-        """Replace the view with a watch snapshot; return the differences as events."""
+        """Replace the view with a watch snapshot; return the differences as events.
+
+        Nodes missing from the snapshot are declared dead at once only while the view
+        is trustworthy; otherwise they become suspects.
+        """
         events: list[MembershipEvent] = []
         present: dict[int, KVEntry] = {}
         leader_entry: KVEntry | None = None
@@ -120,16 +191,19 @@ class MembershipView:
                 leader_entry = entry
             elif (node_id := _parse_node_id(entry.key)) is not None:
                 present[node_id] = entry
+        for node_id in sorted(present):
+            events.extend(self._node_written(node_id, present[node_id], now))
+        trustworthy = self.is_trustworthy(now)
         for node_id in sorted(set(self._alive) - set(present)):
-            del self._alive[node_id]
-            events.append(MembershipEvent(MembershipEventKind.DOWN, node_id))
+            if trustworthy:
+                events.append(self._declare_dead(node_id, None))
+            else:
+                self._suspects.add(node_id)
         self._declared_dead = {
             node_id: revision
             for node_id, revision in self._declared_dead.items()
             if node_id in present
         }
-        for node_id in sorted(present):
-            events.extend(self._node_written(node_id, present[node_id], now))
         if leader_entry is None:
             events.extend(self._leader_vacated())
         else:
@@ -144,34 +218,56 @@ class MembershipView:
         node_id = _parse_node_id(entry.key)
         if node_id is None:
             return []
-        if removed:
-            self._declared_dead.pop(node_id, None)
-            if self._alive.pop(node_id, None) is None:
-                return []
-            return [MembershipEvent(MembershipEventKind.DOWN, node_id)]
-        return self._node_written(node_id, entry, now)
+        if not removed:
+            return self._node_written(node_id, entry, now)
+        self._declared_dead.pop(node_id, None)
+        if node_id not in self._alive:
+            return []
+        if entry.operation is KVOperation.PURGE and not self.is_trustworthy(now):
+            self._suspects.add(node_id)
+            return []
+        return [self._declare_dead(node_id, None)]
 
     def expire(self, now: float) -> list[MembershipEvent]:
-        """Declare dead every node whose refresh deadline has passed."""
+        """Declare dead every node whose refresh deadline has passed, and every
+        suspect, if the view is trustworthy; otherwise nothing."""
+        if not self.is_trustworthy(now):
+            return []
         events = []
         for node_id, liveness in sorted(self._alive.items()):
-            if liveness.deadline <= now:
-                del self._alive[node_id]
-                self._declared_dead[node_id] = liveness.revision
-                events.append(MembershipEvent(MembershipEventKind.DOWN, node_id))
+            if node_id in self._suspects:
+                events.append(self._declare_dead(node_id, None))
+            elif liveness.deadline <= now:
+                events.append(self._declare_dead(node_id, liveness.revision))
         return events
+
+    def _declare_dead(self, node_id: int, stale_revision: int | None) -> MembershipEvent:
+        del self._alive[node_id]
+        self._suspects.discard(node_id)
+        if stale_revision is not None:
+            self._declared_dead[node_id] = stale_revision
+        return MembershipEvent(
+            MembershipEventKind.DOWN, node_id, self._incarnations.get(node_id)
+        )
 
     def _node_written(self, node_id: int, entry: KVEntry, now: float) -> list[MembershipEvent]:
         try:
-            ttl = _node_record.decode(entry.value).ttl
+            record = _node_record.decode(entry.value)
         except msgspec.MsgspecError:
             return []
+        if node_id == self.own_id:
+            self._own_seen_at = now
+            self._own_ttl = record.ttl
         if self._declared_dead.get(node_id) == entry.revision:
             return []  # the same write that already went stale; still dead
         self._declared_dead.pop(node_id, None)
+        self._suspects.discard(node_id)
+        self._incarnations[node_id] = max(self._incarnations.get(node_id, 0), record.incarnation)
         was_alive = node_id in self._alive
-        self._alive[node_id] = _Liveness(entry.revision, now + ttl)
-        return [] if was_alive else [MembershipEvent(MembershipEventKind.UP, node_id)]
+        self._alive[node_id] = _Liveness(entry.revision, now + record.ttl, record.incarnation)
+        if was_alive:
+            return []
+        return [MembershipEvent(MembershipEventKind.UP, node_id, record.incarnation)]
 
     def _leader_written(self, entry: KVEntry, now: float) -> list[MembershipEvent]:
         try:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
@@ -38,6 +39,7 @@ from ._errors import (
     NoHandlerError,
     NoRespondersError,
     PayloadError,
+    PayloadTooLargeError,
     RemoteHandlerError,
     RequestAbandonedError,
     RequestTimeoutError,
@@ -70,7 +72,15 @@ from ._node_wire import (
     encode_payload,
     encode_request,
 )
-from ._transport import KeyValue, Message, Subscription, Transport, check_timeout
+from ._transport import (
+    ConnectionEvent,
+    ConnectionEventKind,
+    KeyValue,
+    Message,
+    Subscription,
+    Transport,
+    check_timeout,
+)
 from ._util import single_exceptions
 
 __all__ = ["DEFAULT_REQUEST_TIMEOUT", "DEFAULT_TTL", "Node", "open_node"]
@@ -88,7 +98,10 @@ _SWEEP_INTERVAL = 0.25
 """Seconds between checks for request handlers that outlived their timeout."""
 _LEASE_SAFETY = 0.9
 """A leader stops acting as one after this fraction of its TTL without a refresh,
-before any other node may take the lease over."""
+before any other node may take the lease over. A node whose heartbeats stopped
+landing for this fraction of its TTL assumes it may have been declared dead."""
+_WATCH_RETRY = 0.5
+"""Seconds between attempts to reopen a failed membership watch, at most."""
 
 RequestT = TypeVar("RequestT")
 ResponseT = TypeVar("ResponseT")
@@ -240,7 +253,17 @@ class Node:
         self._joined = False
         self._membership_buffers: set[MessageBuffer[MembershipEvent]] = set()
         self._leader_duties: list[Callable[[], Awaitable[None]]] = []
+        self._duty_scopes: dict[Callable[[], Awaitable[None]], trio.CancelScope] = {}
         self._term_nursery: trio.Nursery | None = None
+        self._lease_valid_until = -math.inf
+        self._incarnation = 1
+        self._beat_now = trio.Event()
+        self._watch_scope: trio.CancelScope | None = None
+        self._remove_connection_listener: Callable[[], None] | None = None
+        self.watch_failures = 0
+        """How many times the membership watch failed and had to be reopened."""
+        self.reply_failures = 0
+        """Answers this node could not send (too large, or the transport failed)."""
         self._request_ids = itertools.count(1)
         self._running: dict[tuple[int, int], _Worker] = {}
         self._workers = 0
@@ -269,6 +292,46 @@ class Node:
         return self._ttl
 
     @property
+    def transport(self) -> Transport:
+        """The transport this node talks through."""
+        return self._transport
+
+    @property
+    def namespace(self) -> str:
+        """The layer namespace of this node's mesh ("" for a plain node)."""
+        return self._namespace
+
+    @property
+    def incarnation(self) -> int:
+        """Grows by one each time this node re-asserts its liveness after a gap in
+        which others may have declared it dead. State written for an older
+        incarnation may be cleaned up by the leader; state of the current one is not."""
+        return self._incarnation
+
+    def incarnation_of(self, node_id: int) -> int | None:
+        """The incarnation this node last saw from ``node_id``, alive or dead."""
+        if node_id == self._id:
+            return self._incarnation
+        return self._view.incarnation_of(node_id)
+
+    @property
+    def view_is_trustworthy(self) -> bool:
+        """Whether this node's view may declare other nodes dead right now.
+
+        It may not while the transport is disconnected, while this node's own
+        heartbeats are not coming back through its watch, and for ``ttl`` seconds
+        after a reconnect (so every node gets the chance to re-assert first).
+        """
+        return self._view.is_trustworthy(trio.current_time())
+
+    async def wait_for_trustworthy_view(self) -> None:
+        """Return once :attr:`view_is_trustworthy` holds. Cancellable."""
+        while not self._view.is_trustworthy(trio.current_time()):
+            changed = self._view_changed
+            with trio.move_on_after(self._heartbeat_interval):
+                await changed.wait()
+
+    @property
     def dropped(self) -> int:
         """Requests and broadcasts discarded so far because their buffer was full."""
         return sum(subscription.dropped for subscription in self._subscriptions)
@@ -279,9 +342,9 @@ class Node:
 
         This is the node's own, conservative judgement: it turns False before the
         lease could pass to another node, so two nodes never both see True at once
-        (given clocks that run at the same rate).
+        (given clocks that run at the same rate), even while refreshes are failing.
         """
-        return self._term_nursery is not None
+        return self._term_nursery is not None and trio.current_time() < self._lease_valid_until
 
     @property
     def leader_id(self) -> int | None:
@@ -419,8 +482,9 @@ class Node:
         The duty runs in a nursery that lives as long as this node's leadership term:
         it is cancelled when the lease is lost or the node closes, and started again
         in the next term. If the node leads already, the duty starts at once. An
-        exception from a duty is logged and ends that duty for the current term.
-        Returns a function that removes the duty (a running one finishes its term).
+        exception from a duty is logged, and the duty starts again after one
+        heartbeat interval. Returns a function that removes the duty and cancels it
+        if it is running.
         """
         self._leader_duties.append(duty)
         if self._term_nursery is not None:
@@ -429,6 +493,9 @@ class Node:
         def remove() -> None:
             if duty in self._leader_duties:
                 self._leader_duties.remove(duty)
+            scope = self._duty_scopes.pop(duty, None)
+            if scope is not None:
+                scope.cancel()
 
         return remove
 
@@ -463,6 +530,8 @@ class Node:
 
         If the caller is cancelled, the request is abandoned at once and the handler
         on the target is cancelled too (a cancellation message follows the request).
+        The handler is given the caller's effective deadline: ``timeout``, or less if
+        an enclosing cancel scope ends sooner.
 
         :raises NodeNotAliveError: the target is not alive in this node's view; raised
             at once, or as soon as the target is declared dead mid-request.
@@ -471,6 +540,7 @@ class Node:
         :raises MeshRequestTimeoutError: no answer within ``timeout`` seconds.
         :raises PayloadError: ``data`` cannot be encoded, the target could not decode
             it as the declared type, or the answer does not decode as declared.
+        :raises PayloadTooLargeError: the handler's answer was too large to send.
         :raises NodeClosedError: this node is closed.
         """
         if self._closed:
@@ -485,9 +555,13 @@ class Node:
         if not self._view.is_alive(node_id):
             raise NodeNotAliveError(node_id)
         check_timeout(timeout)
+        handler_timeout = timeout
+        deadline = trio.current_effective_deadline()
+        if deadline != math.inf:
+            handler_timeout = max(min(timeout, deadline - trio.current_time()), 0.001)
         request_id = next(self._request_ids)
         try:
-            frame = encode_request(request_id, self._id, name, timeout, data)
+            frame = encode_request(request_id, self._id, name, handler_timeout, data)
         except (TypeError, ValueError, OverflowError) as exc:
             raise PayloadError(f"cannot encode data for {name!r}: {exc}") from exc
         subject = self._node_subject(node_id)
@@ -532,6 +606,8 @@ class Node:
             raise NoHandlerError(node_id, name)
         if answer.kind is FailureKind.BAD_PAYLOAD:
             raise PayloadError(f"node {node_id} could not decode {name!r}: {answer.message}")
+        if answer.kind is FailureKind.REPLY_TOO_LARGE:
+            raise PayloadTooLargeError(f"the answer of node {node_id} to {name!r}: {answer.message}")
         raise RemoteHandlerError(node_id, name, answer.error_type, answer.message)
 
     def _node_subject(self, node_id: int) -> str:
@@ -614,6 +690,10 @@ class Node:
             node_key(self._id), self._liveness_record(), ttl=self._ttl
         )
         self._joined = True
+        self._view.own_id = self._id
+        self._remove_connection_listener = self._transport.add_connection_listener(
+            self._on_connection_event
+        )
         await nursery.start(self._watch_loop)
         nursery.start_soon(self._expiry_loop)
         nursery.start_soon(self._heartbeat_loop)
@@ -624,7 +704,27 @@ class Node:
             await nursery.start(self._leader_loop)
 
     def _liveness_record(self) -> bytes:
-        return encode(NodeRecord(self._id, self._ttl, self._started_at_ms))
+        return encode(NodeRecord(self._id, self._ttl, self._started_at_ms, self._incarnation))
+
+    def _on_connection_event(self, event: ConnectionEvent) -> None:
+        """React to the transport losing or regaining its connection.
+
+        While disconnected the view is stale and declares nobody dead. On reconnect,
+        the watch is reopened (a watch from before may stay silent), the heartbeat
+        runs at once, and the view holds for ``ttl`` so every node can re-assert.
+        """
+        if event.kind is ConnectionEventKind.DISCONNECTED:
+            logger.warning("node %d: connection lost; the view is stale", self._id)
+            self._view.disconnected()
+        elif event.kind is ConnectionEventKind.RECONNECTED:
+            logger.info("node %d: reconnected; reopening the watch, holding %d s", self._id, self._ttl)
+            self._view.reconnected(trio.current_time(), self._ttl)
+            if self._watch_scope is not None:
+                self._watch_scope.cancel()
+            self._beat_now.set()
+        else:
+            return
+        self._observe([])
 
     async def _allocate_id(self) -> int:
         while True:
@@ -650,6 +750,8 @@ class Node:
     async def _shutdown(self) -> None:
         """Stop serving, then withdraw from the mesh."""
         self._closed = True
+        if self._remove_connection_listener is not None:
+            self._remove_connection_listener()
         for buffer in self._membership_buffers:
             buffer.close()
         self._membership_queue.close()
@@ -683,27 +785,42 @@ class Node:
                 self._membership_queue.push(event)
 
     async def _watch_loop(self, task_status: trio.TaskStatus[None]) -> None:
+        """Feed the view from a KV watch; reopen it after any failure or reconnect.
+
+        A failed watch is logged, counted in :attr:`watch_failures` and reopened;
+        only a closed transport ends this task. The fresh snapshot replaces the view.
+        """
         self._nursery.start_soon(self._run_membership_handlers)
         started = False
         while True:
-            try:
-                async with self._kv.watch() as watch:
-                    self._observe(self._view.load(watch.snapshot, trio.current_time()))
-                    self._signal_lease_change()
-                    if not started:
-                        started = True
-                        task_status.started()
-                    async for entry in watch:
-                        self._observe(self._view.apply(entry, trio.current_time()))
-                        if entry.key == LEADER_KEY:
-                            self._signal_lease_change()
-            except TransportClosedError:
-                raise
-            except TransportError as exc:
-                if not started:
+            with trio.CancelScope() as scope:
+                self._watch_scope = scope
+                try:
+                    async with self._kv.watch() as watch:
+                        self._observe(self._view.load(watch.snapshot, trio.current_time()))
+                        self._signal_lease_change()
+                        if not started:
+                            started = True
+                            task_status.started()
+                        async for entry in watch:
+                            self._observe(self._view.apply(entry, trio.current_time()))
+                            if entry.key == LEADER_KEY:
+                                self._signal_lease_change()
+                    raise TransportError("the watch ended")
+                except TransportClosedError:
                     raise
-                logger.warning("node %d: membership watch failed (%s); reopening", self._id, exc)
-            await trio.sleep(self._heartbeat_interval)
+                except Exception as exc:
+                    if not started:
+                        raise
+                    self.watch_failures += 1
+                    logger.warning(
+                        "node %d: membership watch failed (%s: %s); reopening",
+                        self._id,
+                        type(exc).__name__,
+                        exc,
+                    )
+                    await trio.sleep(_WATCH_RETRY)
+            self._watch_scope = None
 
     def _signal_lease_change(self) -> None:
         self._leader_changed.set()
@@ -717,7 +834,7 @@ class Node:
     async def _expiry_loop(self) -> None:
         while True:
             changed = self._view_changed
-            with trio.move_on_at(self._view.next_deadline()):
+            with trio.move_on_at(self._view.next_deadline(trio.current_time())):
                 await changed.wait()
             self._publish_events(self._view.expire(trio.current_time()))
 
@@ -734,30 +851,57 @@ class Node:
                     logger.exception("membership handler %r failed", handler)
 
     async def _heartbeat_loop(self) -> None:
-        key = node_key(self._id)
-        while True:
-            await trio.sleep(self._heartbeat_interval)
-            with trio.move_on_after(self._ttl):
-                try:
-                    self._liveness_revision = await self._kv.update(
-                        key,
-                        self._liveness_record(),
-                        revision=self._liveness_revision,
-                        ttl=self._ttl,
-                    )
-                except RevisionMismatchError:
-                    await self._reassert()
-                except TransportClosedError:
-                    raise
-                except TransportError as exc:
-                    logger.warning("node %d: heartbeat failed (%s)", self._id, exc)
+        """Refresh the liveness key every interval, and at once after a reconnect.
 
-    async def _reassert(self) -> None:
-        logger.warning("node %d: liveness key was gone; re-asserting", self._id)
+        No failure ends this task but a closed transport: a failed refresh is
+        logged and retried on the next beat. When no refresh has landed for most of
+        the TTL (a stall, or an outage), others may have declared this node dead, so
+        the next one re-asserts it under a new incarnation.
+        """
+        key = node_key(self._id)
+        last_landed = trio.current_time()
+        while True:
+            beat_now = self._beat_now
+            with trio.move_on_after(self._heartbeat_interval):
+                await beat_now.wait()
+            if beat_now.is_set():
+                self._beat_now = trio.Event()
+            sent_at = trio.current_time()
+            gap = sent_at - last_landed
+            try:
+                with trio.fail_after(self._ttl):
+                    if gap >= self._ttl * _LEASE_SAFETY:
+                        await self._reassert(f"no heartbeat landed for {gap:.2f} s")
+                    else:
+                        try:
+                            self._liveness_revision = await self._kv.update(
+                                key,
+                                self._liveness_record(),
+                                revision=self._liveness_revision,
+                                ttl=self._ttl,
+                            )
+                        except RevisionMismatchError:
+                            await self._reassert("the liveness key was gone")
+                last_landed = sent_at
+            except TransportClosedError:
+                raise
+            except (TransportError, trio.TooSlowError) as exc:
+                logger.warning(
+                    "node %d: heartbeat failed (%s); retrying", self._id, exc or "timed out"
+                )
+
+    async def _reassert(self, why: str) -> None:
+        """Write the liveness key again under a new incarnation; emit REASSERTED."""
+        self._incarnation += 1
+        logger.warning(
+            "node %d: %s; re-asserting as incarnation %d", self._id, why, self._incarnation
+        )
         self._liveness_revision = await self._kv.put(
             node_key(self._id), self._liveness_record(), ttl=self._ttl
         )
-        self._publish_events([MembershipEvent(MembershipEventKind.REASSERTED, self._id)])
+        self._publish_events(
+            [MembershipEvent(MembershipEventKind.REASSERTED, self._id, self._incarnation)]
+        )
 
     async def _serve_requests(self, inbox: Subscription) -> None:
         """One worker of the pool that answers requests.
@@ -811,7 +955,7 @@ class Node:
             return
         handler = self._handlers.get(frame.kind)
         if handler is None:
-            await self._transport.publish(reply_to, _NO_HANDLER_REPLY)
+            await self._send_reply(reply_to, _NO_HANDLER_REPLY, frame.kind)
             return
         key = (frame.sender, frame.request_id)
         worker.request = key
@@ -831,7 +975,29 @@ class Node:
         finally:
             worker.request = None
             del self._running[key]
-        await self._transport._publish_trusted(reply_to, reply)
+        await self._send_reply(reply_to, reply, frame.kind)
+
+    async def _send_reply(self, reply_to: str, reply: bytes, kind: str) -> None:
+        """Send an answer; if it cannot go, tell the requester why instead.
+
+        A failure here must never end the node: it is logged and counted.
+        """
+        try:
+            await self._transport._publish_trusted(reply_to, reply)
+            return
+        except TransportClosedError:
+            logger.debug("node %d: transport closed before answering %r", self._id, kind)
+            return
+        except PayloadTooLargeError as exc:
+            failure = ErrorReply(FailureKind.REPLY_TOO_LARGE, _qualified_name(exc), str(exc))
+        except TransportError as exc:
+            failure = ErrorReply(FailureKind.REPLY_FAILED, _qualified_name(exc), str(exc))
+        self.reply_failures += 1
+        logger.warning("node %d: could not send the answer to %r (%s)", self._id, kind, failure)
+        try:
+            await self._transport._publish_trusted(reply_to, encode(failure))
+        except TransportError as exc:
+            logger.warning("node %d: could not report the failed answer (%s)", self._id, exc)
 
     async def _sweep_handlers(self) -> None:
         """Cancel handlers that outlived the timeout their requester gave them.
@@ -904,6 +1070,7 @@ class Node:
                 continue
             revision, valid_until = acquired
             self._lease_revision = revision
+            self._lease_valid_until = valid_until
             try:
                 async with trio.open_nursery() as term:
                     self._term_nursery = term
@@ -913,6 +1080,7 @@ class Node:
                     term.cancel_scope.cancel()
             finally:
                 self._term_nursery = None
+                self._lease_valid_until = -math.inf
             self._lease_revision = None
 
     async def _campaign(self) -> tuple[int, float] | None:
@@ -959,12 +1127,19 @@ class Node:
             await self._leader_changed.wait()
 
     async def _hold_lease(self, revision: int, valid_until: float) -> None:
-        """Refresh the lease every heartbeat; return once it is lost or lapses."""
+        """Refresh the lease every heartbeat; return once it is lost or lapses.
+
+        The loop never sleeps past ``valid_until``: however fast refreshes fail, the
+        term ends when the lease could next pass to another node.
+        """
+        next_beat = trio.current_time() + self._heartbeat_interval
         while True:
-            await trio.sleep(self._heartbeat_interval)
-            if trio.current_time() >= valid_until:
+            await trio.sleep_until(min(next_beat, valid_until))
+            now = trio.current_time()
+            if now >= valid_until:
+                logger.warning("node %d: leader lease lapsed before it could be refreshed", self._id)
                 return
-            sent_at = trio.current_time()
+            next_beat = now + self._heartbeat_interval
             with trio.move_on_at(valid_until):
                 try:
                     revision = await self._kv.update(
@@ -979,16 +1154,29 @@ class Node:
                     logger.warning("node %d: lease refresh failed (%s)", self._id, exc)
                     continue
                 self._lease_revision = revision
-                valid_until = sent_at + self._ttl * _LEASE_SAFETY
+                valid_until = now + self._ttl * _LEASE_SAFETY
+                self._lease_valid_until = valid_until
                 continue
             logger.warning("node %d: leader lease lapsed before it could be refreshed", self._id)
             return
 
     async def _run_duty(self, duty: Callable[[], Awaitable[None]]) -> None:
-        try:
-            await duty()
-        except Exception:
-            logger.exception("node %d: leader duty %r failed", self._id, duty)
+        """Run ``duty`` for the term; restart it after an error; stop when removed."""
+        with trio.CancelScope() as scope:
+            self._duty_scopes[duty] = scope
+            try:
+                while True:
+                    try:
+                        await duty()
+                        return
+                    except Exception:
+                        logger.exception(
+                            "node %d: leader duty %r failed; restarting it", self._id, duty
+                        )
+                    await trio.sleep(self._heartbeat_interval)
+            finally:
+                if self._duty_scopes.get(duty) is scope:
+                    del self._duty_scopes[duty]
 
 
 @asynccontextmanager

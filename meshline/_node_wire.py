@@ -57,6 +57,10 @@ class FailureKind(enum.IntEnum):
     NO_HANDLER = 1
     HANDLER_RAISED = 2
     BAD_PAYLOAD = 3
+    REPLY_TOO_LARGE = 4
+    """The handler answered, but its answer exceeds what the transport can carry."""
+    REPLY_FAILED = 5
+    """The handler answered, but the answer could not be sent."""
 
 
 class ErrorReply(msgspec.Struct, array_like=True, tag=1, frozen=True):
@@ -81,6 +85,8 @@ class NodeRecord(msgspec.Struct, frozen=True):
     node_id: int
     ttl: int
     started_at_ms: int
+    incarnation: int = 1
+    """Grows each time the node re-asserts itself after a gap in its heartbeats."""
 
 
 class LeaderRecord(msgspec.Struct, frozen=True):

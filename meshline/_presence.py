@@ -1,12 +1,15 @@
-"""A client registry wired to a mesh node: dead-node cleanup, re-assertion, live views.
+"""A client registry wired to a mesh node: fenced cleanup, re-assertion, live views.
 
 :func:`open_client_registry` adds what a registry needs to stay true in a cluster
-where nodes crash and writes can be lost:
+where nodes crash, stall and lose their connection, and where writes can be lost:
 
-- The leader removes the registrations of dead nodes, and hands the orphaned clients
-  to a hook.
-- Every node re-asserts its own registrations now and then, and at once after its
-  own liveness lapsed (when the leader may have cleaned up after it).
+- The leader removes the registrations of dead nodes and reports each one to
+  ``on_orphaned`` as it goes. Cleanup is fenced: it removes only records written by
+  the incarnation that was declared dead, it waits while the leader's own view may
+  be stale, and it stops as soon as the node is seen alive again.
+- Every node re-asserts its own registrations against the server now and then, and
+  at once after it re-asserted its liveness (when the leader may have cleaned up
+  after it). Registrations it had to write again are reported to ``on_restored``.
 - Queries leave out the clients of nodes that are not alive, even before the
   cleanup has run.
 """
@@ -14,57 +17,148 @@ where nodes crash and writes can be lost:
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, Generic
 
+import attrs
 import trio
 
-from ._errors import InvalidArgumentError, TransportError
+from ._errors import InvalidArgumentError, TransportClosedError, TransportError
 from ._membership import MembershipEvent, MembershipEventKind
 from ._node import Node
-from ._registry import ClientRegistry, MetadataT, RegisteredClient, RegistryBackend
+from ._registry import (
+    ClientRecord,
+    ClientRegistry,
+    MetadataT,
+    ReassertOutcome,
+    RegisteredClient,
+    RegistryBackend,
+    now_ms,
+)
 from ._registry_kv import open_kv_registry_backend
-from ._transport import check_timeout
+from ._transport import ConnectionEvent, ConnectionEventKind, check_timeout
 from ._util import single_exceptions
 
-__all__ = ["NodeClientRegistry", "OrphanHandler", "open_client_registry"]
+__all__ = ["NodeClientRegistry", "OrphanHandler", "RestoredHandler", "open_client_registry"]
 
 logger = logging.getLogger("meshline.registry")
 
 OrphanHandler = Callable[[int, list[RegisteredClient[Any]]], Awaitable[None] | None]
 """Called on the leader as ``handler(dead_node_id, orphaned_clients)``."""
 
+RestoredHandler = Callable[[int, list[RegisteredClient[Any]]], Awaitable[None] | None]
+"""Called on a node as ``handler(node_id, restored_clients)`` for its registrations
+that had gone missing and were written again."""
+
+MAX_WRITES_IN_FLIGHT = 64
+"""Registry writes one cleanup or re-assertion pass keeps in flight at once."""
+
+_RETRY_DELAY = 0.5
+"""Seconds before a failed cleanup or removal is tried again."""
+
+_UNCERTAIN_AFTER = 1.0
+"""Seconds after a failed or cancelled register before its fate is looked up."""
+
+
+@attrs.define
+class _Own:
+    """One registration this node made, as it remembers it."""
+
+    token: int
+    metadata: bytes
+    certain: bool
+    """False while it is unknown whether the write landed (it failed, or was
+    cancelled, mid-call); the next re-assertion pass finds out."""
+    since: float
+
+
+@attrs.frozen
+class _Report:
+    hook: str
+    node_id: int
+    records: list[ClientRecord]
+
 
 class NodeClientRegistry(ClientRegistry[MetadataT], Generic[MetadataT]):
     """A :class:`ClientRegistry` bound to a live :class:`Node`.
 
     Reads leave out clients whose node is not alive in the node's membership view.
-    Writes also keep a local list of this node's own registrations, which the
-    re-assertion task writes again if they went missing.
+    Writes also keep a list of this node's own registrations (with their tokens),
+    which re-assertion writes again if they went missing. That list stays right
+    under cancellation: a register or unregister interrupted mid-call is resolved
+    against the registry afterwards, and a removal that failed is retried.
     """
 
     def __init__(self, node: Node, backend: RegistryBackend, *, metadata_type: Any) -> None:
         super().__init__(node.id, backend, metadata_type=metadata_type)
         self.node = node
-        self._own: dict[str, bytes] = {}
+        self._own: dict[str, _Own] = {}
+        self._removals: dict[str, int] = {}
+        """Own registrations whose removal failed: client id -> token. Retried."""
+        self._wake = trio.Event()
+        self._reports: trio.MemorySendChannel[_Report] | None = None
+        self.reassert_failures = 0
+        """Re-assertion or removal writes that failed (they are retried)."""
 
-    async def _register_encoded(self, client_id: str, encoded: bytes) -> int | None:
-        superseded = await super()._register_encoded(client_id, encoded)
-        self._own[client_id] = encoded
+    @property
+    def incarnation(self) -> int:  # type: ignore[override]
+        """The node's current incarnation, recorded with every write."""
+        return self.node.incarnation
+
+    @incarnation.setter
+    def incarnation(self, value: int) -> None:
+        """The node owns its incarnation; the base class's initial value is ignored."""
+
+    def holds(self, client_id: str) -> bool:
+        """Whether this node registered ``client_id`` and has not unregistered it."""
+        return client_id in self._own
+
+    # ------------------------------------------------------------------ writes
+
+    async def _register_encoded(self, client_id: str, encoded: bytes, token: int) -> int | None:
+        entry = _Own(token, encoded, certain=False, since=trio.current_time())
+        self._own[client_id] = entry
+        self._removals.pop(client_id, None)
+        try:
+            superseded = await super()._register_encoded(client_id, encoded, token)
+        except BaseException:
+            self._wake.set()
+            raise
+        entry.certain = True
         return superseded
 
-    async def unregister(self, client_id: str) -> bool:
-        self._own.pop(client_id, None)
-        return await super().unregister(client_id)
+    async def unregister(self, client_id: str, *, token: int | None = None) -> bool:
+        """Remove the registration if this node owns it (and, with ``token``, only
+        if it is that registration); return whether it did.
 
-    async def _update_encoded(self, client_id: str, encoded: bytes) -> bool:
-        updated = await super()._update_encoded(client_id, encoded)
-        if updated:
-            self._own[client_id] = encoded
-        else:
-            self._own.pop(client_id, None)
+        If the call fails or is cancelled, the removal is retried in the background
+        until it is done or the registration is no longer this node's.
+        """
+        entry = self._own.get(client_id)
+        mine = entry is not None and (token is None or entry.token == token)
+        if mine and entry is not None:
+            del self._own[client_id]
+        try:
+            return await super().unregister(client_id, token=token)
+        except BaseException:
+            if mine and entry is not None:
+                self._removals[client_id] = entry.token
+                self._wake.set()
+            raise
+
+    async def _update_encoded(self, client_id: str, encoded: bytes, token: int | None) -> bool:
+        entry = self._own.get(client_id)
+        mine = entry is not None and (token is None or entry.token == token)
+        if mine and entry is not None:
+            entry.metadata = encoded
+        updated = await super()._update_encoded(client_id, encoded, token)
+        if not updated and mine and self._own.get(client_id) is entry:
+            del self._own[client_id]
         return updated
+
+    # ------------------------------------------------------------------ reads
 
     async def get_client(self, client_id: str) -> RegisteredClient[MetadataT] | None:
         client = await super().get_client(client_id)
@@ -97,23 +191,130 @@ class NodeClientRegistry(ClientRegistry[MetadataT], Generic[MetadataT]):
             total += await self.backend.count_clients_for_node(node_id)
         return total
 
-    async def reassert(self) -> int:
-        """Write again each own registration that went missing; return how many.
+    # ------------------------------------------------------------------ re-assertion
 
-        A registration that now belongs to another node is dropped from this node's
-        list instead: the client moved, and this node must not take it back.
+    async def reassert(self) -> int:
+        """Re-assert every own registration against the server; return how many
+        had gone missing and were written again.
+
+        Each write is authoritative (create where absent, compare-and-set where
+        present) and carries the node's current incarnation, so a cleanup of an
+        older incarnation cannot remove it. A registration that another node or a
+        newer registration now holds is forgotten, never taken back. Restored ones
+        are reported to ``on_restored``. A write that fails is counted and left for
+        the next pass.
+
+        :raises TransportError: some writes failed (the others went ahead).
         """
-        restored = 0
-        for client_id, metadata in list(self._own.items()):
-            record = await self.backend.get_client(client_id)
-            if record is None:
-                if await self.backend.restore(client_id, self.node_id, metadata):
-                    restored += 1
-                    continue
-                record = await self.backend.get_client(client_id)
-            if record is not None and record.node_id != self.node_id:
-                self._own.pop(client_id, None)
-        return restored
+        incarnation = self.node.incarnation
+        restored: list[ClientRecord] = []
+        failures: list[TransportError] = []
+        limiter = trio.CapacityLimiter(MAX_WRITES_IN_FLIGHT)
+        now = trio.current_time()
+
+        async def reassert_one(client_id: str, entry: _Own) -> None:
+            async with limiter:
+                if self._own.get(client_id) is not entry:
+                    return
+                try:
+                    if not entry.certain:
+                        await self._resolve(client_id, entry)
+                        return
+                    outcome = await self.backend.reassert(
+                        client_id,
+                        self.node_id,
+                        entry.metadata,
+                        token=entry.token,
+                        incarnation=incarnation,
+                    )
+                except TransportClosedError:
+                    raise
+                except TransportError as exc:
+                    failures.append(exc)
+                    return
+                if outcome is ReassertOutcome.RESTORED:
+                    restored.append(
+                        ClientRecord(
+                            client_id, self.node_id, now_ms(), entry.metadata, entry.token, incarnation
+                        )
+                    )
+                elif outcome is ReassertOutcome.GONE and self._own.get(client_id) is entry:
+                    del self._own[client_id]
+
+        async def remove_one(client_id: str, token: int) -> None:
+            async with limiter:
+                try:
+                    await ClientRegistry.unregister(self, client_id, token=token)
+                except TransportClosedError:
+                    raise
+                except TransportError as exc:
+                    failures.append(exc)
+                    return
+                if self._removals.get(client_id) == token:
+                    del self._removals[client_id]
+
+        async with trio.open_nursery() as nursery:
+            for client_id, entry in list(self._own.items()):
+                if entry.certain or now - entry.since >= _UNCERTAIN_AFTER:
+                    nursery.start_soon(reassert_one, client_id, entry)
+            for client_id, token in list(self._removals.items()):
+                nursery.start_soon(remove_one, client_id, token)
+        if restored:
+            logger.warning(
+                "node %d: %d registrations had gone missing and were restored",
+                self.node_id,
+                len(restored),
+            )
+            self._report("on_restored", self.node_id, restored)
+        if failures:
+            self.reassert_failures += len(failures)
+            raise TransportError(
+                f"{len(failures)} registry writes failed while re-asserting: {failures[0]}"
+            )
+        return len(restored)
+
+    async def _resolve(self, client_id: str, entry: _Own) -> None:
+        """Find out whether a register that failed or was cancelled mid-call landed:
+        keep it if the registry holds it under its token, else forget it."""
+        record = await self.backend.get_client(client_id)
+        if record is not None and record.node_id == self.node_id and record.token == entry.token:
+            entry.certain = True
+        elif self._own.get(client_id) is entry:
+            del self._own[client_id]
+
+    def _report(self, hook: str, node_id: int, records: list[ClientRecord]) -> None:
+        if self._reports is not None and records:
+            self._reports.send_nowait(_Report(hook, node_id, records))
+
+    async def _remove_own(self) -> None:
+        """Remove every own registration (ownership- and token-safe), concurrently."""
+        limiter = trio.CapacityLimiter(MAX_WRITES_IN_FLIGHT)
+        targets = {client_id: entry.token for client_id, entry in self._own.items()}
+        targets.update(self._removals)
+
+        async def remove(client_id: str, token: int) -> None:
+            async with limiter:
+                try:
+                    await ClientRegistry.unregister(self, client_id, token=token)
+                except TransportError as exc:
+                    logger.warning(
+                        "node %d: could not remove %r on exit (%s)", self.node_id, client_id, exc
+                    )
+
+        async with trio.open_nursery() as nursery:
+            for client_id, token in targets.items():
+                nursery.start_soon(remove, client_id, token)
+        self._own.clear()
+        self._removals.clear()
+
+
+async def _call_hook(hook: Callable[..., Any], name: str, *args: Any) -> None:
+    try:
+        result = hook(*args)
+        if result is not None:
+            await result
+    except Exception:
+        logger.exception("%s hook failed", name)
 
 
 @asynccontextmanager
@@ -123,6 +324,7 @@ async def open_client_registry(
     backend: RegistryBackend | None = None,
     metadata_type: Any = dict,
     on_orphaned: OrphanHandler | None = None,
+    on_restored: RestoredHandler | None = None,
     reassert_interval: float = 10.0,
 ) -> AsyncIterator[NodeClientRegistry[Any]]:
     """A client registry for ``node``, with cleanup and re-assertion, for the block.
@@ -130,23 +332,34 @@ async def open_client_registry(
     :param backend: where registrations live; by default the KV backend on the node's
         transport, in a bucket of the node's mesh.
     :param metadata_type: what metadata decodes into (see :class:`ClientRegistry`).
-    :param on_orphaned: called on the leader with ``(dead_node_id, clients)`` after
-        it removed the registrations a dead node still owned.
+    :param on_orphaned: called on the leader as ``(dead_node_id, clients)`` with the
+        registrations it removed for a dead node, in batches, as they are removed.
+        A client whose metadata does not decode is still reported, with the raw
+        bytes as its metadata.
+    :param on_restored: called on this node as ``(node_id, clients)`` with its own
+        registrations that had gone missing (the leader cleaned up after a false
+        death, or the store lost them) and were written again. With both hooks, a
+        flap reads as offline then online, never silently.
     :param reassert_interval: seconds between re-assertions of this node's own
         registrations.
 
-    On exit, this node's own registrations are removed (ownership-safe), shielded.
+    Hooks run one call at a time in a task of their own, so a slow hook delays
+    neither cleanup nor re-assertion; an exception from a hook is logged.
+
+    On exit, this node's own registrations are removed (ownership- and
+    token-safe), shielded, within 2 seconds.
     """
     check_timeout(reassert_interval)
     if backend is None:
         async with open_kv_registry_backend(
-            node._transport, node.key, _namespace=node._namespace
+            node.transport, node.key, _namespace=node.namespace
         ) as kv_backend:
             async with open_client_registry(
                 node,
                 backend=kv_backend,
                 metadata_type=metadata_type,
                 on_orphaned=on_orphaned,
+                on_restored=on_restored,
                 reassert_interval=reassert_interval,
             ) as kv_registry:
                 yield kv_registry
@@ -156,58 +369,147 @@ async def open_client_registry(
     registry: NodeClientRegistry[Any] = NodeClientRegistry(
         node, backend, metadata_type=metadata_type
     )
+    hooks: dict[str, Callable[..., Any] | None] = {
+        "on_orphaned": on_orphaned,
+        "on_restored": on_restored,
+    }
+    # Unbounded on purpose: each report stands for registrations already removed or
+    # restored, so dropping one would make the application's picture wrong, and the
+    # backlog is bounded by the number of registrations.
+    send_reports, receive_reports = trio.open_memory_channel[_Report](math.inf)
+    registry._reports = send_reports
 
-    async def report(node_id: int, clients: list[RegisteredClient[Any]]) -> None:
-        if on_orphaned is None or not clients:
-            return
-        try:
-            result = on_orphaned(node_id, clients)
-            if result is not None:
-                await result
-        except Exception:
-            logger.exception("on_orphaned hook failed for node %d", node_id)
+    reports_delivered = trio.Event()
 
-    async def clean_up(node_id: int) -> None:
+    async def deliver_reports() -> None:
         try:
-            orphans = await ClientRegistry.cleanup_node(registry, node_id)
-        except TransportError as exc:
-            logger.warning("cleanup of node %d failed (%s)", node_id, exc)
-            return
-        await report(node_id, orphans)
+            await deliver_each_report()
+        finally:
+            reports_delivered.set()
+
+    async def deliver_each_report() -> None:
+        async for report in receive_reports:
+            batch = [report]
+            while True:
+                try:
+                    batch.append(receive_reports.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            grouped: dict[tuple[str, int], list[ClientRecord]] = {}
+            for item in batch:
+                grouped.setdefault((item.hook, item.node_id), []).extend(item.records)
+            for (name, node_id), records in grouped.items():
+                hook = hooks[name]
+                if hook is None:
+                    continue
+                clients = [registry.decode_client(record, lenient=True) for record in records]
+                await _call_hook(hook, name, node_id, clients)
+
+    cleaning: dict[int, int | None] = {}
+    """Dead nodes being cleaned up now -> the incarnation being cleaned up."""
+
+    async def clean_up(dead: int) -> None:
+        """Remove the dead incarnation's records of ``dead``, reporting each batch.
+
+        Retries failed removals; stops once ``dead`` is seen alive again.
+        """
+        limiter = trio.CapacityLimiter(MAX_WRITES_IN_FLIGHT)
+        try:
+            while True:
+                await node.wait_for_trustworthy_view()
+                if node.is_alive(dead):
+                    logger.info("node %d is alive again; its cleanup stops", dead)
+                    return
+                incarnation = cleaning[dead]
+                targets = [
+                    record
+                    for record in await backend.list_clients_for_node(dead)
+                    if incarnation is None or record.incarnation <= incarnation
+                ]
+                failed = 0
+
+                async def remove(record: ClientRecord, fenced: int | None) -> None:
+                    nonlocal failed
+                    async with limiter:
+                        if node.is_alive(dead) or not node.view_is_trustworthy:
+                            failed += 1
+                            return
+                        try:
+                            removed = await backend.cleanup_client(
+                                record.client_id, dead, incarnation=fenced
+                            )
+                        except TransportClosedError:
+                            raise
+                        except TransportError as exc:
+                            failed += 1
+                            logger.warning("cleanup of a client of node %d failed (%s)", dead, exc)
+                            return
+                    if removed is not None:
+                        registry._report("on_orphaned", dead, [removed])
+
+                async with trio.open_nursery() as nursery:
+                    for record in targets:
+                        nursery.start_soon(remove, record, incarnation)
+                if not failed:
+                    return
+                await trio.sleep(_RETRY_DELAY)
+        finally:
+            del cleaning[dead]
 
     async def leader_duty() -> None:
-        async with node.membership_events() as events:
-            owners = {client.node_id for client in await ClientRegistry.list_clients(registry)}
+        async with node.membership_events() as events, trio.open_nursery() as nursery:
+
+            def start_cleanup(dead: int, incarnation: int | None) -> None:
+                if dead in cleaning:
+                    current = cleaning[dead]
+                    if current is not None and (incarnation is None or incarnation > current):
+                        cleaning[dead] = incarnation  # the running cleanup picks it up
+                    return
+                cleaning[dead] = incarnation
+                nursery.start_soon(clean_up, dead)
+
+            await node.wait_for_trustworthy_view()
+            owners = {record.node_id for record in await backend.list_clients()}
             for owner in sorted(owners - node.alive_nodes()):
-                await clean_up(owner)
+                start_cleanup(owner, node.incarnation_of(owner))
             async for event in events:
                 if event.kind is MembershipEventKind.DOWN and event.node_id is not None:
-                    await clean_up(event.node_id)
-
-    wake_up = [trio.Event()]
+                    start_cleanup(event.node_id, event.incarnation)
 
     def on_event(event: MembershipEvent) -> None:
-        if event.kind is MembershipEventKind.REASSERTED:
-            wake_up[0].set()
+        if event.kind is MembershipEventKind.REASSERTED and event.node_id == node.id:
+            registry._wake.set()
+
+    def on_connection(event: ConnectionEvent) -> None:
+        if event.kind is ConnectionEventKind.RECONNECTED:
+            reload = getattr(backend, "request_reload", None)
+            if callable(reload):
+                reload()
 
     async def keep_asserting() -> None:
         while True:
-            woken = wake_up[0]
+            wake_up = registry._wake
             with trio.move_on_after(reassert_interval):
-                await woken.wait()
-            if woken.is_set():
-                wake_up[0] = trio.Event()
+                await wake_up.wait()
+            if wake_up.is_set():
+                registry._wake = trio.Event()
             try:
                 restored = await registry.reassert()
+            except TransportClosedError:
+                raise
             except TransportError as exc:
-                logger.warning("re-asserting registrations failed (%s)", exc)
+                logger.warning("node %d: re-asserting registrations failed (%s)", node.id, exc)
+                await trio.sleep(_RETRY_DELAY)
+                registry._wake.set()
                 continue
             if restored:
                 logger.info("node %d re-asserted %d registrations", node.id, restored)
 
     with single_exceptions():
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(deliver_reports)
             remove_handler = node.add_membership_handler(on_event)
+            remove_listener = node.transport.add_connection_listener(on_connection)
             remove_duty = node.add_leader_duty(leader_duty)
             nursery.start_soon(keep_asserting)
             try:
@@ -215,10 +517,9 @@ async def open_client_registry(
             finally:
                 remove_duty()
                 remove_handler()
-                nursery.cancel_scope.cancel()
+                remove_listener()
                 with trio.move_on_after(2.0, shield=True):
-                    for client_id in list(registry._own):
-                        try:
-                            await registry.unregister(client_id)
-                        except TransportError:
-                            break
+                    await registry._remove_own()
+                    send_reports.close()
+                    await reports_delivered.wait()
+                nursery.cancel_scope.cancel()

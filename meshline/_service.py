@@ -29,8 +29,8 @@ from ._errors import (
 )
 from ._node import DEFAULT_REQUEST_TIMEOUT, Node, _qualified_name, open_node
 from ._node_wire import decode_payload, encode_payload
-from ._presence import NodeClientRegistry, OrphanHandler, open_client_registry
-from ._registry import ClientRecord, MetadataT, RegistryBackend, check_client_id
+from ._presence import NodeClientRegistry, OrphanHandler, RestoredHandler, open_client_registry
+from ._registry import ClientRecord, MetadataT, Registration, RegistryBackend, check_client_id
 from ._transport import Transport, check_timeout
 
 __all__ = ["ClientInvoke", "ClientService", "open_client_service"]
@@ -86,17 +86,26 @@ class ClientService(Generic[MetadataT]):
         """The registry of every client in the cluster."""
         return self._registry
 
-    async def register_client(self, client_id: str, metadata: MetadataT) -> int | None:
-        """Register a client connected to this node; return the node it moved from."""
+    async def register_client(self, client_id: str, metadata: MetadataT) -> Registration:
+        """Register a client connected to this node.
+
+        The returned :class:`Registration` names the node the client moved from, if
+        any, and carries a token: pass it to :meth:`unregister_client` so that a late
+        call for an old connection never removes a newer one.
+        """
         return await self._registry.register(client_id, metadata)
 
-    async def unregister_client(self, client_id: str) -> bool:
-        """Unregister a client of this node; False if it has moved to another node."""
-        return await self._registry.unregister(client_id)
+    async def unregister_client(self, client_id: str, *, token: int | None = None) -> bool:
+        """Unregister a client of this node; False if it has moved to another node,
+        or, with ``token``, if a newer registration of it replaced that one."""
+        return await self._registry.unregister(client_id, token=token)
 
-    async def update_client_metadata(self, client_id: str, metadata: MetadataT) -> bool:
-        """Update a client's metadata; False if it is not registered on this node."""
-        return await self._registry.update_metadata(client_id, metadata)
+    async def update_client_metadata(
+        self, client_id: str, metadata: MetadataT, *, token: int | None = None
+    ) -> bool:
+        """Update a client's metadata; False if it is not registered on this node
+        (or, with ``token``, not under that registration)."""
+        return await self._registry.update_metadata(client_id, metadata, token=token)
 
     def register_broadcast_handler(
         self, kind: str | BroadcastType[Any], handler: Callable[[Any, int], Any]
@@ -176,7 +185,7 @@ class ClientService(Generic[MetadataT]):
 
     async def _holds(self, client_id: str) -> bool:
         """Whether this node has the client: registered here, and not moved away."""
-        if client_id not in self._registry._own:
+        if not self._registry.holds(client_id):
             return False
         record = await self._lookup(client_id)
         return record is not None and record.node_id == self._node.id
@@ -222,6 +231,7 @@ async def open_client_service(
     metadata_type: Any = dict,
     backend: RegistryBackend | None = None,
     on_orphaned: OrphanHandler | None = None,
+    on_restored: RestoredHandler | None = None,
     reassert_interval: float = 10.0,
     **node_options: Any,
 ) -> AsyncIterator[ClientService[Any]]:
@@ -232,8 +242,9 @@ async def open_client_service(
     is called (in a task of this node) whenever any node invokes a client registered
     here; what it returns goes back to the caller.
 
-    ``metadata_type``, ``backend``, ``on_orphaned`` and ``reassert_interval`` go to
-    :func:`open_client_registry`; other keyword arguments to :func:`open_node`.
+    ``metadata_type``, ``backend``, ``on_orphaned``, ``on_restored`` and
+    ``reassert_interval`` go to :func:`open_client_registry`; other keyword arguments
+    to :func:`open_node`.
 
     Leaving the block unregisters this node's clients (ownership-safe), then leaves
     the mesh.
@@ -245,6 +256,7 @@ async def open_client_service(
             backend=backend,
             metadata_type=metadata_type,
             on_orphaned=on_orphaned,
+            on_restored=on_restored,
             reassert_interval=reassert_interval,
         ) as registry,
     ):
