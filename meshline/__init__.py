@@ -46,10 +46,14 @@ from ._node import MembershipEvents as MembershipEvents
 from ._node import Node as Node
 from ._node import open_node as open_node
 from ._presence import NodeClientRegistry as NodeClientRegistry
+from ._presence import OrphanHandler as OrphanHandler
+from ._presence import RestoredHandler as RestoredHandler
 from ._presence import open_client_registry as open_client_registry
 from ._registry import ClientRecord as ClientRecord
 from ._registry import ClientRegistry as ClientRegistry
+from ._registry import ReassertOutcome as ReassertOutcome
 from ._registry import RegisteredClient as RegisteredClient
+from ._registry import Registration as Registration
 from ._registry import RegistryBackend as RegistryBackend
 from ._registry_kv import KVRegistryBackend as KVRegistryBackend
 from ._registry_kv import open_kv_registry_backend as open_kv_registry_backend
@@ -57,6 +61,8 @@ from ._registry_memory import MemoryRegistryBackend as MemoryRegistryBackend
 from ._registry_sqlite import SQLiteRegistryBackend as SQLiteRegistryBackend
 from ._service import ClientService as ClientService
 from ._service import open_client_service as open_client_service
+from ._transport import ConnectionEvent as ConnectionEvent
+from ._transport import ConnectionEventKind as ConnectionEventKind
 from ._transport import KeyValue as KeyValue
 from ._transport import KVEntry as KVEntry
 from ._transport import KVOperation as KVOperation

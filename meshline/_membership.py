@@ -246,9 +246,7 @@ class MembershipView:
         self._suspects.discard(node_id)
         if stale_revision is not None:
             self._declared_dead[node_id] = stale_revision
-        return MembershipEvent(
-            MembershipEventKind.DOWN, node_id, self._incarnations.get(node_id)
-        )
+        return MembershipEvent(MembershipEventKind.DOWN, node_id, self._incarnations.get(node_id))
 
     def _node_written(self, node_id: int, entry: KVEntry, now: float) -> list[MembershipEvent]:
         try:

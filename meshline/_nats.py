@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, TypeVar
@@ -54,6 +55,8 @@ from ._errors import (
 from ._names import validate_bucket, validate_key, validate_subject
 from ._timer import DeadlineTimer
 from ._transport import (
+    ConnectionEvent,
+    ConnectionEventKind,
     KeyValue,
     KVEntry,
     KVOperation,
@@ -68,6 +71,8 @@ from ._transport import (
 from ._util import single_exceptions
 
 __all__ = ["NatsTransport", "open_nats_transport"]
+
+logger = logging.getLogger("meshline.transport")
 
 T = TypeVar("T")
 
@@ -365,10 +370,13 @@ class NatsTransport(Transport):
             raise TransportClosedError("the NATS transport is closed")
 
     def _enqueue(self, subject: str, reply: str, data: bytes, headers: bytes = b"") -> None:
-        """Queue one PUB (or HPUB) command for nats-py's flusher, without the bridge."""
+        """Queue one PUB (or HPUB) command for nats-py's flusher, without the bridge.
+
+        The size checked is what the server checks: headers plus data.
+        """
         nc = self._nc
         self._check_open()
-        size = len(data)
+        size = len(data) + len(headers)
         if size > nc._max_payload:
             raise PayloadTooLargeError(
                 f"message of {size} bytes exceeds the server's max_payload of {nc._max_payload}"
@@ -556,8 +564,41 @@ async def open_nats_transport(
     5 seconds.
     """
 
-    async def noop_callback(*_: Any) -> None:
-        pass
+    opened: list[NatsTransport] = []
+    user_callbacks = {
+        name: nats_options.pop(name, None)
+        for name in ("error_cb", "disconnected_cb", "reconnected_cb")
+    }
+
+    async def tell(event: ConnectionEvent, user_callback: Any, *args: Any) -> None:
+        """asyncio side: log, then hand the event to the Trio-side listeners (both
+        loops share this thread), then call the user's own callback, if any."""
+        if opened and not opened[0]._closed:
+            opened[0]._emit_connection_event(event)
+        if user_callback is not None:
+            await user_callback(*args)
+
+    async def on_error(exc: Exception) -> None:
+        if isinstance(exc, nats.errors.SlowConsumerError):
+            kind = ConnectionEventKind.SLOW_CONSUMER
+        else:
+            kind = ConnectionEventKind.SERVER_ERROR
+        logger.warning("NATS %s: %s: %s", kind.value, type(exc).__name__, exc)
+        await tell(ConnectionEvent(kind, str(exc)), user_callbacks["error_cb"], exc)
+
+    async def on_disconnected() -> None:
+        if opened and opened[0]._closed:
+            return
+        logger.warning("NATS connection lost; reconnecting")
+        event = ConnectionEvent(ConnectionEventKind.DISCONNECTED)
+        await tell(event, user_callbacks["disconnected_cb"])
+
+    async def on_reconnected() -> None:
+        url = opened[0]._nc.connected_url if opened else None
+        where = "" if url is None else f"{url.scheme}://{url.hostname}:{url.port}"
+        logger.info("NATS connection back (%s)", where)
+        event = ConnectionEvent(ConnectionEventKind.RECONNECTED, where)
+        await tell(event, user_callbacks["reconnected_cb"])
 
     options: dict[str, Any] = {
         "servers": [servers] if isinstance(servers, str) else list(servers),
@@ -566,9 +607,9 @@ async def open_nats_transport(
         "reconnect_time_wait": reconnect_wait,
         "max_reconnect_attempts": -1,
         "allow_reconnect": True,
-        "error_cb": noop_callback,
-        "disconnected_cb": noop_callback,
-        "reconnected_cb": noop_callback,
+        "error_cb": on_error,
+        "disconnected_cb": on_disconnected,
+        "reconnected_cb": on_reconnected,
     }
     options.update(nats_options)
     with single_exceptions():
@@ -576,6 +617,7 @@ async def open_nats_transport(
             with _mapped_errors("connect"), trio.fail_after(connect_timeout * 2 + 1):
                 nc = await trio_asyncio.aio_as_trio(nats.connect)(**options)
             transport = NatsTransport(nc, loop)
+            opened.append(transport)
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(transport._timer.run)

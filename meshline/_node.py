@@ -607,7 +607,9 @@ class Node:
         if answer.kind is FailureKind.BAD_PAYLOAD:
             raise PayloadError(f"node {node_id} could not decode {name!r}: {answer.message}")
         if answer.kind is FailureKind.REPLY_TOO_LARGE:
-            raise PayloadTooLargeError(f"the answer of node {node_id} to {name!r}: {answer.message}")
+            raise PayloadTooLargeError(
+                f"the answer of node {node_id} to {name!r}: {answer.message}"
+            )
         raise RemoteHandlerError(node_id, name, answer.error_type, answer.message)
 
     def _node_subject(self, node_id: int) -> str:
@@ -717,7 +719,9 @@ class Node:
             logger.warning("node %d: connection lost; the view is stale", self._id)
             self._view.disconnected()
         elif event.kind is ConnectionEventKind.RECONNECTED:
-            logger.info("node %d: reconnected; reopening the watch, holding %d s", self._id, self._ttl)
+            logger.info(
+                "node %d: reconnected; reopening the watch, holding %d s", self._id, self._ttl
+            )
             self._view.reconnected(trio.current_time(), self._ttl)
             if self._watch_scope is not None:
                 self._watch_scope.cancel()
@@ -1137,7 +1141,9 @@ class Node:
             await trio.sleep_until(min(next_beat, valid_until))
             now = trio.current_time()
             if now >= valid_until:
-                logger.warning("node %d: leader lease lapsed before it could be refreshed", self._id)
+                logger.warning(
+                    "node %d: leader lease lapsed before it could be refreshed", self._id
+                )
                 return
             next_beat = now + self._heartbeat_interval
             with trio.move_on_at(valid_until):

@@ -103,13 +103,9 @@ class NodeClientRegistry(ClientRegistry[MetadataT], Generic[MetadataT]):
         """Re-assertion or removal writes that failed (they are retried)."""
 
     @property
-    def incarnation(self) -> int:  # type: ignore[override]
+    def incarnation(self) -> int:
         """The node's current incarnation, recorded with every write."""
         return self.node.incarnation
-
-    @incarnation.setter
-    def incarnation(self, value: int) -> None:
-        """The node owns its incarnation; the base class's initial value is ignored."""
 
     def holds(self, client_id: str) -> bool:
         """Whether this node registered ``client_id`` and has not unregistered it."""
@@ -235,7 +231,12 @@ class NodeClientRegistry(ClientRegistry[MetadataT], Generic[MetadataT]):
                 if outcome is ReassertOutcome.RESTORED:
                     restored.append(
                         ClientRecord(
-                            client_id, self.node_id, now_ms(), entry.metadata, entry.token, incarnation
+                            client_id,
+                            self.node_id,
+                            now_ms(),
+                            entry.metadata,
+                            entry.token,
+                            incarnation,
                         )
                     )
                 elif outcome is ReassertOutcome.GONE and self._own.get(client_id) is entry:

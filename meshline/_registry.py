@@ -7,17 +7,23 @@ lost a client to another node, or was declared dead) from clobbering newer truth
 
 The rules, which every backend implements and :mod:`meshline.testing` checks:
 
-- ``restore`` writes only where no registration exists.
-
 - ``register`` always wins: it replaces any registration atomically, and reports
-  which other node held the client before, if any.
+  which other node held the client before, if any. Each registration carries a
+  token, chosen by the registering side, and the registering node's incarnation.
 - ``unregister`` and ``update_metadata`` act only if the caller's node owns the
-  registration at that moment; otherwise they change nothing and return False.
-- ``cleanup_node`` removes exactly the registrations the dead node still owns.
+  registration at that moment (and, given a token, only if it is that
+  registration); otherwise they change nothing and return False.
+- ``reassert`` writes a node's own registration back where nothing is registered,
+  refreshes it where the same node and token hold it, and gives up otherwise. It
+  decides on the store's current state, never on a possibly stale copy.
+- ``cleanup_node`` and ``cleanup_client`` remove exactly the registrations the dead
+  node still owns, written by the given incarnation or an older one.
 """
 
 from __future__ import annotations
 
+import enum
+import secrets
 import time
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
@@ -32,7 +38,9 @@ __all__ = [
     "MAX_CLIENT_ID_BYTES",
     "ClientRecord",
     "ClientRegistry",
+    "ReassertOutcome",
     "RegisteredClient",
+    "Registration",
     "RegistryBackend",
     "check_client_id",
     "now_ms",
@@ -66,6 +74,10 @@ class ClientRecord:
     connected_at: int
     """When the client registered, in epoch milliseconds, set by the backend."""
     metadata: bytes
+    token: int = 0
+    """Names this registration among the registrations of the same client."""
+    incarnation: int = 0
+    """The owner node's incarnation when it last wrote the record."""
 
 
 @attrs.frozen
@@ -77,6 +89,59 @@ class RegisteredClient(Generic[MetadataT]):
     connected_at: int
     """When the client registered on ``node_id``, in epoch milliseconds."""
     metadata: MetadataT
+    token: int = 0
+    """Names this registration; see :class:`Registration`."""
+    incarnation: int = 0
+    """The owner node's incarnation when it last wrote the registration."""
+
+
+@attrs.frozen
+class Registration:
+    """What :meth:`ClientRegistry.register` did.
+
+    Pass :attr:`token` to ``unregister`` and ``update_metadata`` so that a late call
+    made for an older connection of the same client never touches this registration.
+    """
+
+    client_id: str
+    node_id: int
+    token: int
+    superseded: int | None
+    """The other node that held the client before, if any."""
+
+
+class ReassertOutcome(enum.StrEnum):
+    """What :meth:`RegistryBackend.reassert` found and did."""
+
+    RESTORED = "restored"
+    """Nothing was registered: the registration was written again."""
+    KEPT = "kept"
+    """The same node and token hold it; its incarnation is now up to date."""
+    GONE = "gone"
+    """Another node, or a newer registration, holds the client: forget it."""
+
+
+def new_token() -> int:
+    """A fresh registration token: random, never 0 (0 is "no token recorded")."""
+    return secrets.randbits(62) + 1
+
+
+def owned(record: ClientRecord | None, node_id: int, token: int | None) -> bool:
+    """Whether ``record`` belongs to ``node_id`` (and to registration ``token``)."""
+    return (
+        record is not None
+        and record.node_id == node_id
+        and (token is None or record.token == token)
+    )
+
+
+def fenced(record: ClientRecord | None, node_id: int, incarnation: int | None) -> bool:
+    """Whether a cleanup of ``node_id`` up to ``incarnation`` may remove ``record``."""
+    return (
+        record is not None
+        and record.node_id == node_id
+        and (incarnation is None or record.incarnation <= incarnation)
+    )
 
 
 @runtime_checkable
@@ -88,27 +153,43 @@ class RegistryBackend(Protocol):
     opaque bytes. Run ``meshline.testing.RegistryBackendSuite`` against your backend.
     """
 
-    async def register(self, client_id: str, node_id: int, metadata: bytes) -> int | None:
+    async def register(
+        self,
+        client_id: str,
+        node_id: int,
+        metadata: bytes,
+        *,
+        token: int = 0,
+        incarnation: int = 0,
+    ) -> int | None:
         """Record ``client_id`` on ``node_id``, replacing any registration.
 
         Returns the node that held it before if that is another node, else None.
         """
         ...
 
-    async def restore(self, client_id: str, node_id: int, metadata: bytes) -> bool:
-        """Record ``client_id`` on ``node_id`` only if nobody holds it; return whether it did.
+    async def reassert(
+        self, client_id: str, node_id: int, metadata: bytes, *, token: int, incarnation: int
+    ) -> ReassertOutcome:
+        """Write a node's own registration back, or confirm it, from the store's
+        current state (never a cached copy).
 
-        Used to re-assert a registration that was lost, without taking a client
-        back from a node it has since moved to.
+        Absent: write it (``RESTORED``). Held by ``node_id`` under ``token``: bring
+        its metadata and incarnation up to date (``KEPT``). Held by anyone else, or by
+        another registration of ``node_id``: change nothing (``GONE``).
         """
         ...
 
-    async def unregister(self, client_id: str, node_id: int) -> bool:
-        """Remove the registration if ``node_id`` owns it; return whether it did."""
+    async def unregister(self, client_id: str, node_id: int, *, token: int | None = None) -> bool:
+        """Remove the registration if ``node_id`` owns it (and it carries ``token``,
+        if given); return whether it did."""
         ...
 
-    async def update_metadata(self, client_id: str, node_id: int, metadata: bytes) -> bool:
-        """Replace the metadata if ``node_id`` owns the registration; keep ``connected_at``."""
+    async def update_metadata(
+        self, client_id: str, node_id: int, metadata: bytes, *, token: int | None = None
+    ) -> bool:
+        """Replace the metadata under the same condition as :meth:`unregister`; keep
+        ``connected_at``, the token and the incarnation."""
         ...
 
     async def get_client(self, client_id: str) -> ClientRecord | None:
@@ -123,8 +204,18 @@ class RegistryBackend(Protocol):
         """The registrations ``node_id`` owns."""
         ...
 
-    async def cleanup_node(self, node_id: int) -> list[ClientRecord]:
-        """Remove the registrations ``node_id`` still owns; return what was removed."""
+    async def cleanup_client(
+        self, client_id: str, node_id: int, *, incarnation: int | None = None
+    ) -> ClientRecord | None:
+        """Remove the registration if ``node_id`` owns it and wrote it as
+        ``incarnation`` or older (any, if None); return what was removed."""
+        ...
+
+    async def cleanup_node(
+        self, node_id: int, *, incarnation: int | None = None
+    ) -> list[ClientRecord]:
+        """Remove what ``node_id`` still owns under the condition of
+        :meth:`cleanup_client`; return what was removed."""
         ...
 
     async def count_clients_for_node(self, node_id: int) -> int:
@@ -177,44 +268,84 @@ class ClientRegistry(Generic[MetadataT]):
         self.backend = backend
         self._codec: _MetadataCodec[MetadataT] = _MetadataCodec(metadata_type)
 
-    def _client(self, record: ClientRecord) -> RegisteredClient[MetadataT]:
+    @property
+    def incarnation(self) -> int:
+        """The incarnation recorded with this registry's writes (0 when unbound)."""
+        return 0
+
+    def decode_client(
+        self, record: ClientRecord, *, lenient: bool = False
+    ) -> RegisteredClient[Any]:
+        """Turn a stored record into a :class:`RegisteredClient`.
+
+        :raises PayloadError: the metadata does not decode as ``metadata_type``;
+            with ``lenient``, the raw bytes are returned as the metadata instead.
+        """
+        try:
+            metadata: Any = self._codec.decode(record.metadata)
+        except PayloadError:
+            if not lenient:
+                raise
+            metadata = record.metadata
         return RegisteredClient(
             record.client_id,
             record.node_id,
             record.connected_at,
-            self._codec.decode(record.metadata),
+            metadata,
+            record.token,
+            record.incarnation,
         )
 
-    async def register(self, client_id: str, metadata: MetadataT) -> int | None:
-        """Register ``client_id`` on this node; return the node it moved from, if any.
+    def _client(self, record: ClientRecord) -> RegisteredClient[MetadataT]:
+        return self.decode_client(record)
+
+    async def register(self, client_id: str, metadata: MetadataT) -> Registration:
+        """Register ``client_id`` on this node, as a new registration.
 
         The backend records ``connected_at``. A registration on another node is
-        replaced atomically, and that node's id is returned; otherwise None.
+        replaced atomically, and the result names that node. The result's token
+        names this registration: pass it to :meth:`unregister` and
+        :meth:`update_metadata`.
+
+        On cancellation the write may or may not have landed, never half.
 
         :raises InvalidArgumentError: a bad client id.
         :raises PayloadError: metadata that cannot be encoded.
         """
         check_client_id(client_id)
-        return await self._register_encoded(client_id, self._codec.encode(metadata))
+        encoded = self._codec.encode(metadata)
+        token = new_token()
+        superseded = await self._register_encoded(client_id, encoded, token)
+        return Registration(client_id, self.node_id, token, superseded)
 
-    async def _register_encoded(self, client_id: str, encoded: bytes) -> int | None:
-        return await self.backend.register(client_id, self.node_id, encoded)
+    async def _register_encoded(self, client_id: str, encoded: bytes, token: int) -> int | None:
+        return await self.backend.register(
+            client_id, self.node_id, encoded, token=token, incarnation=self.incarnation
+        )
 
-    async def unregister(self, client_id: str) -> bool:
-        """Remove the registration, only if this node owns it; return whether it did."""
-        check_client_id(client_id)
-        return await self.backend.unregister(client_id, self.node_id)
+    async def unregister(self, client_id: str, *, token: int | None = None) -> bool:
+        """Remove the registration, only if this node owns it (and, with ``token``,
+        only if it is that registration); return whether it did.
 
-    async def update_metadata(self, client_id: str, metadata: MetadataT) -> bool:
-        """Replace the metadata, only if this node owns the registration.
-
-        ``connected_at`` is kept. Returns False if the client is not registered here.
+        On cancellation the removal may or may not have landed.
         """
         check_client_id(client_id)
-        return await self._update_encoded(client_id, self._codec.encode(metadata))
+        return await self.backend.unregister(client_id, self.node_id, token=token)
 
-    async def _update_encoded(self, client_id: str, encoded: bytes) -> bool:
-        return await self.backend.update_metadata(client_id, self.node_id, encoded)
+    async def update_metadata(
+        self, client_id: str, metadata: MetadataT, *, token: int | None = None
+    ) -> bool:
+        """Replace the metadata, only if this node owns the registration (and, with
+        ``token``, only if it is that registration).
+
+        ``connected_at`` is kept. Returns False if the client is not registered here.
+        On cancellation the write may or may not have landed, never half.
+        """
+        check_client_id(client_id)
+        return await self._update_encoded(client_id, self._codec.encode(metadata), token)
+
+    async def _update_encoded(self, client_id: str, encoded: bytes, token: int | None) -> bool:
+        return await self.backend.update_metadata(client_id, self.node_id, encoded, token=token)
 
     async def get_client(self, client_id: str) -> RegisteredClient[MetadataT] | None:
         """The registration of ``client_id`` on any node, or None."""
@@ -239,10 +370,14 @@ class ClientRegistry(Generic[MetadataT]):
         node = self.node_id if node_id is None else node_id
         return await self.backend.count_clients_for_node(node)
 
-    async def cleanup_node(self, node_id: int | None = None) -> list[RegisteredClient[MetadataT]]:
-        """Remove what ``node_id`` (this node by default) still owns; return it.
+    async def cleanup_node(
+        self, node_id: int | None = None, *, incarnation: int | None = None
+    ) -> list[RegisteredClient[MetadataT]]:
+        """Remove what ``node_id`` (this node by default) still owns, written by
+        ``incarnation`` or older (any, if None); return it.
 
         Clients that re-registered on another node are left alone.
         """
         node = self.node_id if node_id is None else node_id
-        return [self._client(record) for record in await self.backend.cleanup_node(node)]
+        records = await self.backend.cleanup_node(node, incarnation=incarnation)
+        return [self._client(record) for record in records]

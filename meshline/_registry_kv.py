@@ -13,6 +13,7 @@ appear when the watch delivers them (usually within a millisecond or two).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -27,13 +28,18 @@ from ._errors import (
     TransportError,
 )
 from ._names import encode_bounded_token, encode_token
-from ._registry import ClientRecord, now_ms
+from ._registry import ClientRecord, ReassertOutcome, fenced, now_ms, owned
 from ._transport import KeyValue, KVEntry, KVOperation, Transport
 from ._util import single_exceptions
 
 __all__ = ["KVRegistryBackend", "open_kv_registry_backend", "registry_bucket"]
 
+logger = logging.getLogger("meshline.registry")
+
 _PREFIX = "c."
+
+_WATCH_RETRY = 0.5
+"""Seconds before a failed replica watch is reopened."""
 
 
 class _Stored(msgspec.Struct, array_like=True, frozen=True):
@@ -41,6 +47,8 @@ class _Stored(msgspec.Struct, array_like=True, frozen=True):
     node_id: int
     connected_at: int
     metadata: bytes
+    token: int = 0
+    incarnation: int = 0
 
 
 _decoder = msgspec.msgpack.Decoder(_Stored)
@@ -63,11 +71,27 @@ def _key(client_id: str) -> str:
 
 def _stored(record: ClientRecord) -> bytes:
     """The value stored for ``record``."""
-    return _encode(_Stored(record.client_id, record.node_id, record.connected_at, record.metadata))
+    return _encode(
+        _Stored(
+            record.client_id,
+            record.node_id,
+            record.connected_at,
+            record.metadata,
+            record.token,
+            record.incarnation,
+        )
+    )
 
 
 def _record(stored: _Stored) -> ClientRecord:
-    return ClientRecord(stored.client_id, stored.node_id, stored.connected_at, stored.metadata)
+    return ClientRecord(
+        stored.client_id,
+        stored.node_id,
+        stored.connected_at,
+        stored.metadata,
+        stored.token,
+        stored.incarnation,
+    )
 
 
 class KVRegistryBackend:
@@ -87,6 +111,9 @@ class KVRegistryBackend:
         self._by_node: dict[int, set[str]] = {}
         self._by_client: dict[str, ClientRecord] = {}
         self._watch_revision = 0
+        self._watch_scope: trio.CancelScope | None = None
+        self.watch_failures = 0
+        """How many times the replica's watch failed and was reopened."""
 
     # ------------------------------------------------------------------ replica
 
@@ -143,24 +170,51 @@ class KVRegistryBackend:
         for entry in snapshot:
             self._apply_watched(entry)
 
+    def request_reload(self) -> None:
+        """Drop the current watch and load the replica again from a fresh one.
+
+        Call it when the transport reconnects: a watch opened before an outage may
+        stay silent afterwards.
+        """
+        if self._watch_scope is not None:
+            self._watch_scope.cancel()
+
     async def follow(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Keep the replica current until cancelled; reopen the watch after failures."""
+        """Keep the replica current until cancelled.
+
+        A watch that fails, overflows or ends is logged, counted in
+        :attr:`watch_failures` and reopened; its fresh snapshot replaces the replica.
+        Only a closed transport ends this task (or a failure before the first load,
+        which is raised to the caller of ``start``).
+        """
         started = False
         while True:
-            try:
-                async with self._kv.watch(_PREFIX + ">") as watch:
-                    self.load(watch.snapshot)
-                    if not started:
-                        started = True
-                        task_status.started()
-                    async for entry in watch:
-                        self._apply_watched(entry)
-            except TransportClosedError:
-                raise
-            except TransportError:
-                if not started:
+            with trio.CancelScope() as scope:
+                self._watch_scope = scope
+                try:
+                    async with self._kv.watch(_PREFIX + ">") as watch:
+                        self.load(watch.snapshot)
+                        if not started:
+                            started = True
+                            task_status.started()
+                        async for entry in watch:
+                            self._apply_watched(entry)
+                    raise TransportError("the watch ended")
+                except TransportClosedError:
                     raise
-            await trio.sleep(0.5)
+                except Exception as exc:
+                    if not started:
+                        raise
+                    self.watch_failures += 1
+                    logger.warning(
+                        "registry replica watch failed (%s: %s); reopening",
+                        type(exc).__name__,
+                        exc,
+                    )
+                    await trio.sleep(_WATCH_RETRY)
+            self._watch_scope = None
+            if scope.cancelled_caught:
+                logger.info("registry replica reloading after a reconnect")
 
     # ------------------------------------------------------------------ RegistryBackend
 
@@ -176,9 +230,17 @@ class KVRegistryBackend:
         self._apply_local(key, entry.revision, record)
         return entry.revision, record
 
-    async def register(self, client_id: str, node_id: int, metadata: bytes) -> int | None:
+    async def register(
+        self,
+        client_id: str,
+        node_id: int,
+        metadata: bytes,
+        *,
+        token: int = 0,
+        incarnation: int = 0,
+    ) -> int | None:
         key = _key(client_id)
-        record = ClientRecord(client_id, node_id, now_ms(), metadata)
+        record = ClientRecord(client_id, node_id, now_ms(), metadata, token, incarnation)
         value = _stored(record)
         current = self._records.get(key)
         while True:
@@ -195,53 +257,76 @@ class KVRegistryBackend:
             previous = current[1].node_id
             return None if previous == node_id else previous
 
-    async def restore(self, client_id: str, node_id: int, metadata: bytes) -> bool:
+    async def reassert(
+        self, client_id: str, node_id: int, metadata: bytes, *, token: int, incarnation: int
+    ) -> ReassertOutcome:
         key = _key(client_id)
-        record = ClientRecord(client_id, node_id, now_ms(), metadata)
-        value = _stored(record)
-        try:
-            revision = await self._kv.create(key, value)
-        except KeyExistsError:
-            return False
-        self._apply_local(key, revision, record)
-        return True
+        current = await self._read(key)
+        while True:
+            try:
+                if current is None:
+                    record = ClientRecord(
+                        client_id, node_id, now_ms(), metadata, token, incarnation
+                    )
+                    revision = await self._kv.create(key, _stored(record))
+                    self._apply_local(key, revision, record)
+                    return ReassertOutcome.RESTORED
+                stored_revision, stored = current
+                if not owned(stored, node_id, token):
+                    return ReassertOutcome.GONE
+                if stored.incarnation == incarnation and stored.metadata == metadata:
+                    return ReassertOutcome.KEPT
+                record = ClientRecord(
+                    client_id, node_id, stored.connected_at, metadata, token, incarnation
+                )
+                revision = await self._kv.update(key, _stored(record), revision=stored_revision)
+                self._apply_local(key, revision, record)
+                return ReassertOutcome.KEPT
+            except (KeyExistsError, RevisionMismatchError):
+                current = await self._read(key)
 
-    async def _owned(self, key: str, node_id: int) -> tuple[int, ClientRecord] | None:
-        """The registration if ``node_id`` owns it, confirmed with the server if needed."""
+    async def _owned(
+        self, key: str, node_id: int, token: int | None
+    ) -> tuple[int, ClientRecord] | None:
+        """The registration if ``node_id`` owns it (under ``token``, if given),
+        confirmed with the server when the replica does not show it so."""
         current = self._records.get(key)
-        if current is None or current[1].node_id != node_id:
+        if current is None or not owned(current[1], node_id, token):
             current = await self._read(key)
-        if current is None or current[1].node_id != node_id:
+        if current is None or not owned(current[1], node_id, token):
             return None
         return current
 
-    async def unregister(self, client_id: str, node_id: int) -> bool:
+    async def unregister(self, client_id: str, node_id: int, *, token: int | None = None) -> bool:
         key = _key(client_id)
-        current = await self._owned(key, node_id)
+        current = await self._owned(key, node_id, token)
         while current is not None:
             try:
                 await self._kv.delete(key, revision=current[0])
             except RevisionMismatchError:
                 current = await self._read(key)
-                if current is None or current[1].node_id != node_id:
+                if current is None or not owned(current[1], node_id, token):
                     return False
                 continue
             self._forget_local(key, current[0])
             return True
         return False
 
-    async def update_metadata(self, client_id: str, node_id: int, metadata: bytes) -> bool:
+    async def update_metadata(
+        self, client_id: str, node_id: int, metadata: bytes, *, token: int | None = None
+    ) -> bool:
         key = _key(client_id)
-        current = await self._owned(key, node_id)
+        current = await self._owned(key, node_id, token)
         while current is not None:
             revision, old = current
-            record = ClientRecord(client_id, node_id, old.connected_at, metadata)
-            value = _stored(record)
+            record = ClientRecord(
+                client_id, node_id, old.connected_at, metadata, old.token, old.incarnation
+            )
             try:
-                new_revision = await self._kv.update(key, value, revision=revision)
+                new_revision = await self._kv.update(key, _stored(record), revision=revision)
             except RevisionMismatchError:
                 current = await self._read(key)
-                if current is None or current[1].node_id != node_id:
+                if current is None or not owned(current[1], node_id, token):
                     return False
                 continue
             self._apply_local(key, new_revision, record)
@@ -268,19 +353,36 @@ class KVRegistryBackend:
         await trio.lowlevel.checkpoint()
         return len(self._by_node.get(node_id, ()))
 
-    async def cleanup_node(self, node_id: int) -> list[ClientRecord]:
+    async def cleanup_client(
+        self, client_id: str, node_id: int, *, incarnation: int | None = None
+    ) -> ClientRecord | None:
+        key = _key(client_id)
+        current = self._records.get(key)
+        if current is None:
+            current = await self._read(key)
+        while current is not None and fenced(current[1], node_id, incarnation):
+            try:
+                await self._kv.delete(key, revision=current[0])
+            except RevisionMismatchError:
+                current = await self._read(key)
+                continue
+            self._forget_local(key, current[0])
+            return current[1]
+        return None
+
+    async def cleanup_node(
+        self, node_id: int, *, incarnation: int | None = None
+    ) -> list[ClientRecord]:
         removed = []
         for key in list(self._by_node.get(node_id, ())):
             current = self._records.get(key)
-            while current is not None and current[1].node_id == node_id:
-                try:
-                    await self._kv.delete(key, revision=current[0])
-                except RevisionMismatchError:
-                    current = await self._read(key)
-                    continue
-                self._forget_local(key, current[0])
-                removed.append(current[1])
-                break
+            if current is None:
+                continue
+            record = await self.cleanup_client(
+                current[1].client_id, node_id, incarnation=incarnation
+            )
+            if record is not None:
+                removed.append(record)
         return removed
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import trio
 
-from ._registry import ClientRecord, now_ms
+from ._registry import ClientRecord, ReassertOutcome, fenced, now_ms, owned
 
 __all__ = ["MemoryRegistryBackend"]
 
@@ -19,35 +19,58 @@ class MemoryRegistryBackend:
     def __init__(self) -> None:
         self._records: dict[str, ClientRecord] = {}
 
-    async def register(self, client_id: str, node_id: int, metadata: bytes) -> int | None:
+    async def register(
+        self,
+        client_id: str,
+        node_id: int,
+        metadata: bytes,
+        *,
+        token: int = 0,
+        incarnation: int = 0,
+    ) -> int | None:
         await trio.lowlevel.checkpoint()
         previous = self._records.get(client_id)
-        self._records[client_id] = ClientRecord(client_id, node_id, now_ms(), metadata)
+        self._records[client_id] = ClientRecord(
+            client_id, node_id, now_ms(), metadata, token, incarnation
+        )
         if previous is None or previous.node_id == node_id:
             return None
         return previous.node_id
 
-    async def restore(self, client_id: str, node_id: int, metadata: bytes) -> bool:
-        await trio.lowlevel.checkpoint()
-        if client_id in self._records:
-            return False
-        self._records[client_id] = ClientRecord(client_id, node_id, now_ms(), metadata)
-        return True
-
-    async def unregister(self, client_id: str, node_id: int) -> bool:
+    async def reassert(
+        self, client_id: str, node_id: int, metadata: bytes, *, token: int, incarnation: int
+    ) -> ReassertOutcome:
         await trio.lowlevel.checkpoint()
         record = self._records.get(client_id)
-        if record is None or record.node_id != node_id:
+        if record is None:
+            self._records[client_id] = ClientRecord(
+                client_id, node_id, now_ms(), metadata, token, incarnation
+            )
+            return ReassertOutcome.RESTORED
+        if not owned(record, node_id, token):
+            return ReassertOutcome.GONE
+        self._records[client_id] = ClientRecord(
+            client_id, node_id, record.connected_at, metadata, token, incarnation
+        )
+        return ReassertOutcome.KEPT
+
+    async def unregister(self, client_id: str, node_id: int, *, token: int | None = None) -> bool:
+        await trio.lowlevel.checkpoint()
+        if not owned(self._records.get(client_id), node_id, token):
             return False
         del self._records[client_id]
         return True
 
-    async def update_metadata(self, client_id: str, node_id: int, metadata: bytes) -> bool:
+    async def update_metadata(
+        self, client_id: str, node_id: int, metadata: bytes, *, token: int | None = None
+    ) -> bool:
         await trio.lowlevel.checkpoint()
         record = self._records.get(client_id)
-        if record is None or record.node_id != node_id:
+        if record is None or not owned(record, node_id, token):
             return False
-        self._records[client_id] = ClientRecord(client_id, node_id, record.connected_at, metadata)
+        self._records[client_id] = ClientRecord(
+            client_id, node_id, record.connected_at, metadata, record.token, record.incarnation
+        )
         return True
 
     async def get_client(self, client_id: str) -> ClientRecord | None:
@@ -70,9 +93,23 @@ class MemoryRegistryBackend:
         await trio.lowlevel.checkpoint()
         return sum(1 for record in self._records.values() if record.node_id == node_id)
 
-    async def cleanup_node(self, node_id: int) -> list[ClientRecord]:
+    async def cleanup_client(
+        self, client_id: str, node_id: int, *, incarnation: int | None = None
+    ) -> ClientRecord | None:
         await trio.lowlevel.checkpoint()
-        removed = [record for record in self._records.values() if record.node_id == node_id]
+        record = self._records.get(client_id)
+        if record is None or not fenced(record, node_id, incarnation):
+            return None
+        del self._records[client_id]
+        return record
+
+    async def cleanup_node(
+        self, node_id: int, *, incarnation: int | None = None
+    ) -> list[ClientRecord]:
+        await trio.lowlevel.checkpoint()
+        removed = [
+            record for record in self._records.values() if fenced(record, node_id, incarnation)
+        ]
         for record in removed:
             del self._records[record.client_id]
         return removed

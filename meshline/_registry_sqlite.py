@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import trio
 
-from ._registry import ClientRecord, now_ms
+from ._registry import ClientRecord, ReassertOutcome, now_ms
 
 __all__ = ["SQLiteRegistryBackend"]
 
@@ -27,15 +27,19 @@ CREATE TABLE IF NOT EXISTS meshline_clients (
     client_id TEXT PRIMARY KEY,
     node_id INTEGER NOT NULL,
     connected_at INTEGER NOT NULL,
-    metadata BLOB NOT NULL
+    metadata BLOB NOT NULL,
+    token INTEGER NOT NULL DEFAULT 0,
+    incarnation INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS meshline_clients_by_node ON meshline_clients (node_id);
 """
-_COLUMNS = "client_id, node_id, connected_at, metadata"
+_COLUMNS = "client_id, node_id, connected_at, metadata, token, incarnation"
+_OWNED = "client_id = ? AND node_id = ? AND (? IS NULL OR token = ?)"
+_FENCED = "node_id = ? AND (? IS NULL OR incarnation <= ?)"
 
 
-def _record(row: tuple[str, int, int, bytes]) -> ClientRecord:
-    return ClientRecord(row[0], row[1], row[2], bytes(row[3]))
+def _record(row: tuple[str, int, int, bytes, int, int]) -> ClientRecord:
+    return ClientRecord(row[0], row[1], row[2], bytes(row[3]), row[4], row[5])
 
 
 class SQLiteRegistryBackend:
@@ -73,44 +77,62 @@ class SQLiteRegistryBackend:
 
         return await trio.to_thread.run_sync(transaction)
 
-    async def register(self, client_id: str, node_id: int, metadata: bytes) -> int | None:
+    async def register(
+        self,
+        client_id: str,
+        node_id: int,
+        metadata: bytes,
+        *,
+        token: int = 0,
+        incarnation: int = 0,
+    ) -> int | None:
         def work(db: sqlite3.Connection) -> int | None:
             row = db.execute(
                 "SELECT node_id FROM meshline_clients WHERE client_id = ?", (client_id,)
             ).fetchone()
             db.execute(
-                f"INSERT OR REPLACE INTO meshline_clients ({_COLUMNS}) VALUES (?, ?, ?, ?)",
-                (client_id, node_id, now_ms(), metadata),
+                f"INSERT OR REPLACE INTO meshline_clients ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+                (client_id, node_id, now_ms(), metadata, token, incarnation),
             )
             return None if row is None or row[0] == node_id else int(row[0])
 
         return await self._run(work)
 
-    async def restore(self, client_id: str, node_id: int, metadata: bytes) -> bool:
+    async def reassert(
+        self, client_id: str, node_id: int, metadata: bytes, *, token: int, incarnation: int
+    ) -> ReassertOutcome:
+        def work(db: sqlite3.Connection) -> ReassertOutcome:
+            cursor = db.execute(
+                f"INSERT OR IGNORE INTO meshline_clients ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+                (client_id, node_id, now_ms(), metadata, token, incarnation),
+            )
+            if cursor.rowcount == 1:
+                return ReassertOutcome.RESTORED
+            cursor = db.execute(
+                "UPDATE meshline_clients SET metadata = ?, incarnation = ? "
+                "WHERE client_id = ? AND node_id = ? AND token = ?",
+                (metadata, incarnation, client_id, node_id, token),
+            )
+            return ReassertOutcome.KEPT if cursor.rowcount == 1 else ReassertOutcome.GONE
+
+        return await self._run(work)
+
+    async def unregister(self, client_id: str, node_id: int, *, token: int | None = None) -> bool:
         def work(db: sqlite3.Connection) -> bool:
             cursor = db.execute(
-                f"INSERT OR IGNORE INTO meshline_clients ({_COLUMNS}) VALUES (?, ?, ?, ?)",
-                (client_id, node_id, now_ms(), metadata),
+                f"DELETE FROM meshline_clients WHERE {_OWNED}", (client_id, node_id, token, token)
             )
             return cursor.rowcount == 1
 
         return await self._run(work)
 
-    async def unregister(self, client_id: str, node_id: int) -> bool:
+    async def update_metadata(
+        self, client_id: str, node_id: int, metadata: bytes, *, token: int | None = None
+    ) -> bool:
         def work(db: sqlite3.Connection) -> bool:
             cursor = db.execute(
-                "DELETE FROM meshline_clients WHERE client_id = ? AND node_id = ?",
-                (client_id, node_id),
-            )
-            return cursor.rowcount == 1
-
-        return await self._run(work)
-
-    async def update_metadata(self, client_id: str, node_id: int, metadata: bytes) -> bool:
-        def work(db: sqlite3.Connection) -> bool:
-            cursor = db.execute(
-                "UPDATE meshline_clients SET metadata = ? WHERE client_id = ? AND node_id = ?",
-                (metadata, client_id, node_id),
+                f"UPDATE meshline_clients SET metadata = ? WHERE {_OWNED}",
+                (metadata, client_id, node_id, token, token),
             )
             return cursor.rowcount == 1
 
@@ -150,12 +172,30 @@ class SQLiteRegistryBackend:
 
         return await self._run(work)
 
-    async def cleanup_node(self, node_id: int) -> list[ClientRecord]:
+    async def cleanup_client(
+        self, client_id: str, node_id: int, *, incarnation: int | None = None
+    ) -> ClientRecord | None:
+        def work(db: sqlite3.Connection) -> ClientRecord | None:
+            row = db.execute(
+                f"SELECT {_COLUMNS} FROM meshline_clients WHERE client_id = ? AND {_FENCED}",
+                (client_id, node_id, incarnation, incarnation),
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute("DELETE FROM meshline_clients WHERE client_id = ?", (client_id,))
+            return _record(row)
+
+        return await self._run(work)
+
+    async def cleanup_node(
+        self, node_id: int, *, incarnation: int | None = None
+    ) -> list[ClientRecord]:
         def work(db: sqlite3.Connection) -> list[ClientRecord]:
+            arguments = (node_id, incarnation, incarnation)
             rows = db.execute(
-                f"SELECT {_COLUMNS} FROM meshline_clients WHERE node_id = ?", (node_id,)
+                f"SELECT {_COLUMNS} FROM meshline_clients WHERE {_FENCED}", arguments
             ).fetchall()
-            db.execute("DELETE FROM meshline_clients WHERE node_id = ?", (node_id,))
+            db.execute(f"DELETE FROM meshline_clients WHERE {_FENCED}", arguments)
             return [_record(row) for row in rows]
 
         return await self._run(work)

@@ -23,7 +23,7 @@ from contextlib import AbstractAsyncContextManager
 
 import trio
 
-from ._registry import ClientRecord, RegistryBackend, now_ms
+from ._registry import ClientRecord, ReassertOutcome, RegistryBackend, now_ms
 
 __all__ = ["HOSTILE_CLIENT_IDS", "RegistryBackendSuite"]
 
@@ -88,16 +88,70 @@ class RegistryBackendSuite(abc.ABC):
 
             await self.eventually(settled)
 
-    async def test_restore_writes_only_where_nothing_is_registered(self) -> None:
+    async def test_reassert_restores_keeps_or_gives_up(self) -> None:
         async with self.open_backends(2) as (one, two):
-            assert await one.restore("c", 1, b"first") is True
-            assert await two.restore("c", 2, b"second") is False
-            record = await two.get_client("c")
-            assert record is None or (record.node_id, record.metadata) == (1, b"first")
-            assert await one.unregister("c", 1) is True
-            assert await two.restore("c", 2, b"second") is True
-            record = await two.get_client("c")
-            assert record is not None and record.node_id == 2
+            outcome = await one.reassert("c", 1, b"first", token=7, incarnation=1)
+            assert outcome is ReassertOutcome.RESTORED
+            # The same registration again: kept, its incarnation brought up to date.
+            outcome = await one.reassert("c", 1, b"first", token=7, incarnation=2)
+            assert outcome is ReassertOutcome.KEPT
+
+            async def at_incarnation_two() -> bool:
+                record = await two.get_client("c")
+                return record is not None and (record.incarnation, record.token) == (2, 7)
+
+            await self.eventually(at_incarnation_two)
+            # Another node, or another registration of the same node: gone.
+            assert await two.reassert("c", 2, b"x", token=8, incarnation=1) is ReassertOutcome.GONE
+            assert await one.reassert("c", 1, b"x", token=9, incarnation=2) is ReassertOutcome.GONE
+            record = await one.get_client("c")
+            assert record is not None and (record.node_id, record.token) == (1, 7)
+
+    async def test_reassert_reads_the_store_not_a_stale_copy(self) -> None:
+        async with self.open_backends(2) as (one, two):
+            await one.register("c", 1, b"m", token=5, incarnation=1)
+            # Another handle removes it (a cleanup by the leader, say); the owner's
+            # own copy may not know yet, but reassert must write it back.
+            assert await two.cleanup_client("c", 1, incarnation=1) is not None
+            outcome = await one.reassert("c", 1, b"m", token=5, incarnation=2)
+            assert outcome is ReassertOutcome.RESTORED
+            record = await one.get_client("c")
+            assert record is not None and (record.node_id, record.incarnation) == (1, 2)
+
+    async def test_a_late_call_from_an_old_registration_changes_nothing(self) -> None:
+        async with self.open_backends(1) as (backend,):
+            await backend.register("c", 1, b"old connection", token=1)
+            await backend.register("c", 1, b"new connection", token=2)
+            assert await backend.update_metadata("c", 1, b"late", token=1) is False
+            assert await backend.unregister("c", 1, token=1) is False
+            record = await backend.get_client("c")
+            assert record is not None and (record.token, record.metadata) == (2, b"new connection")
+            assert await backend.update_metadata("c", 1, b"edited", token=2) is True
+            record = await backend.get_client("c")
+            assert record is not None and (record.token, record.metadata) == (2, b"edited")
+            assert await backend.unregister("c", 1, token=2) is True
+            assert await backend.get_client("c") is None
+
+    async def test_cleanup_is_fenced_by_incarnation(self) -> None:
+        async with self.open_backends(2) as (dead, leader):
+            await dead.register("old", 1, b"", incarnation=1)
+            await dead.register("reasserted", 1, b"", incarnation=2)
+            await dead.register("also old", 1, b"", incarnation=1)
+
+            async def replicated() -> bool:
+                return await leader.count_clients_for_node(1) == 3
+
+            await self.eventually(replicated)
+            assert await leader.cleanup_client("reasserted", 1, incarnation=1) is None
+            removed = await leader.cleanup_client("old", 1, incarnation=1)
+            assert removed is not None and removed.client_id == "old"
+            assert await leader.cleanup_client("old", 1, incarnation=1) is None
+            rest = await leader.cleanup_node(1, incarnation=1)
+            assert [record.client_id for record in rest] == ["also old"]
+            record = await leader.get_client("reasserted")
+            assert record is not None and record.incarnation == 2
+            everything = await leader.cleanup_node(1)
+            assert [record.client_id for record in everything] == ["reasserted"]
 
     async def test_only_the_owner_unregisters(self) -> None:
         async with self.open_backends(2) as (one, two):
@@ -119,7 +173,9 @@ class RegistryBackendSuite(abc.ABC):
             assert await two.update_metadata("c", 2, b"stolen") is False
             assert await one.update_metadata("c", 1, b"new") is True
             updated = await one.get_client("c")
-            assert updated == ClientRecord("c", 1, original.connected_at, b"new")
+            assert updated == ClientRecord(
+                "c", 1, original.connected_at, b"new", original.token, original.incarnation
+            )
 
     async def test_listings_by_node(self) -> None:
         async with self.open_backends(2) as (one, two):
@@ -264,3 +320,39 @@ class RegistryBackendSuite(abc.ABC):
                 record = await survivor.get_client(client_id)
                 assert record is not None and record.node_id == 2
             assert set(clients) - set(moving) <= removed_ids
+
+    async def test_cleanup_racing_reassertion_never_loses_the_client(self) -> None:
+        """A node declared dead re-asserts under a new incarnation while the leader
+        cleans up the old one: whichever lands first, the client ends up registered."""
+        async with self.open_backends(2) as (owner, leader):
+            for round_number in range(10):
+                await self._race_cleanup_and_reassertion(owner, leader, f"flap{round_number}")
+
+    async def _race_cleanup_and_reassertion(
+        self, owner: RegistryBackend, leader: RegistryBackend, client_id: str
+    ) -> None:
+        await owner.register(client_id, 1, b"m", token=3, incarnation=1)
+
+        async def replicated() -> bool:
+            return await leader.get_client(client_id) is not None
+
+        await self.eventually(replicated)
+        outcome: dict[str, object] = {}
+
+        async def clean_up() -> None:
+            outcome["removed"] = await leader.cleanup_client(client_id, 1, incarnation=1)
+
+        async def reassert() -> None:
+            outcome["reasserted"] = await owner.reassert(client_id, 1, b"m", token=3, incarnation=2)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(clean_up)
+            nursery.start_soon(reassert)
+        expected = ReassertOutcome.KEPT if outcome["removed"] is None else ReassertOutcome.RESTORED
+        assert outcome["reasserted"] is expected
+
+        async def whole_again() -> bool:
+            record = await leader.get_client(client_id)
+            return record is not None and (record.node_id, record.incarnation) == (1, 2)
+
+        await self.eventually(whole_again)

@@ -157,6 +157,16 @@ class NatsServer:
         """SIGKILL the server, as a crash would."""
         self._signal(signal.SIGKILL, 10.0)
 
+    def pause(self) -> None:
+        """SIGSTOP the server: connections stay open, nothing is answered."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT a server stopped by :meth:`pause`."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
+
     def _signal(self, sig: signal.Signals, timeout: float) -> None:
         process = self.process
         if process is None:

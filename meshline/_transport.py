@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import abc
 import enum
+import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Self
 
@@ -20,6 +21,8 @@ from ._buffer import DEFAULT_BUFFER, MessageBuffer, Overflow
 from ._errors import InvalidArgumentError
 
 __all__ = [
+    "ConnectionEvent",
+    "ConnectionEventKind",
     "KVEntry",
     "KVOperation",
     "KVWatch",
@@ -28,6 +31,33 @@ __all__ = [
     "Subscription",
     "Transport",
 ]
+
+
+logger = logging.getLogger("meshline.transport")
+
+
+class ConnectionEventKind(enum.StrEnum):
+    """What a :class:`ConnectionEvent` reports."""
+
+    DISCONNECTED = "disconnected"
+    """The connection to the server was lost; the transport is trying to reconnect."""
+    RECONNECTED = "reconnected"
+    """The connection is back. Watches opened before it may be silent: reopen them."""
+    SLOW_CONSUMER = "slow_consumer"
+    """The server or the client dropped messages for a consumer that fell behind."""
+    SERVER_ERROR = "server_error"
+    """The server reported an error (authorization, permissions, a protocol error)."""
+
+
+@attrs.frozen(slots=True)
+class ConnectionEvent:
+    """A change in a transport's connection, told to its connection listeners."""
+
+    kind: ConnectionEventKind
+    detail: str = ""
+
+
+ConnectionListener = Callable[[ConnectionEvent], None]
 
 
 @attrs.frozen(slots=True)
@@ -70,6 +100,7 @@ class Subscription:
     def __init__(self, subject: str, buffer: MessageBuffer[Message]) -> None:
         self.subject = subject
         self._buffer = buffer
+        self._withdrawn = False
 
     @property
     def dropped(self) -> int:
@@ -101,11 +132,14 @@ class Subscription:
     async def aclose(self) -> None:
         """Stop receiving. Messages already buffered stay readable. Idempotent.
 
-        This is shielded from cancellation, so interest is always withdrawn.
+        This is shielded from cancellation, so interest is always withdrawn, also
+        from a subscription whose buffer overflowed under ``Overflow.ERROR``.
         """
-        if self._buffer.closed:
-            return
         self._buffer.close()
+        if self._withdrawn:
+            await trio.lowlevel.checkpoint()
+            return
+        self._withdrawn = True
         with trio.CancelScope(shield=True):
             await self._unsubscribe()
 
@@ -238,6 +272,36 @@ class Transport(abc.ABC):
     Subjects must satisfy :func:`meshline.validate_subject`. Build them from fixed
     parts and :func:`meshline.encode_token` tokens, never from raw user strings.
     """
+
+    _connection_listeners: list[ConnectionListener]
+
+    @property
+    def connected(self) -> bool:
+        """Whether the transport is connected right now (always True in memory)."""
+        return True
+
+    def add_connection_listener(self, listener: ConnectionListener) -> Callable[[], None]:
+        """Call ``listener(event)`` on every :class:`ConnectionEvent`, on the Trio side.
+
+        Listeners are plain functions, called in the order they were added; one that
+        raises is logged and does not stop the others. Returns a function that
+        removes the listener.
+        """
+        listeners = self.__dict__.setdefault("_connection_listeners", [])
+        listeners.append(listener)
+
+        def remove() -> None:
+            if listener in listeners:
+                listeners.remove(listener)
+
+        return remove
+
+    def _emit_connection_event(self, event: ConnectionEvent) -> None:
+        for listener in list(self.__dict__.get("_connection_listeners", ())):
+            try:
+                listener(event)
+            except Exception:
+                logger.exception("connection listener %r failed on %s", listener, event.kind)
 
     @abc.abstractmethod
     async def publish(self, subject: str, data: bytes, *, reply: str | None = None) -> None:

@@ -10,30 +10,22 @@ import attrs
 import trio
 
 import meshline
+from meshline.testing import FaultyTransport
 
 OpenTransport = Callable[[], AbstractAsyncContextManager[meshline.Transport]]
 
 
-def skip_cleanup(
-    node: meshline.Node, registry: meshline.NodeClientRegistry[Any] | None = None
-) -> None:
-    """Make leaving the node's block behave like a crash: a killed process neither
-    withdraws from the mesh nor unregisters its clients."""
-
-    async def withdraw_nothing() -> None:
-        pass
-
-    node._withdraw = withdraw_nothing  # type: ignore[method-assign]
-    if registry is not None:
-        registry._own.clear()
-
-
 @attrs.define
 class RunningNode:
-    """A node living in a task of its own, which a test can stop or crash."""
+    """A node living in a task of its own, which a test can stop, crash or fault.
+
+    Its transport is wrapped in a :class:`meshline.testing.FaultyTransport`, so a
+    test can stall it, cut it or fail its writes.
+    """
 
     node: meshline.Node
     transport: meshline.Transport
+    faults: FaultyTransport
     scope: trio.CancelScope
     done: trio.Event
     registry: meshline.NodeClientRegistry[Any] | None = None
@@ -48,8 +40,9 @@ class RunningNode:
         await self.done.wait()
 
     async def crash(self) -> None:
-        """Vanish like a killed process: stop answering, leave the KV state behind."""
-        skip_cleanup(self.node, self.registry)
+        """Vanish like a killed process: the connection is cut first, so the exit's
+        cleanup writes fail and the KV state is left behind."""
+        self.faults.cut()
         await self.stop()
 
 
@@ -68,18 +61,17 @@ class Mesh:
         async def run(task_status: trio.TaskStatus[RunningNode]) -> None:
             try:
                 with trio.CancelScope() as scope:
-                    async with (
-                        self._open_transport() as transport,
-                        meshline.open_node(transport, self.key, **options) as node,
-                    ):
-                        running = RunningNode(node, transport, scope, done)
-                        if registry is None:
-                            task_status.started(running)
-                            await trio.sleep_forever()
-                        async with meshline.open_client_registry(node, **registry) as opened:
-                            running.registry = opened
-                            task_status.started(running)
-                            await trio.sleep_forever()
+                    async with self._open_transport() as inner:
+                        transport = FaultyTransport(inner)
+                        async with meshline.open_node(transport, self.key, **options) as node:
+                            running = RunningNode(node, transport, transport, scope, done)
+                            if registry is None:
+                                task_status.started(running)
+                                await trio.sleep_forever()
+                            async with meshline.open_client_registry(node, **registry) as opened:
+                                running.registry = opened
+                                task_status.started(running)
+                                await trio.sleep_forever()
             finally:
                 done.set()
 

@@ -88,7 +88,7 @@ async def test_graceful_exit_is_seen_at_once(
             async with watcher.node.membership_events() as events:
                 await leaving.stop()
                 event = await events.receive()
-        assert event == MembershipEvent(MembershipEventKind.DOWN, leaving.id)
+        assert event == MembershipEvent(MembershipEventKind.DOWN, leaving.id, 1)
         assert watcher.node.alive_nodes() == {watcher.id}
 
 
@@ -108,7 +108,7 @@ async def test_crashed_node_is_declared_dead_within_its_ttl(
                 crashed_at = trio.current_time()
                 event = await events.receive()
         seen_after = trio.current_time() - crashed_at
-        assert event == MembershipEvent(MembershipEventKind.DOWN, doomed.id)
+        assert event == MembershipEvent(MembershipEventKind.DOWN, doomed.id, 1)
         if transport_kind == "memory":  # exact on the mocked clock: at most one TTL
             assert seen_after <= 2 + POLL
 
@@ -401,7 +401,7 @@ async def test_membership_handlers_and_events(
         watcher.node.add_membership_handler(seen.append)
         other = await mesh.start()
         with trio.fail_after(5):
-            await wait_until(lambda: MembershipEvent(MembershipEventKind.UP, other.id) in seen)
+            await wait_until(lambda: MembershipEvent(MembershipEventKind.UP, other.id, 1) in seen)
         await watcher.stop()
         await other.stop()
         with pytest.raises(meshline.NodeClosedError):

@@ -34,7 +34,8 @@ async def test_leader_cleans_up_a_crashed_node_and_reports_its_orphans(
         assert leader.node.is_leader
         await registry_of(doomed).register("stays.dead *", {"n": 1})
         await registry_of(doomed).register("moves", {"n": 2})
-        assert await registry_of(survivor).register("moves", {"n": 3}) == doomed.id
+        moved = await registry_of(survivor).register("moves", {"n": 3})
+        assert moved.superseded == doomed.id
         await doomed.crash()
         with trio.fail_after(20):
             await wait_until(lambda: bool(orphaned))

@@ -82,9 +82,12 @@ async def test_typed_metadata_round_trips(metadata_type: type, metadata: object)
     registry: meshline.ClientRegistry[object] = meshline.ClientRegistry(
         7, meshline.MemoryRegistryBackend(), metadata_type=metadata_type
     )
-    assert await registry.register("client", metadata) is None
+    registration = await registry.register("client", metadata)
+    assert registration.superseded is None and registration.node_id == 7
     client = await registry.get_client("client")
-    assert client == meshline.RegisteredClient("client", 7, client.connected_at, metadata)
+    assert client == meshline.RegisteredClient(
+        "client", 7, client.connected_at, metadata, registration.token
+    )
     assert await registry.list_clients_for_node() == [client]
 
 
@@ -112,3 +115,27 @@ async def test_stored_metadata_of_the_wrong_shape_is_a_clear_error() -> None:
     with pytest.raises(meshline.PayloadError):
         await typed.get_client("c")
     assert await backend.get_client("c") is not None
+
+
+async def test_lenient_decoding_keeps_metadata_that_does_not_decode() -> None:
+    backend = meshline.MemoryRegistryBackend()
+    await backend.register("broken", 1, b"\xc1 not msgpack", token=4, incarnation=2)
+    registry: meshline.ClientRegistry[UserMeta] = meshline.ClientRegistry(
+        1, backend, metadata_type=UserMeta
+    )
+    record = await backend.get_client("broken")
+    assert record is not None
+    with pytest.raises(meshline.PayloadError):
+        registry.decode_client(record)
+    client = registry.decode_client(record, lenient=True)
+    assert client == meshline.RegisteredClient(
+        "broken", 1, record.connected_at, b"\xc1 not msgpack", 4, 2
+    )
+
+
+async def test_each_registration_gets_its_own_token() -> None:
+    registry: meshline.ClientRegistry[dict[str, int]] = meshline.ClientRegistry(
+        1, meshline.MemoryRegistryBackend()
+    )
+    tokens = {(await registry.register("c", {"n": n})).token for n in range(20)}
+    assert len(tokens) == 20 and 0 not in tokens

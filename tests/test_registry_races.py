@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +135,7 @@ class OwnershipRaces(RuleBasedStateMachine):
         self.dead_unclean: set[int] = set()
         self.backends: dict[int, meshline.RegistryBackend] = {}
         self.close: Callable[[], None] | None = None
+        self.tokens = itertools.count(1)
 
     @initialize()
     def open(self) -> None:
@@ -207,6 +209,46 @@ class OwnershipRaces(RuleBasedStateMachine):
             )
         )
         self.model = actual
+
+    @rule(node=st.sampled_from(NODES), client=st.sampled_from(CLIENTS), meta=metadata)
+    def reconnect_on_the_same_node(self, node: int, client: str, meta: bytes) -> None:
+        """A client reconnects to the node it is on: the old connection's late
+        unregister and update, made with its own token, must change nothing."""
+        if node not in self.alive:
+            return
+        backend = self.backends[node]
+        old, new = next(self.tokens), next(self.tokens)
+        self.portal.run(partial(backend.register, client, node, b"old", token=old))
+        self.portal.run(partial(backend.register, client, node, meta, token=new))
+        assert self.portal.run(partial(backend.unregister, client, node, token=old)) is False
+        late = partial(backend.update_metadata, client, node, b"late", token=old)
+        assert self.portal.run(late) is False
+        self.model[client] = (node, meta)
+        self.settle(lambda state: state == self.model)
+        # Back to a plain registration, which the other rules' operations assume.
+        assert self.portal.run(partial(backend.unregister, client, node, token=new)) is True
+        self.portal.run(backend.register, client, node, meta)
+
+    @rule(node=st.sampled_from(NODES), client=st.sampled_from(CLIENTS), meta=metadata)
+    def reassert(self, node: int, client: str, meta: bytes) -> None:
+        """A node re-asserts a registration it believes it holds (token 0, as the
+        plain registrations here have): written back if absent, refreshed if its
+        own, left alone if another node holds it."""
+        if node not in self.alive:
+            return
+        backend = self.backends[node]
+        outcome = self.portal.run(
+            partial(backend.reassert, client, node, meta, token=0, incarnation=2)
+        )
+        owner = self.model.get(client)
+        if owner is None:
+            assert outcome is meshline.ReassertOutcome.RESTORED
+            self.model[client] = (node, meta)
+        elif owner[0] == node:
+            assert outcome is meshline.ReassertOutcome.KEPT
+            self.model[client] = (node, meta)
+        else:
+            assert outcome is meshline.ReassertOutcome.GONE
 
     @precondition(lambda self: len(self.alive) > 1)
     @rule(node=st.sampled_from(NODES))

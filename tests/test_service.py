@@ -11,9 +11,9 @@ import pytest
 import trio
 
 import meshline
-from meshline.testing import HOSTILE_CLIENT_IDS
+from meshline.testing import HOSTILE_CLIENT_IDS, FaultyTransport
 
-from .node_helpers import OpenTransport, skip_cleanup, wait_until
+from .node_helpers import OpenTransport, wait_until
 
 
 @attrs.define
@@ -21,6 +21,7 @@ class Member:
     """One service node in a task of its own, with its deliveries recorded."""
 
     service: meshline.ClientService[Any]
+    faults: FaultyTransport
     scope: trio.CancelScope
     done: trio.Event
     delivered: list[tuple[str, str, Any]] = attrs.Factory(list)
@@ -31,7 +32,8 @@ class Member:
         return self.service.instance_id
 
     async def crash(self) -> None:
-        skip_cleanup(self.service.node, self.service.client_registry)
+        """Vanish like a killed process: cut the connection, so nothing is cleaned up."""
+        self.faults.cut()
         await self.stop()
 
     async def stop(self) -> None:
@@ -62,15 +64,14 @@ class Cluster:
         async def run(task_status: trio.TaskStatus[Member]) -> None:
             try:
                 with trio.CancelScope() as scope:
-                    async with (
-                        self.open_transport() as transport,
-                        meshline.open_client_service(
+                    async with self.open_transport() as inner:
+                        transport = FaultyTransport(inner)
+                        async with meshline.open_client_service(
                             transport, self.key, client_invoke=client_invoke, **options
-                        ) as service,
-                    ):
-                        member_box.append(Member(service, scope, done))
-                        task_status.started(member_box[0])
-                        await trio.sleep_forever()
+                        ) as service:
+                            member_box.append(Member(service, transport, scope, done))
+                            task_status.started(member_box[0])
+                            await trio.sleep_forever()
             finally:
                 done.set()
 
@@ -203,23 +204,33 @@ async def test_caller_cancellation_cancels_the_delivery(
             await caller.service.invoke("c", "stall", None, timeout=60)
         with trio.fail_after(5):
             await wait_until(lambda: owner.cancelled == ["c"])
-        assert caller.service.node._transport.pending_requests == 0
+        assert caller.service.node.transport.pending_requests == 0
         assert not owner.service.node._running
 
 
 class StaleOnce:
     """A backend view that answers one lookup from before a move, as a lagging
-    replica would; everything else goes to the real backend."""
+    replica would; everything else goes to the real backend.
 
-    def __init__(self, backend: meshline.RegistryBackend, stale: meshline.ClientRecord) -> None:
+    The service reads through ``lookup`` when a backend has one (a local replica),
+    so the stale answer is given there as well as by ``get_client``.
+    """
+
+    def __init__(self, backend: meshline.MemoryRegistryBackend, stale: meshline.ClientRecord):
         self._backend = backend
         self._stale: meshline.ClientRecord | None = stale
+        self.stale_answers = 0
 
-    async def get_client(self, client_id: str) -> meshline.ClientRecord | None:
+    def lookup(self, client_id: str) -> meshline.ClientRecord | None:
         if self._stale is not None and self._stale.client_id == client_id:
             stale, self._stale = self._stale, None
+            self.stale_answers += 1
             return stale
-        return await self._backend.get_client(client_id)
+        return self._backend.lookup(client_id)
+
+    async def get_client(self, client_id: str) -> meshline.ClientRecord | None:
+        await trio.lowlevel.checkpoint()
+        return self.lookup(client_id)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._backend, name)
@@ -240,6 +251,7 @@ async def test_a_client_that_moved_mid_flight_is_rerouted_once(
         await arrived.service.register_client("c", {})  # the client moved
         view._stale = meshline.ClientRecord("c", left.id, 0, b"\x80")
         answer = await caller.service.invoke("c", "notify", "hello")
+        assert view.stale_answers == 1
         assert answer["node"] == arrived.id
         assert left.delivered == []
         # If the registry still names the node that said no, the error stands.

@@ -1,5 +1,8 @@
-"""Helpers for testing applications built on meshline: real NATS servers, backend suites."""
+"""Helpers for testing applications built on meshline: real NATS servers, backend
+suites, and fault injection."""
 
+from .._faults import FaultyTransport as FaultyTransport
+from .._faults import restart_server as restart_server
 from .._registry_suite import HOSTILE_CLIENT_IDS as HOSTILE_CLIENT_IDS
 from .._registry_suite import RegistryBackendSuite as RegistryBackendSuite
 from .._server import NatsServer as NatsServer

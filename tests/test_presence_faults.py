@@ -1,0 +1,231 @@
+"""The client registry on nodes under faults: stalls, cuts, failed and cancelled
+writes. On memory (MockClock) and on NATS.
+
+The application's picture is kept the way an application would keep it: an online
+set fed only by the hooks (registered, orphaned, restored, unregistered). After
+every fault it must equal the registry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+import meshline
+
+from .node_helpers import OpenTransport, RunningNode, open_mesh, wait_until
+
+TTL = 1
+
+
+class OnlineSet:
+    """What an application believes from the hooks alone."""
+
+    def __init__(self) -> None:
+        self.online: set[str] = set()
+        self.orphaned: list[str] = []
+        self.restored: list[str] = []
+
+    def on_orphaned(self, node_id: int, clients: list[meshline.RegisteredClient[Any]]) -> None:
+        for client in clients:
+            self.orphaned.append(client.client_id)
+            self.online.discard(client.client_id)
+
+    def on_restored(self, node_id: int, clients: list[meshline.RegisteredClient[Any]]) -> None:
+        for client in clients:
+            self.restored.append(client.client_id)
+            self.online.add(client.client_id)
+
+    def hooks(self) -> dict[str, Any]:
+        return {"on_orphaned": self.on_orphaned, "on_restored": self.on_restored}
+
+
+def registry_of(running: RunningNode) -> meshline.NodeClientRegistry[Any]:
+    assert running.registry is not None
+    return running.registry
+
+
+async def visible(running: RunningNode) -> set[str]:
+    return {client.client_id for client in await registry_of(running).list_clients()}
+
+
+async def test_a_stalled_node_keeps_its_clients_and_the_hooks_tell_the_truth(
+    open_transport: OpenTransport, unique: Callable[[str], str], clock: object
+) -> None:
+    app = OnlineSet()
+    clients = {f"client {index}.*>" for index in range(40)}
+    async with open_mesh(open_transport, unique("stall")) as mesh:
+        leader = await mesh.start(ttl=TTL, registry=app.hooks())
+        stalled = await mesh.start(ttl=TTL, can_lead=False, registry=app.hooks())
+        for client_id in clients:
+            await registry_of(stalled).register(client_id, {})
+            app.online.add(client_id)
+        stalled.faults.stall()
+        with trio.fail_after(10):
+            await wait_until(lambda: not leader.node.is_alive(stalled.id))
+        await trio.sleep(0.5 * TTL)
+        stalled.faults.resume()
+        with trio.fail_after(20):
+            while await visible(leader) != clients or await visible(stalled) != clients:
+                await trio.sleep(0.05)
+        with trio.fail_after(20):
+            await wait_until(lambda: len(app.restored) == len(app.orphaned))
+        assert app.online == clients
+        assert sorted(app.orphaned) == sorted(app.restored)
+
+
+async def test_a_short_cut_of_the_leader_reports_no_orphans(
+    open_transport: OpenTransport, unique: Callable[[str], str], clock: object
+) -> None:
+    app = OnlineSet()
+    async with open_mesh(open_transport, unique("leadercut")) as mesh:
+        leader = await mesh.start(ttl=TTL, registry=app.hooks())
+        member = await mesh.start(ttl=TTL, can_lead=False, registry=app.hooks())
+        await registry_of(member).register("kept", {})
+        leader.faults.cut()
+        await trio.sleep(3 * TTL)
+        leader.faults.restore()
+        await trio.sleep(3 * TTL)
+        assert app.orphaned == []
+        with trio.fail_after(10):
+            while await visible(leader) != {"kept"}:
+                await trio.sleep(0.05)
+
+
+async def test_a_late_unregister_from_an_old_connection_keeps_the_new_one(
+    open_transport: OpenTransport, unique: Callable[[str], str], clock: object
+) -> None:
+    async with open_mesh(open_transport, unique("reconnect")) as mesh:
+        node = await mesh.start(ttl=TTL, registry={})
+        registry = registry_of(node)
+        old = await registry.register("sticky", {"connection": 1})
+        new = await registry.register("sticky", {"connection": 2})
+        assert old.token != new.token
+        assert not await registry.unregister("sticky", token=old.token)
+        assert not await registry.update_metadata("sticky", {"connection": 1}, token=old.token)
+        client = await registry.get_client("sticky")
+        assert client is not None and client.metadata == {"connection": 2}
+        assert registry.holds("sticky")
+        assert await registry.unregister("sticky", token=new.token)
+        assert await registry.get_client("sticky") is None
+
+
+class HangAfterCommit:
+    """A backend whose register lands and then hangs, and whose unregister fails
+    the first time: a call cancelled after its commit, and a failed removal."""
+
+    def __init__(self, inner: meshline.MemoryRegistryBackend) -> None:
+        self.inner = inner
+        self.hang_registers = True
+        self.fail_unregisters = 1
+
+    async def register(self, *args: Any, **kwargs: Any) -> int | None:
+        superseded = await self.inner.register(*args, **kwargs)
+        if self.hang_registers:
+            await trio.sleep_forever()
+        return superseded
+
+    async def unregister(self, *args: Any, **kwargs: Any) -> bool:
+        if self.fail_unregisters:
+            self.fail_unregisters -= 1
+            raise meshline.TransportError("injected")
+        return await self.inner.unregister(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+async def test_own_registrations_are_tracked_under_cancellation_and_failure(
+    open_transport: OpenTransport, unique: Callable[[str], str], clock: object
+) -> None:
+    inner = meshline.MemoryRegistryBackend()
+    backend = HangAfterCommit(inner)
+    async with open_mesh(open_transport, unique("tracking")) as mesh:
+        node = await mesh.start(ttl=TTL, registry={"backend": backend, "reassert_interval": 1})
+        registry = registry_of(node)
+        with trio.move_on_after(0.1):
+            await registry.register("cancelled after commit", {})
+        backend.hang_registers = False
+        assert await inner.get_client("cancelled after commit") is not None
+        with trio.fail_after(10):
+            await wait_until(lambda: registry.holds("cancelled after commit"))
+        with contextlib.suppress(meshline.TransportError):
+            await registry.unregister("cancelled after commit")
+        # The failed removal is retried until it is done.
+        with trio.fail_after(10):
+            while await inner.get_client("cancelled after commit") is not None:
+                await trio.sleep(0.05)
+        await registry.register("removed on exit", {})
+        await node.stop()
+    assert await inner.list_clients() == []
+
+
+async def test_orphans_are_reported_even_with_broken_metadata_and_failed_deletes(
+    open_transport: OpenTransport, unique: Callable[[str], str], clock: object
+) -> None:
+    inner = meshline.MemoryRegistryBackend()
+    app = OnlineSet()
+    failing = {"fails once"}
+
+    class FailOnce:
+        async def cleanup_client(self, client_id: str, *args: Any, **kwargs: Any) -> Any:
+            if client_id in failing:
+                failing.discard(client_id)
+                raise meshline.TransportError("injected")
+            return await inner.cleanup_client(client_id, *args, **kwargs)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(inner, name)
+
+    class Crashable:
+        """The doomed node's view of the store: a crashed process writes nothing."""
+
+        crashed = False
+
+        async def unregister(self, *args: Any, **kwargs: Any) -> bool:
+            if self.crashed:
+                raise meshline.TransportError("crashed")
+            return await inner.unregister(*args, **kwargs)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(inner, name)
+
+    doomed_backend = Crashable()
+    async with open_mesh(open_transport, unique("orphans")) as mesh:
+        await mesh.start(ttl=TTL, registry={"backend": FailOnce(), **app.hooks()})
+        doomed = await mesh.start(
+            ttl=TTL, can_lead=False, registry={"backend": doomed_backend, **app.hooks()}
+        )
+        await registry_of(doomed).register("fails once", {})
+        await registry_of(doomed).register("fine", {})
+        await inner.register("broken", doomed.id, b"\xc1 not msgpack", incarnation=1)
+        doomed_backend.crashed = True
+        await doomed.crash()
+        with trio.fail_after(20):
+            await wait_until(lambda: len(app.orphaned) == 3)
+        assert sorted(app.orphaned) == ["broken", "fails once", "fine"]
+        assert await inner.list_clients() == []
+
+
+async def test_a_closed_registry_stops_its_cleanup_duty(
+    open_transport: OpenTransport, unique: Callable[[str], str], clock: object
+) -> None:
+    inner = meshline.MemoryRegistryBackend()
+    reported: list[int] = []
+    async with open_mesh(open_transport, unique("closed")) as mesh:
+        leader = await mesh.start(ttl=TTL)
+        doomed = await mesh.start(ttl=TTL, can_lead=False)
+        await inner.register("left behind", doomed.id, b"\x80")
+        async with meshline.open_client_registry(
+            leader.node, backend=inner, on_orphaned=lambda node_id, _: reported.append(node_id)
+        ):
+            await trio.sleep(0.1)
+        await doomed.crash()
+        with trio.fail_after(10):
+            await wait_until(lambda: not leader.node.is_alive(doomed.id))
+        await trio.sleep(2 * TTL)
+        assert reported == []
+        assert [record.client_id for record in await inner.list_clients()] == ["left behind"]
