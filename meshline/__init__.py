@@ -46,8 +46,6 @@ from ._node import MembershipEvents as MembershipEvents
 from ._node import Node as Node
 from ._node import open_node as open_node
 from ._presence import NodeClientRegistry as NodeClientRegistry
-from ._presence import OrphanHandler as OrphanHandler
-from ._presence import RestoredHandler as RestoredHandler
 from ._presence import open_client_registry as open_client_registry
 from ._registry import ClientRecord as ClientRecord
 from ._registry import ClientRegistry as ClientRegistry

@@ -53,6 +53,7 @@ class FaultyTransport(Transport):
     def __init__(self, inner: Transport) -> None:
         self.inner = inner
         self._write_fault = _WriteFault.NONE
+        self._fail_after = 0.0
         self._writes_healed = trio.Event()
         self._writes_healed.set()
         self._running = trio.Event()
@@ -67,10 +68,15 @@ class FaultyTransport(Transport):
 
     # ------------------------------------------------------------------ faults
 
-    def fail_kv_writes(self) -> None:
+    def fail_kv_writes(self, *, after: float = 0.0) -> None:
         """Make every KV write (put, create, update, delete, purge) raise
-        :class:`~meshline.TransportError` at once, until :meth:`heal_kv_writes`."""
+        :class:`~meshline.TransportError`, until :meth:`heal_kv_writes`.
+
+        ``after`` is how long each write takes to fail, in seconds (at once by
+        default), as a write to a struggling server would.
+        """
         self._write_fault = _WriteFault.FAIL
+        self._fail_after = after
 
     def hang_kv_writes(self) -> None:
         """Make every KV write wait until :meth:`heal_kv_writes` (or until the caller
@@ -134,6 +140,8 @@ class FaultyTransport(Transport):
     async def _write_gate(self) -> None:
         await self._gate()
         if self._write_fault is _WriteFault.FAIL:
+            if self._fail_after:
+                await trio.sleep(self._fail_after)
             self.kv_writes_failed += 1
             raise TransportError("KV write failed (injected)")
         if self._write_fault is _WriteFault.HANG:

@@ -75,9 +75,13 @@ async def test_failing_writes_never_end_a_node(
         assert await other.node.request(node.id, "echo", 7) == 7
 
 
-async def test_lease_terms_never_overlap_when_refreshes_fail_fast(
-    open_transport: OpenTransport, unique: Callable[[str], str], clock: object
+@pytest.mark.parametrize("fails_after", [0.0, 0.03, 0.07, 0.12])
+async def test_lease_terms_never_overlap_when_refreshes_fail(
+    open_transport: OpenTransport, unique: Callable[[str], str], clock: object, fails_after: float
 ) -> None:
+    """Refreshes that fail (at once, or after a while, as against a struggling
+    server) must end the term before the lease can pass to another node, whatever
+    the phase of the failures against the lease's deadline."""
     terms: list[tuple[int, float, float]] = []
 
     def duty_for(node_id: int) -> Callable[[], Any]:
@@ -96,7 +100,7 @@ async def test_lease_terms_never_overlap_when_refreshes_fail_fast(
         assert leader.node.is_leader
         leader.node.add_leader_duty(duty_for(leader.id))
         follower.node.add_leader_duty(duty_for(follower.id))
-        leader.faults.fail_kv_writes()
+        leader.faults.fail_kv_writes(after=fails_after)
         overlap: list[float] = []
 
         async def watch_for_two_leaders() -> None:

@@ -189,7 +189,8 @@ async def test_client_service_across_three_processes(
             await me.invoke("alpha.1", "stall", None, timeout=60)
         with trio.fail_after(10):
             await wait_until(lambda: sorted(cancelled) == ["alpha.1", "beta.1"])
-        assert await me.register_client("shared *", {}) == first_id  # it moved here
+        moved = await me.register_client("shared *", {})
+        assert moved.superseded == first_id  # it moved here
         assert await me.invoke("shared *", "hello", None) == {"here": "shared *"}
         first.kill()
         with trio.fail_after(10):

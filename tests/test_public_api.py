@@ -18,7 +18,11 @@ EXPECTED = {
     "KVRegistryBackend",
     "MemoryRegistryBackend",
     "NodeClientRegistry",
+    "ReassertOutcome",
     "RegisteredClient",
+    "Registration",
+    "ConnectionEvent",
+    "ConnectionEventKind",
     "RegistryBackend",
     "SQLiteRegistryBackend",
     "open_client_registry",
@@ -86,10 +90,12 @@ def test_testing_api_is_locked() -> None:
     assert public(meshline.testing) == {
         "HOSTILE_CLIENT_IDS",
         "RegistryBackendSuite",
+        "FaultyTransport",
         "NatsServer",
         "NatsServerError",
         "find_nats_server",
         "free_port",
+        "restart_server",
         "nats_cluster",
     }
 
