@@ -10,13 +10,13 @@ applications can use it in theirs.
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import trio
 
 from ._buffer import DEFAULT_BUFFER, MessageBuffer, Overflow
-from ._errors import TransportError
+from ._errors import InvalidArgumentError, TransportError
 from ._server import NatsServer
 from ._transport import (
     ConnectionEvent,
@@ -29,7 +29,10 @@ from ._transport import (
     Transport,
 )
 
-__all__ = ["FaultyTransport", "restart_server"]
+__all__ = ["KV_WRITES", "FaultyTransport", "restart_server"]
+
+KV_WRITES = ("put", "create", "update", "delete", "purge")
+"""The KV operations that write."""
 
 
 class _WriteFault(enum.Enum):
@@ -54,6 +57,7 @@ class FaultyTransport(Transport):
         self.inner = inner
         self._write_fault = _WriteFault.NONE
         self._fail_after = 0.0
+        self._failing: frozenset[str] = frozenset(KV_WRITES)
         self._writes_healed = trio.Event()
         self._writes_healed.set()
         self._running = trio.Event()
@@ -68,15 +72,22 @@ class FaultyTransport(Transport):
 
     # ------------------------------------------------------------------ faults
 
-    def fail_kv_writes(self, *, after: float = 0.0) -> None:
-        """Make every KV write (put, create, update, delete, purge) raise
-        :class:`~meshline.TransportError`, until :meth:`heal_kv_writes`.
+    def fail_kv_writes(
+        self, *, after: float = 0.0, operations: Collection[str] = KV_WRITES
+    ) -> None:
+        """Make KV writes raise :class:`~meshline.TransportError`, until
+        :meth:`heal_kv_writes`.
 
         ``after`` is how long each write takes to fail, in seconds (at once by
-        default), as a write to a struggling server would.
+        default), as a write to a struggling server would. ``operations`` limits the
+        fault to some of ``put``, ``create``, ``update``, ``delete`` and ``purge``.
         """
+        unknown = set(operations) - set(KV_WRITES)
+        if unknown:
+            raise InvalidArgumentError(f"not KV write operations: {sorted(unknown)}")
         self._write_fault = _WriteFault.FAIL
         self._fail_after = after
+        self._failing = frozenset(operations)
 
     def hang_kv_writes(self) -> None:
         """Make every KV write wait until :meth:`heal_kv_writes` (or until the caller
@@ -137,9 +148,9 @@ class FaultyTransport(Transport):
             self.operations_refused += 1
             raise TransportError("connection cut (injected)")
 
-    async def _write_gate(self) -> None:
+    async def _write_gate(self, operation: str) -> None:
         await self._gate()
-        if self._write_fault is _WriteFault.FAIL:
+        if self._write_fault is _WriteFault.FAIL and operation in self._failing:
             if self._fail_after:
                 await trio.sleep(self._fail_after)
             self.kv_writes_failed += 1
@@ -211,23 +222,23 @@ class _FaultyKeyValue(KeyValue):
         return await self._inner.get(key)
 
     async def put(self, key: str, value: bytes, *, ttl: int | None = None) -> int:
-        await self._faults._write_gate()
+        await self._faults._write_gate("put")
         return await self._inner.put(key, value, ttl=ttl)
 
     async def create(self, key: str, value: bytes, *, ttl: int | None = None) -> int:
-        await self._faults._write_gate()
+        await self._faults._write_gate("create")
         return await self._inner.create(key, value, ttl=ttl)
 
     async def update(self, key: str, value: bytes, *, revision: int, ttl: int | None = None) -> int:
-        await self._faults._write_gate()
+        await self._faults._write_gate("update")
         return await self._inner.update(key, value, revision=revision, ttl=ttl)
 
     async def delete(self, key: str, *, revision: int | None = None) -> None:
-        await self._faults._write_gate()
+        await self._faults._write_gate("delete")
         await self._inner.delete(key, revision=revision)
 
     async def purge(self, key: str) -> None:
-        await self._faults._write_gate()
+        await self._faults._write_gate("purge")
         await self._inner.purge(key)
 
     async def keys(self) -> list[str]:

@@ -113,25 +113,56 @@ class _JetStreamError(TransportError):
         self.err_code = err_code
 
 
+_CONNECTION_TROUBLE = (
+    nats.errors.UnexpectedEOF,
+    nats.errors.StaleConnectionError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.TimeoutError,
+    OSError,
+    TimeoutError,
+)
+"""Errors nats-py reports through ``error_cb`` when the connection itself broke."""
+
 _KV_OPERATION = "KV-Operation"
 _MARKER_REASON = "Nats-Marker-Reason"
 _EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
 
 
+_CLIENT_INTERNALS = (
+    "_pending",
+    "_pending_data_size",
+    "_flush_queue",
+    "_flush_pending",
+    "_max_payload",
+    "_max_pending_size",
+    "_process_msg",
+    "_subs",
+)
+_SUBSCRIPTION_INTERNALS = ("_pending_queue", "_pending_size")
+_WATCHER_INTERNALS = ("_updates",)
+_COMMAND_HELPERS = ("pub_cmd", "hpub_cmd")
+
+
+def _missing(thing: Any, names: tuple[str, ...], where: str) -> list[str]:
+    return [f"{where}.{name}" for name in names if not hasattr(thing, name)]
+
+
 def _check_nats_internals(client: Any) -> None:
-    missing = [
-        name
-        for name in (
-            "_pending",
-            "_pending_data_size",
-            "_flush_queue",
-            "_max_payload",
-            "_max_pending_size",
-            "_process_msg",
-            "_subs",
+    """Fail loudly if nats-py lacks an internal the fast paths use.
+
+    The subscription and key watcher internals are checked on the first instance
+    of each (see :func:`_check_subscription` and the KV watch).
+    """
+    missing = _missing(client, _CLIENT_INTERNALS, "Client")
+    missing += _missing(nats_command, _COMMAND_HELPERS, "nats.protocol.command")
+    if missing:
+        raise TransportError(
+            f"this nats-py version lacks internals meshline relies on: {', '.join(missing)}"
         )
-        if not hasattr(client, name)
-    ]
+
+
+def _check_internals_of(thing: Any, names: tuple[str, ...], where: str) -> None:
+    missing = _missing(thing, names, where)
     if missing:
         raise TransportError(
             f"this nats-py version lacks internals meshline relies on: {', '.join(missing)}"
@@ -360,10 +391,44 @@ class NatsTransport(Transport):
 
         async def subscribe_inbox() -> None:
             inbox = await self._nc.subscribe(self._inbox_prefix + "*")
+            _check_internals_of(inbox, _SUBSCRIPTION_INTERNALS, "Subscription")
             inbox._pending_queue = _InboxShim(inbox, self._inbox_prefix, self._waiters)
             await _confirm_subscriptions(self._nc)
 
         await self._aio("subscribe", subscribe_inbox)
+        await self._self_test()
+
+    async def _self_test(self) -> None:
+        """Prove the fast paths work with this nats-py: a publish and a request,
+        each through meshline's own path, to a private subject. A few milliseconds.
+
+        :raises TransportError: either did not arrive within a few seconds.
+        """
+        subject = self._inbox_prefix.rstrip(".") + "-selftest"
+        try:
+            async with self.subscribe(subject) as subscription:
+                with trio.fail_after(5):
+                    await self.publish(subject, b"publish")
+                    published = await subscription.receive()
+                    async with trio.open_nursery() as nursery:
+
+                        async def answer() -> None:
+                            message = await subscription.receive()
+                            if message.reply is not None:
+                                await self.publish(message.reply, b"reply")
+
+                        nursery.start_soon(answer)
+                        reply = await self._request(subject, b"request", 5.0)
+        except (trio.TooSlowError, RequestTimeoutError, NoRespondersError) as exc:
+            raise TransportError(
+                "meshline's nats-py fast paths do not work with this nats-py version: "
+                f"the connect self-test failed ({type(exc).__name__})"
+            ) from exc
+        if published.data != b"publish" or reply.data != b"reply":
+            raise TransportError(
+                "meshline's nats-py fast paths do not work with this nats-py version: "
+                "the connect self-test got the wrong data back"
+            )
 
     def _check_open(self) -> None:
         if self._closed or self._nc.is_closed:
@@ -579,6 +644,12 @@ async def open_nats_transport(
             await user_callback(*args)
 
     async def on_error(exc: Exception) -> None:
+        if isinstance(exc, _CONNECTION_TROUBLE):
+            # The connection broke; nats-py reports DISCONNECTED next.
+            logger.warning("NATS connection error: %s: %s", type(exc).__name__, exc)
+            if user_callbacks["error_cb"] is not None:
+                await user_callbacks["error_cb"](exc)
+            return
         if isinstance(exc, nats.errors.SlowConsumerError):
             kind = ConnectionEventKind.SLOW_CONSUMER
         else:
@@ -741,6 +812,7 @@ class _NatsKeyValue(KeyValue):
         snapshot: list[KVEntry] = []
         kv = await self._transport._aio("KV bind", self._js.key_value, self.bucket)
         watcher = await self._transport._aio("KV watch", kv.watch, pattern)
+        _check_internals_of(watcher, _WATCHER_INTERNALS, "KeyValue.KeyWatcher")
 
         def convert(entry: Any) -> KVEntry:
             operation = {"DEL": KVOperation.DELETE, "PURGE": KVOperation.PURGE}.get(

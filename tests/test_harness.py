@@ -6,7 +6,7 @@ import pytest
 import trio
 
 import meshline
-from meshline.testing import NatsServer, NatsServerError
+from meshline.testing import NatsServer, NatsServerError, restart_server
 
 from .node_helpers import wait_until
 
@@ -81,6 +81,45 @@ async def test_subscriptions_and_requests_survive_a_server_restart(
                     await trio.sleep(0.1)
         assert reply.data == b"pong"
         nursery.cancel_scope.cancel()
+
+
+async def test_a_server_restart_is_told_to_connection_listeners(
+    private_nats_server: NatsServer,
+) -> None:
+    server = private_nats_server
+    async with meshline.open_nats_transport(server.url) as transport:
+        heard: list[meshline.ConnectionEventKind] = []
+        transport.add_connection_listener(lambda event: heard.append(event.kind))
+        await restart_server(server, 0.2)
+        with trio.fail_after(20):
+            await wait_until(lambda: meshline.ConnectionEventKind.RECONNECTED in heard)
+        assert heard == [
+            meshline.ConnectionEventKind.DISCONNECTED,
+            meshline.ConnectionEventKind.RECONNECTED,
+        ]
+        assert transport.connected
+
+
+async def test_data_and_headers_over_max_payload_are_refused_before_sending(
+    private_nats_server: NatsServer,
+) -> None:
+    """The server counts headers too, and closes the connection over its limit: a
+    KV write whose value fits but whose headers do not must fail before it is sent."""
+    async with meshline.open_nats_transport(private_nats_server.url) as transport:
+        kv = await transport.key_value("large")
+        with pytest.raises(meshline.PayloadTooLargeError):
+            await kv.put("k", b"x" * (1024 * 1024 - 4))
+        assert transport.connected
+        await kv.put("k", b"small")
+        entry = await kv.get("k")
+        assert entry is not None and entry.value == b"small"
+
+
+def test_the_internals_check_names_what_is_missing() -> None:
+    from meshline._nats import _check_nats_internals
+
+    with pytest.raises(meshline.TransportError, match="_pending_data_size"):
+        _check_nats_internals(object())
 
 
 async def test_unreachable_server_is_a_transport_error() -> None:

@@ -75,6 +75,26 @@ async def test_failing_writes_never_end_a_node(
         assert await other.node.request(node.id, "echo", 7) == 7
 
 
+async def test_a_failed_reassertion_of_the_liveness_key_is_retried(
+    open_transport: OpenTransport, unique: Callable[[str], str], clock: object
+) -> None:
+    """The key is gone, so the refresh loses its compare-and-set, and the put that
+    re-asserts it fails too: the node must log it and try again next beat."""
+    async with open_mesh(open_transport, unique("reassert")) as mesh:
+        node = await mesh.start(ttl=TTL)
+        other = await mesh.start(ttl=TTL)
+        node.faults.fail_kv_writes(operations=["put"])
+        kv = await other.transport.key_value(meshline._node.mesh_names(mesh.key)[0])
+        await kv.delete(f"nodes.{node.id}")
+        with trio.fail_after(10):
+            await wait_until(lambda: node.faults.kv_writes_failed >= 2)
+        assert not node.done.is_set()
+        node.faults.heal_kv_writes()
+        with trio.fail_after(10):
+            await wait_until(lambda: other.node.is_alive(node.id))
+        assert node.node.incarnation > 1
+
+
 @pytest.mark.parametrize("fails_after", [0.0, 0.03, 0.07, 0.12])
 async def test_lease_terms_never_overlap_when_refreshes_fail(
     open_transport: OpenTransport, unique: Callable[[str], str], clock: object, fails_after: float

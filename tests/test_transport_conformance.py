@@ -119,6 +119,39 @@ async def test_overflow_error_policy_raises_after_draining(
             await subscription.receive()
 
 
+async def test_closing_an_overflowed_subscription_withdraws_interest(
+    transport: meshline.Transport, unique: Unique
+) -> None:
+    subject = unique("overflowed")
+    subscription = await transport.open_subscription(subject, limit=1, overflow=Overflow.ERROR)
+    for index in range(3):
+        await transport.publish(subject, str(index).encode())
+    await transport.publish(subject, b"more")
+    assert (await subscription.receive()).data == b"0"
+    with pytest.raises(meshline.SubscriptionOverflowError):
+        await subscription.receive()
+    await subscription.aclose()
+    # Nobody listens any more: the server (or hub) says so at once.
+    with trio.fail_after(10):
+        while True:
+            try:
+                await transport.request(subject, b"anyone?", timeout=5)
+            except meshline.NoRespondersError:
+                break
+            await trio.sleep(0.05)
+
+
+async def test_connection_listeners_are_added_and_removed(
+    transport: meshline.Transport,
+) -> None:
+    heard: list[meshline.ConnectionEvent] = []
+    remove = transport.add_connection_listener(heard.append)
+    assert transport.connected
+    remove()
+    remove()
+    assert heard == []
+
+
 async def serve_upper(
     transport: meshline.Transport,
     subject: str,
