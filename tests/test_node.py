@@ -70,7 +70,11 @@ async def test_ids_are_never_reused_even_after_a_crash(
         second = await mesh.start()
         await second.crash()
         await first.stop()
-        await trio.sleep(5)  # every liveness key and the lease have expired
+        async with open_transport() as transport:
+            kv = await transport.key_value(meshline._node.mesh_names(mesh.key)[0])
+            with trio.fail_after(20):  # until every liveness key and the lease expired
+                while any(key.startswith("nodes.") or key == "leader" for key in await kv.keys()):
+                    await trio.sleep(0.05)
         third = await mesh.start()
         assert third.id > second.id > first.id
         assert third.node.alive_nodes() == {third.id}
