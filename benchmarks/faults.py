@@ -33,6 +33,7 @@ Usage: ``python benchmarks/faults.py [--quick] [--rounds N]``
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import statistics
@@ -43,9 +44,19 @@ from pathlib import Path
 from typing import Any
 
 WORKER = Path(__file__).with_name("_faults_worker.py")
+LIBRARY = Path(__file__).resolve().parents[1] / "meshline"
 SCENARIOS = ("restart-0.5", "restart-5", "stall", "kill", "kill-leader")
 NODES = 3
 TTL = 2
+
+
+def library_fingerprint() -> str:
+    """A short hash of meshline's sources, to tell whether they changed during a run
+    (the library under test is imported afresh by every node process)."""
+    digest = hashlib.sha256()
+    for path in sorted(LIBRARY.rglob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def run_round(scenario: str, clients: int, log_dir: Path) -> dict[str, Any]:
@@ -93,6 +104,7 @@ def main() -> None:
     scenarios = [name for name in args.scenarios.split(",") if name]
     log_root = Path(tempfile.mkdtemp(prefix="meshline-faults-"))
 
+    fingerprint = library_fingerprint()
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in scenarios}
     for round_number in range(rounds):
         for scenario in scenarios:
@@ -103,7 +115,10 @@ def main() -> None:
                 print(f"{scenario} round {round_number}: FAILED", file=sys.stderr)
                 print("\n".join(outcome["error"]), file=sys.stderr)
 
-    print(f"{NODES} nodes x {clients} clients, ttl={TTL} s, {rounds} round(s); logs in {log_root}")
+    print(
+        f"{NODES} nodes x {clients} clients, ttl={TTL} s, {rounds} round(s), "
+        f"meshline sources {fingerprint}; logs in {log_root}"
+    )
     header = f"{'scenario':<12} {'recovery':>8} {'detect':>7} {'orphans':>7} "
     print(header + f"{'false':>6} {'lost':>5} {'restored':>8} {'dip':>6} settled crashed")
     false_orphans = lost = 0
@@ -132,6 +147,8 @@ def main() -> None:
         for outcome in good:
             extra = {k: v for k, v in outcome.items() if k not in ("server_log", "log_dir")}
             print(f"  {json.dumps(extra)}")
+    if library_fingerprint() != fingerprint:
+        print("WARNING: meshline's sources changed during the run; figures may mix versions")
     restart_recovery = max(restart_medians, default=math.nan)
     print(f"false_orphans={false_orphans} lost={lost} restart_recovery_s={restart_recovery:.3f}")
 

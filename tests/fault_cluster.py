@@ -59,7 +59,8 @@ class Status:
     t: float
     """Wall clock in the child when it read its view."""
     connected: bool
-    trustworthy: bool
+    trustworthy: bool | None
+    """None when the library does not say (no ``Node.view_is_trustworthy``)."""
     leader: bool
     leader_id: int | None
     incarnation: int | None
@@ -77,7 +78,7 @@ class Status:
             node_id=int(message["id"]),
             t=float(message["t"]),
             connected=bool(message["connected"]),
-            trustworthy=bool(message["trustworthy"]),
+            trustworthy=message["trustworthy"],
             leader=bool(message["leader"]),
             leader_id=message["leader_id"],
             incarnation=message["incarnation"],
@@ -363,7 +364,7 @@ class FaultCluster:
             process.streak_since = None
         else:
             self.history.append(status)
-            if status.whole(self.expected()) and status.trustworthy:
+            if status.whole(self.expected()) and status.trustworthy is not False:
                 if process.streak_since is None:
                     process.streak_since = status.t
             else:
@@ -405,7 +406,7 @@ class FaultCluster:
         return all(
             process.latest is not None
             and process.latest.whole(expected)
-            and (process.latest.trustworthy or not trustworthy)
+            and (process.latest.trustworthy is not False or not trustworthy)
             for process in self.running()
         )
 

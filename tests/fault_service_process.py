@@ -22,7 +22,8 @@ Lines it prints, told apart by ``"event"``:
   wall clock, ``time.time()``, when the hook was called).
 - ``status``, the answer to a ``status`` command: ``seq`` (echoed), ``t`` (wall
   clock when the view was read), ``id``, ``connected`` (the transport's state),
-  ``trustworthy`` (whether the node's view may declare nodes dead), ``leader``
+  ``trustworthy`` (whether the node's view may declare nodes dead; null if the
+  library has no ``Node.view_is_trustworthy``), ``leader``
   (``is_leader``), ``leader_id``, ``incarnation``, ``alive`` (the node ids alive in
   its view), ``counts`` (visible clients per alive node, as a JSON object keyed by
   node id). With ``full``, ``counts`` comes from ``client_registry.list_clients()``
@@ -109,7 +110,7 @@ async def _status(
         "seq": seq,
         "id": service.instance_id,
         "connected": bool(getattr(transport, "connected", True)),
-        "trustworthy": bool(getattr(node, "view_is_trustworthy", True)),
+        "trustworthy": getattr(node, "view_is_trustworthy", None),
         "leader": node.is_leader,
         "leader_id": node.leader_id,
         "incarnation": getattr(node, "incarnation", None),
