@@ -705,8 +705,9 @@ class Node:
         if self._can_lead:
             await nursery.start(self._leader_loop)
 
-    def _liveness_record(self) -> bytes:
-        return encode(NodeRecord(self._id, self._ttl, self._started_at_ms, self._incarnation))
+    def _liveness_record(self, incarnation: int | None = None) -> bytes:
+        incarnation = self._incarnation if incarnation is None else incarnation
+        return encode(NodeRecord(self._id, self._ttl, self._started_at_ms, incarnation))
 
     def _on_connection_event(self, event: ConnectionEvent) -> None:
         """React to the transport losing or regaining its connection.
@@ -891,18 +892,23 @@ class Node:
                 raise
             except (TransportError, trio.TooSlowError) as exc:
                 logger.warning(
-                    "node %d: heartbeat failed (%s); retrying", self._id, exc or "timed out"
+                    "node %d: heartbeat failed (%s: %s); retrying",
+                    self._id,
+                    type(exc).__name__,
+                    exc,
                 )
 
     async def _reassert(self, why: str) -> None:
-        """Write the liveness key again under a new incarnation; emit REASSERTED."""
-        self._incarnation += 1
-        logger.warning(
-            "node %d: %s; re-asserting as incarnation %d", self._id, why, self._incarnation
-        )
+        """Write the liveness key again under a new incarnation; emit REASSERTED.
+
+        The incarnation moves on only once the write landed.
+        """
+        incarnation = self._incarnation + 1
+        logger.warning("node %d: %s; re-asserting as incarnation %d", self._id, why, incarnation)
         self._liveness_revision = await self._kv.put(
-            node_key(self._id), self._liveness_record(), ttl=self._ttl
+            node_key(self._id), self._liveness_record(incarnation), ttl=self._ttl
         )
+        self._incarnation = incarnation
         self._publish_events(
             [MembershipEvent(MembershipEventKind.REASSERTED, self._id, self._incarnation)]
         )

@@ -197,8 +197,8 @@ class NodeClientRegistry(ClientRegistry[MetadataT], Generic[MetadataT]):
         present) and carries the node's current incarnation, so a cleanup of an
         older incarnation cannot remove it. A registration that another node or a
         newer registration now holds is forgotten, never taken back. Restored ones
-        are reported to ``on_restored``. A write that fails is counted and left for
-        the next pass.
+        are reported to ``on_restored`` as they land, in batches. A write that fails
+        is counted and left for the next pass.
 
         :raises TransportError: some writes failed (the others went ahead).
         """
@@ -229,16 +229,11 @@ class NodeClientRegistry(ClientRegistry[MetadataT], Generic[MetadataT]):
                     failures.append(exc)
                     return
                 if outcome is ReassertOutcome.RESTORED:
-                    restored.append(
-                        ClientRecord(
-                            client_id,
-                            self.node_id,
-                            now_ms(),
-                            entry.metadata,
-                            entry.token,
-                            incarnation,
-                        )
+                    record = ClientRecord(
+                        client_id, self.node_id, now_ms(), entry.metadata, entry.token, incarnation
                     )
+                    restored.append(record)
+                    self._report("on_restored", self.node_id, [record])
                 elif outcome is ReassertOutcome.GONE and self._own.get(client_id) is entry:
                     del self._own[client_id]
 
@@ -266,7 +261,6 @@ class NodeClientRegistry(ClientRegistry[MetadataT], Generic[MetadataT]):
                 self.node_id,
                 len(restored),
             )
-            self._report("on_restored", self.node_id, restored)
         if failures:
             self.reassert_failures += len(failures)
             raise TransportError(

@@ -161,14 +161,35 @@ class KVRegistryBackend:
         self._known[key] = entry.revision
         self._set(key, entry.revision, record)
 
-    def load(self, snapshot: list[KVEntry]) -> None:
-        """Replace the replica with a watch snapshot."""
-        self._records.clear()
-        self._known.clear()
-        self._by_node.clear()
-        self._by_client.clear()
+    def load(self, snapshot: list[KVEntry]) -> list[str]:
+        """Merge a watch snapshot into the replica; return the keys the replica
+        holds that the snapshot lacks, for the caller to check with the server.
+
+        A snapshot taken right after a server restart can be short while JetStream
+        recovers its stream, so absence from it alone removes nothing.
+        """
+        newest = max((entry.revision for entry in snapshot), default=0)
+        if snapshot and newest < self._watch_revision:
+            # Every revision is older than what was seen before: the stream was
+            # recreated (its data lost), so nothing known about it holds any more.
+            self._records.clear()
+            self._known.clear()
+            self._by_node.clear()
+            self._by_client.clear()
+            self._watch_revision = 0
+        present = set()
         for entry in snapshot:
+            present.add(entry.key)
             self._apply_watched(entry)
+        return [key for key in self._records if key not in present]
+
+    async def _confirm_absent(self, keys: list[str]) -> None:
+        """Drop from the replica each of ``keys`` that the server no longer holds."""
+        for key in keys:
+            if key in self._records and await self._kv.get(key) is None:
+                current = self._records.get(key)
+                if current is not None:
+                    self._forget_local(key, current[0])
 
     def request_reload(self) -> None:
         """Drop the current watch and load the replica again from a fresh one.
@@ -193,10 +214,12 @@ class KVRegistryBackend:
                 self._watch_scope = scope
                 try:
                     async with self._kv.watch(_PREFIX + ">") as watch:
-                        self.load(watch.snapshot)
+                        missing = self.load(watch.snapshot)
                         if not started:
                             started = True
                             task_status.started()
+                        if missing:
+                            await self._confirm_absent(missing)
                         async for entry in watch:
                             self._apply_watched(entry)
                     raise TransportError("the watch ended")
@@ -261,7 +284,16 @@ class KVRegistryBackend:
         self, client_id: str, node_id: int, metadata: bytes, *, token: int, incarnation: int
     ) -> ReassertOutcome:
         key = _key(client_id)
-        current = await self._read(key)
+        current = self._records.get(key)
+        if (
+            current is None
+            or not owned(current[1], node_id, token)
+            or (current[1].incarnation == incarnation)
+        ):
+            # Nothing to write according to the replica, which may be stale or have
+            # lost a record the server lost: ask the server. Otherwise the write
+            # below is itself the check, a compare-and-set against the server.
+            current = await self._read(key)
         while True:
             try:
                 if current is None:

@@ -15,6 +15,7 @@ import pytest
 import trio
 
 import meshline
+from meshline.testing import NatsServer
 
 from .node_helpers import OpenTransport, open_mesh, wait_until
 
@@ -229,3 +230,23 @@ async def test_an_answer_too_large_to_send_is_a_typed_error_and_the_node_survive
         assert await caller.node.request(responder.id, "small", None, timeout=10) == "fine"
         assert responder.node.reply_failures == 1
         assert not responder.done.is_set()
+
+
+async def test_a_view_is_not_trusted_while_the_server_is_down(
+    private_nats_server: NatsServer,
+) -> None:
+    async with (
+        meshline.open_nats_transport(private_nats_server.url) as transport,
+        meshline.open_node(transport, "outage", ttl=TTL) as node,
+    ):
+        assert node.view_is_trustworthy
+        await trio.to_thread.run_sync(private_nats_server.kill)
+        with trio.fail_after(10):
+            await wait_until(lambda: not transport.connected)
+        assert not node.view_is_trustworthy
+        await trio.sleep(2 * TTL)
+        assert node.alive_nodes() == {node.id}
+        await trio.to_thread.run_sync(private_nats_server.start)
+        with trio.fail_after(20):
+            await wait_until(lambda: node.view_is_trustworthy)
+        assert node.alive_nodes() == {node.id}

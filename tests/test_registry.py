@@ -9,6 +9,7 @@ from pathlib import Path
 import attrs
 import msgspec
 import pytest
+import trio
 
 import meshline
 from meshline.testing import RegistryBackendSuite
@@ -139,3 +140,27 @@ async def test_each_registration_gets_its_own_token() -> None:
     )
     tokens = {(await registry.register("c", {"n": n})).token for n in range(20)}
     assert len(tokens) == 20 and 0 not in tokens
+
+
+async def test_a_reloaded_replica_keeps_what_a_short_snapshot_lacks_until_the_server_says() -> None:
+    """Right after a server restart a watch snapshot can be short while JetStream
+    recovers; the replica must not drop registrations only because of that."""
+    async with meshline.open_memory_transport() as transport:
+        async with meshline.open_kv_registry_backend(transport, "short") as backend:
+            await backend.register("kept", 1, b"")
+            await backend.register("deleted meanwhile", 1, b"")
+            kv = await transport.key_value(meshline._registry_kv.registry_bucket("short"))
+            async with kv.watch() as watch:
+                full = watch.snapshot
+            short = [entry for entry in full if entry.key != full[0].key]
+            missing = backend.load(short)
+            assert missing == [full[0].key]
+            assert {record.client_id for record in await backend.list_clients()} == {
+                "kept",
+                "deleted meanwhile",
+            }
+            await kv.delete(full[1].key)
+            backend.request_reload()
+            with trio.fail_after(10):
+                while len(await backend.list_clients()) != 1:
+                    await trio.sleep(0.01)
