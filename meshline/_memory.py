@@ -149,6 +149,15 @@ class MemoryTransport(Transport):
         )
         hub._add(self._inbox)
 
+    @property
+    def connected(self) -> bool:
+        """True while the transport is open: a memory transport never disconnects.
+
+        It emits no connection events of its own; wrap it in
+        :class:`meshline.testing.FaultyTransport` to inject them.
+        """
+        return not self._closed
+
     def _check_open(self) -> None:
         if self._closed:
             raise TransportClosedError("the memory transport is closed")
@@ -348,13 +357,14 @@ class _MemoryWatch(KVWatch):
         self, snapshot: list[KVEntry], buffer: MessageBuffer[KVEntry], bucket: _Bucket
     ) -> None:
         super().__init__(snapshot, buffer)
+        self._entries = buffer
         self._bucket = bucket
 
     async def _next_raw(self) -> KVEntry:
         while True:
             self._bucket.expire()
             with trio.move_on_at(self._bucket.next_deadline()):
-                return await self._buffer.receive()
+                return await self._entries.receive()
 
 
 class _MemoryKeyValue(KeyValue):

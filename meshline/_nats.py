@@ -16,15 +16,19 @@ Control-plane calls (connect, subscribe, unsubscribe, every KV operation) cross
 once per call. Everything nats-py raises is mapped onto meshline's errors here.
 
 The fast paths touch these nats-py internals: ``Client._pending``,
-``_pending_data_size``, ``_flush_queue``, ``_max_payload``, ``_max_pending_size``
-and ``Subscription._pending_queue`` / ``_pending_size``. nats-py is pinned to 2.16.x
-for that reason; :func:`_check_nats_internals` fails loudly if they change.
+``_pending_data_size``, ``_flush_queue``, ``_flush_pending``, ``_max_payload``,
+``_max_pending_size``, ``_process_msg`` and ``_subs``; ``Subscription._pending_queue``
+and ``_pending_size``; ``KeyValue.KeyWatcher._updates``; and the command builders
+``nats.protocol.command.pub_cmd`` / ``hpub_cmd``. nats-py is pinned to 2.16.x for
+that reason. :func:`_check_nats_internals` fails loudly if one is missing, and a
+self-test at connect proves that a publish and a request make the round trip.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import itertools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -33,8 +37,10 @@ from typing import Any, TypeVar
 
 import msgspec
 import nats
+import nats.aio.subscription
 import nats.errors
 import nats.js.errors
+import nats.js.kv
 import trio
 import trio_asyncio
 from nats.js import api as js_api
@@ -42,6 +48,7 @@ from nats.protocol import command as nats_command
 
 from ._buffer import DEFAULT_BUFFER, MessageBuffer, Overflow
 from ._errors import (
+    InvalidArgumentError,
     KeyExistsError,
     MeshlineError,
     NoRespondersError,
@@ -89,6 +96,12 @@ _WRONG_LAST_SEQUENCE = (10071, 10164)
 
 JS_TIMEOUT = 5.0
 """Seconds to wait for a JetStream publish ack (as nats-py's default)."""
+
+SELF_TEST_TIMEOUT = 5.0
+"""Seconds the connect self-test waits for its publish and its request."""
+
+CLOSE_TIMEOUT = 5.0
+"""Seconds that closing the connection, a subscription or a watch may take."""
 
 
 class _ApiError(msgspec.Struct):
@@ -148,21 +161,25 @@ def _missing(thing: Any, names: tuple[str, ...], where: str) -> list[str]:
 
 
 def _check_nats_internals(client: Any) -> None:
-    """Fail loudly if nats-py lacks an internal the fast paths use.
+    """Fail loudly if nats-py lacks an internal that meshline touches.
 
-    The subscription and key watcher internals are checked on the first instance
-    of each (see :func:`_check_subscription` and the KV watch).
+    ``client`` is a connected nats-py client. Subscriptions and key watchers keep
+    their internals in instance attributes, so a probe instance of each is built
+    (neither constructor has side effects) and checked too.
+
+    :raises TransportError: naming every missing internal.
     """
     missing = _missing(client, _CLIENT_INTERNALS, "Client")
     missing += _missing(nats_command, _COMMAND_HELPERS, "nats.protocol.command")
-    if missing:
-        raise TransportError(
-            f"this nats-py version lacks internals meshline relies on: {', '.join(missing)}"
-        )
-
-
-def _check_internals_of(thing: Any, names: tuple[str, ...], where: str) -> None:
-    missing = _missing(thing, names, where)
+    try:
+        key_watcher: Any = nats.js.kv.KeyValue.KeyWatcher
+        subscription: Any = nats.aio.subscription.Subscription(client)
+        watcher: Any = key_watcher(None)
+    except Exception as exc:
+        missing.append(f"Subscription / KeyWatcher construction ({type(exc).__name__}: {exc})")
+    else:
+        missing += _missing(subscription, _SUBSCRIPTION_INTERNALS, "Subscription")
+        missing += _missing(watcher, _WATCHER_INTERNALS, "KeyValue.KeyWatcher")
     if missing:
         raise TransportError(
             f"this nats-py version lacks internals meshline relies on: {', '.join(missing)}"
@@ -334,10 +351,12 @@ class _NatsSubscription(Subscription):
         self._transport._subscriptions.discard(self)
         if self._transport._nc.is_closed:
             return
-        with contextlib.suppress(TransportError):
+        try:
             await self._transport._aio(
-                "unsubscribe", self._nats_subscription.unsubscribe, timeout=5.0
+                "unsubscribe", self._nats_subscription.unsubscribe, timeout=CLOSE_TIMEOUT
             )
+        except TransportError as exc:
+            logger.warning("unsubscribing from %r failed: %s", self.subject, exc)
 
 
 async def _confirm_subscriptions(nc: Any) -> None:
@@ -391,7 +410,6 @@ class NatsTransport(Transport):
 
         async def subscribe_inbox() -> None:
             inbox = await self._nc.subscribe(self._inbox_prefix + "*")
-            _check_internals_of(inbox, _SUBSCRIPTION_INTERNALS, "Subscription")
             inbox._pending_queue = _InboxShim(inbox, self._inbox_prefix, self._waiters)
             await _confirm_subscriptions(self._nc)
 
@@ -399,17 +417,20 @@ class NatsTransport(Transport):
         await self._self_test()
 
     async def _self_test(self) -> None:
-        """Prove the fast paths work with this nats-py: a publish and a request,
-        each through meshline's own path, to a private subject. A few milliseconds.
+        """Prove the fast paths work with this nats-py: a publish, a publish with
+        headers (nats-py's own delivery path) and a request, each through meshline's
+        own path, to a private subject. A few milliseconds.
 
-        :raises TransportError: either did not arrive within a few seconds.
+        :raises TransportError: one did not arrive within :data:`SELF_TEST_TIMEOUT`.
         """
         subject = self._inbox_prefix.rstrip(".") + "-selftest"
         try:
             async with self.subscribe(subject) as subscription:
-                with trio.fail_after(5):
+                with trio.fail_after(SELF_TEST_TIMEOUT):
                     await self.publish(subject, b"publish")
                     published = await subscription.receive()
+                    self._enqueue(subject, "", b"headers", b"NATS/1.0\r\nMeshline: 1\r\n\r\n")
+                    with_headers = await subscription.receive()
                     async with trio.open_nursery() as nursery:
 
                         async def answer() -> None:
@@ -418,13 +439,13 @@ class NatsTransport(Transport):
                                 await self.publish(message.reply, b"reply")
 
                         nursery.start_soon(answer)
-                        reply = await self._request(subject, b"request", 5.0)
+                        reply = await self._request(subject, b"request", SELF_TEST_TIMEOUT)
         except (trio.TooSlowError, RequestTimeoutError, NoRespondersError) as exc:
             raise TransportError(
                 "meshline's nats-py fast paths do not work with this nats-py version: "
                 f"the connect self-test failed ({type(exc).__name__})"
             ) from exc
-        if published.data != b"publish" or reply.data != b"reply":
+        if (published.data, with_headers.data, reply.data) != (b"publish", b"headers", b"reply"):
             raise TransportError(
                 "meshline's nats-py fast paths do not work with this nats-py version: "
                 "the connect self-test got the wrong data back"
@@ -603,9 +624,110 @@ class NatsTransport(Transport):
             subscription._buffer.close()
         for waiter in self._waiters.values():
             waiter.wake()
-        with trio.CancelScope(shield=True), trio.move_on_after(5):
-            with contextlib.suppress(TransportError):
-                await self._aio("close", self._nc.close, timeout=5.0)
+        with trio.CancelScope(shield=True):
+            try:
+                await self._aio("close", self._nc.close, timeout=CLOSE_TIMEOUT)
+            except TransportError as exc:
+                logger.warning("closing the NATS connection failed: %s", exc)
+
+
+class _ConnectionCallbacks:
+    """nats-py's ``error_cb``, ``disconnected_cb``, ``reconnected_cb`` and ``closed_cb``.
+
+    nats-py runs them on the asyncio loop, which shares its thread with Trio, so they
+    tell the transport's (Trio-side) listeners directly. Each then awaits the
+    callback of the same name that the user passed, if any; one that raises is
+    logged, so it cannot break nats-py's reader.
+    """
+
+    NAMES = ("error_cb", "disconnected_cb", "reconnected_cb", "closed_cb")
+
+    def __init__(self, user: dict[str, Any]) -> None:
+        for name, callback in user.items():
+            if callback is not None and not inspect.iscoroutinefunction(callback):
+                raise InvalidArgumentError(f"{name} must be an async function, got {callback!r}")
+        self._user = user
+        self.transport: NatsTransport | None = None
+        """Set once the connection is up; events before that are only logged."""
+
+    def options(self) -> dict[str, Callable[..., Awaitable[None]]]:
+        return {
+            "error_cb": self.error,
+            "disconnected_cb": self.disconnected,
+            "reconnected_cb": self.reconnected,
+            "closed_cb": self.closed,
+        }
+
+    def _live(self) -> NatsTransport | None:
+        """The transport, unless it is closing itself (then its events are expected)."""
+        transport = self.transport
+        return None if transport is None or transport._closed else transport
+
+    async def _chain(self, name: str, *args: Any) -> None:
+        callback = self._user.get(name)
+        if callback is None:
+            return
+        try:
+            await callback(*args)
+        except Exception:
+            logger.exception("the %s passed to open_nats_transport failed", name)
+
+    async def error(self, exc: Exception) -> None:
+        transport = self._live()
+        if isinstance(exc, _CONNECTION_TROUBLE):
+            # The connection itself broke (DISCONNECTED follows), or a reconnect
+            # attempt failed: worth a line, not an event.
+            quiet = transport is not None and transport._nc.is_reconnecting
+            logger.log(
+                logging.DEBUG if quiet else logging.WARNING,
+                "NATS connection error: %s: %s",
+                type(exc).__name__,
+                exc,
+            )
+        else:
+            if isinstance(exc, nats.errors.SlowConsumerError):
+                kind = ConnectionEventKind.SLOW_CONSUMER
+            else:
+                kind = ConnectionEventKind.SERVER_ERROR
+            event = ConnectionEvent(kind, str(exc) or type(exc).__name__)
+            if transport is None:
+                logger.warning("connection event: %s (%s)", kind.value, event.detail)
+            else:
+                transport._emit_connection_event(event)
+        await self._chain("error_cb", exc)
+
+    async def disconnected(self) -> None:
+        transport = self._live()
+        if transport is not None:
+            closed = bool(transport._nc.is_closed)
+            detail = "the connection is closed" if closed else "reconnecting"
+            transport._emit_connection_event(
+                ConnectionEvent(ConnectionEventKind.DISCONNECTED, detail)
+            )
+        await self._chain("disconnected_cb")
+
+    async def reconnected(self) -> None:
+        transport = self._live()
+        if transport is not None:
+            url = transport._nc.connected_url
+            where = "" if url is None else f"{url.scheme}://{url.hostname}:{url.port}"
+            transport._emit_connection_event(
+                ConnectionEvent(ConnectionEventKind.RECONNECTED, where)
+            )
+        await self._chain("reconnected_cb")
+
+    async def closed(self) -> None:
+        transport = self._live()
+        if transport is not None:
+            error = transport._nc.last_error
+            detail = "the connection is closed for good" + (
+                f": {error}" if error is not None else ""
+            )
+            logger.error("connection event: server_error (%s)", detail)
+            transport._emit_connection_event(
+                ConnectionEvent(ConnectionEventKind.SERVER_ERROR, detail), log=False
+            )
+        await self._chain("closed_cb")
 
 
 @asynccontextmanager
@@ -621,7 +743,18 @@ async def open_nats_transport(
 
     ``servers`` is one URL or a list (a cluster). The connection retries forever
     after it was once established, waiting ``reconnect_wait`` seconds between
-    attempts. Extra keyword arguments go to :func:`nats.connect` unchanged.
+    attempts. Extra keyword arguments go to :func:`nats.connect` unchanged, except
+    ``error_cb``, ``disconnected_cb``, ``reconnected_cb`` and ``closed_cb`` (async
+    functions): meshline keeps its own and calls these after them.
+
+    Changes of the connection are logged (logger ``meshline.transport``) and told
+    to the transport's connection listeners: ``DISCONNECTED`` when it drops,
+    ``RECONNECTED`` when it is back, ``SLOW_CONSUMER`` when nats-py drops messages
+    for a subscription that fell behind, and ``SERVER_ERROR`` for an error the
+    server reported (a permissions violation, a failed authorization while
+    reconnecting) and when nats-py closed the connection for good (after an
+    ``-ERR`` such as revoked credentials; the transport is then useless and
+    :attr:`~NatsTransport.connected` stays False).
 
     This opens a trio-asyncio loop for the connection's lifetime. The first connect
     must succeed within ``connect_timeout``, else :class:`~meshline.TransportError`.
@@ -629,48 +762,9 @@ async def open_nats_transport(
     5 seconds.
     """
 
-    opened: list[NatsTransport] = []
-    user_callbacks = {
-        name: nats_options.pop(name, None)
-        for name in ("error_cb", "disconnected_cb", "reconnected_cb")
-    }
-
-    async def tell(event: ConnectionEvent, user_callback: Any, *args: Any) -> None:
-        """asyncio side: log, then hand the event to the Trio-side listeners (both
-        loops share this thread), then call the user's own callback, if any."""
-        if opened and not opened[0]._closed:
-            opened[0]._emit_connection_event(event)
-        if user_callback is not None:
-            await user_callback(*args)
-
-    async def on_error(exc: Exception) -> None:
-        if isinstance(exc, _CONNECTION_TROUBLE):
-            # The connection broke; nats-py reports DISCONNECTED next.
-            logger.warning("NATS connection error: %s: %s", type(exc).__name__, exc)
-            if user_callbacks["error_cb"] is not None:
-                await user_callbacks["error_cb"](exc)
-            return
-        if isinstance(exc, nats.errors.SlowConsumerError):
-            kind = ConnectionEventKind.SLOW_CONSUMER
-        else:
-            kind = ConnectionEventKind.SERVER_ERROR
-        logger.warning("NATS %s: %s: %s", kind.value, type(exc).__name__, exc)
-        await tell(ConnectionEvent(kind, str(exc)), user_callbacks["error_cb"], exc)
-
-    async def on_disconnected() -> None:
-        if opened and opened[0]._closed:
-            return
-        logger.warning("NATS connection lost; reconnecting")
-        event = ConnectionEvent(ConnectionEventKind.DISCONNECTED)
-        await tell(event, user_callbacks["disconnected_cb"])
-
-    async def on_reconnected() -> None:
-        url = opened[0]._nc.connected_url if opened else None
-        where = "" if url is None else f"{url.scheme}://{url.hostname}:{url.port}"
-        logger.info("NATS connection back (%s)", where)
-        event = ConnectionEvent(ConnectionEventKind.RECONNECTED, where)
-        await tell(event, user_callbacks["reconnected_cb"])
-
+    callbacks = _ConnectionCallbacks(
+        {name: nats_options.pop(name, None) for name in _ConnectionCallbacks.NAMES}
+    )
     options: dict[str, Any] = {
         "servers": [servers] if isinstance(servers, str) else list(servers),
         "name": name,
@@ -678,9 +772,7 @@ async def open_nats_transport(
         "reconnect_time_wait": reconnect_wait,
         "max_reconnect_attempts": -1,
         "allow_reconnect": True,
-        "error_cb": on_error,
-        "disconnected_cb": on_disconnected,
-        "reconnected_cb": on_reconnected,
+        **callbacks.options(),
     }
     options.update(nats_options)
     with single_exceptions():
@@ -688,7 +780,7 @@ async def open_nats_transport(
             with _mapped_errors("connect"), trio.fail_after(connect_timeout * 2 + 1):
                 nc = await trio_asyncio.aio_as_trio(nats.connect)(**options)
             transport = NatsTransport(nc, loop)
-            opened.append(transport)
+            callbacks.transport = transport
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(transport._timer.run)
@@ -812,7 +904,6 @@ class _NatsKeyValue(KeyValue):
         snapshot: list[KVEntry] = []
         kv = await self._transport._aio("KV bind", self._js.key_value, self.bucket)
         watcher = await self._transport._aio("KV watch", kv.watch, pattern)
-        _check_internals_of(watcher, _WATCHER_INTERNALS, "KeyValue.KeyWatcher")
 
         def convert(entry: Any) -> KVEntry:
             operation = {"DEL": KVOperation.DELETE, "PURGE": KVOperation.PURGE}.get(
@@ -851,6 +942,14 @@ class _NatsKeyValue(KeyValue):
                 finally:
                     nursery.cancel_scope.cancel()
                     buffer.close()
-                    with trio.CancelScope(shield=True), trio.move_on_after(5):
-                        with contextlib.suppress(TransportError):
-                            await self._transport._aio("KV unwatch", watcher.stop)
+                    with trio.CancelScope(shield=True):
+                        await self._stop_watcher(watcher, pattern)
+
+    async def _stop_watcher(self, watcher: Any, pattern: str) -> None:
+        """Withdraw a watch's consumer at the server; a failure is logged."""
+        if self._transport._nc.is_closed:
+            return
+        try:
+            await self._transport._aio("KV unwatch", watcher.stop, timeout=CLOSE_TIMEOUT)
+        except TransportError as exc:
+            logger.warning("stopping the KV watch on %r failed: %s", pattern, exc)

@@ -111,6 +111,8 @@ class KVRegistryBackend:
         self._by_node: dict[int, set[str]] = {}
         self._by_client: dict[str, ClientRecord] = {}
         self._watch_revision = 0
+        self._loads = 0
+        """How many snapshots were loaded, to tell writes that straddle a reload."""
         self._watch_scope: trio.CancelScope | None = None
         self.watch_failures = 0
         """How many times the replica's watch failed and was reopened."""
@@ -138,6 +140,55 @@ class KVRegistryBackend:
         self._known[key] = revision
         self._set(key, revision, record)
 
+    async def _landed(
+        self, key: str, revision: int, record: ClientRecord | None, loads: int
+    ) -> None:
+        """Apply a write that landed at ``revision``, sent when :attr:`_loads` was
+        ``loads``.
+
+        If a snapshot was loaded meanwhile, the write's own answer may be older than
+        what that snapshot left out (a deletion, say) and must not be applied: the
+        key is read from the server again instead.
+        """
+        if loads == self._loads:
+            self._apply_local(key, revision, record)
+        else:
+            await self._recheck(key)
+
+    async def _recheck(self, key: str) -> None:
+        """Bring the replica's copy of ``key`` in line with the server.
+
+        Best effort: the write that calls it has landed already, so a failure to
+        read is logged and left to the watch.
+        """
+        before = self._records.get(key)
+        loads = self._loads
+        try:
+            entry = await self._kv.get(key)
+        except TransportError as exc:
+            logger.info("registry replica could not re-read %r (%s)", key, exc)
+            return
+        if loads != self._loads:
+            return
+        record = None if entry is None else self._decode(key, entry.value)
+        if record is not None and entry is not None:
+            self._apply_local(key, entry.revision, record)
+        elif before is not None:
+            self._forget_local(key, before[0])
+
+    def _decode(self, key: str, value: bytes) -> ClientRecord | None:
+        """The registration stored as ``value``; None, logged, if it is not one."""
+        try:
+            return _record(_decoder.decode(value))
+        except msgspec.MsgspecError as exc:
+            logger.warning(
+                "registry key %r holds something that is not a registration (%s); "
+                "the replica leaves it out",
+                key,
+                exc,
+            )
+            return None
+
     def _forget_local(self, key: str, deleted_revision: int) -> None:
         """Apply a deletion this backend made of the record at ``deleted_revision``."""
         current = self._records.get(key)
@@ -154,12 +205,8 @@ class KVRegistryBackend:
             self._known.pop(key, None)  # the watch is ordered: nothing older comes now
             self._set(key, entry.revision, None)
             return
-        try:
-            record = _record(_decoder.decode(entry.value))
-        except msgspec.MsgspecError:
-            return
         self._known[key] = entry.revision
-        self._set(key, entry.revision, record)
+        self._set(key, entry.revision, self._decode(key, entry.value))
 
     def load(self, snapshot: list[KVEntry]) -> list[str]:
         """Merge a watch snapshot into the replica; return the keys the replica
@@ -168,6 +215,7 @@ class KVRegistryBackend:
         A snapshot taken right after a server restart can be short while JetStream
         recovers its stream, so absence from it alone removes nothing.
         """
+        self._loads += 1
         newest = max((entry.revision for entry in snapshot), default=0)
         if snapshot and newest < self._watch_revision:
             # Every revision is older than what was seen before: the stream was
@@ -186,10 +234,11 @@ class KVRegistryBackend:
     async def _confirm_absent(self, keys: list[str]) -> None:
         """Drop from the replica each of ``keys`` that the server no longer holds."""
         for key in keys:
-            if key in self._records and await self._kv.get(key) is None:
-                current = self._records.get(key)
-                if current is not None:
-                    self._forget_local(key, current[0])
+            current = self._records.get(key)
+            if current is not None and await self._kv.get(key) is None:
+                # Only the copy that was checked: the watch may have brought a newer
+                # one while the server answered.
+                self._forget_local(key, current[0])
 
     def request_reload(self) -> None:
         """Drop the current watch and load the replica again from a fresh one.
@@ -204,7 +253,9 @@ class KVRegistryBackend:
         """Keep the replica current until cancelled.
 
         A watch that fails, overflows or ends is logged, counted in
-        :attr:`watch_failures` and reopened; its fresh snapshot replaces the replica.
+        :attr:`watch_failures` and reopened after a short pause; its snapshot is
+        merged into the replica, and keys the snapshot lacks are checked with the
+        server (see :meth:`load`).
         Only a closed transport ends this task (or a failure before the first load,
         which is raised to the caller of ``start``).
         """
@@ -242,7 +293,13 @@ class KVRegistryBackend:
     # ------------------------------------------------------------------ RegistryBackend
 
     async def _read(self, key: str) -> tuple[int, ClientRecord] | None:
-        """The authoritative current registration, read from the server."""
+        """The authoritative current registration, read from the server.
+
+        The replica takes the answer too, unless a snapshot was loaded meanwhile.
+
+        :raises PayloadError: the key holds something that is not a registration.
+        """
+        loads = self._loads
         entry = await self._kv.get(key)
         if entry is None:
             return None
@@ -250,7 +307,8 @@ class KVRegistryBackend:
             record = _record(_decoder.decode(entry.value))
         except msgspec.MsgspecError as exc:
             raise PayloadError(f"registry key {key!r} holds something else: {exc}") from None
-        self._apply_local(key, entry.revision, record)
+        if loads == self._loads:
+            self._apply_local(key, entry.revision, record)
         return entry.revision, record
 
     async def register(
@@ -267,16 +325,17 @@ class KVRegistryBackend:
         value = _stored(record)
         current = self._records.get(key)
         while True:
+            loads = self._loads
             try:
                 if current is None:
                     revision = await self._kv.create(key, value)
-                    self._apply_local(key, revision, record)
+                    await self._landed(key, revision, record, loads)
                     return None
                 revision = await self._kv.update(key, value, revision=current[0])
             except (KeyExistsError, RevisionMismatchError):
                 current = await self._read(key)
                 continue
-            self._apply_local(key, revision, record)
+            await self._landed(key, revision, record, loads)
             previous = current[1].node_id
             return None if previous == node_id else previous
 
@@ -295,13 +354,14 @@ class KVRegistryBackend:
             # below is itself the check, a compare-and-set against the server.
             current = await self._read(key)
         while True:
+            loads = self._loads
             try:
                 if current is None:
                     record = ClientRecord(
                         client_id, node_id, now_ms(), metadata, token, incarnation
                     )
                     revision = await self._kv.create(key, _stored(record))
-                    self._apply_local(key, revision, record)
+                    await self._landed(key, revision, record, loads)
                     return ReassertOutcome.RESTORED
                 stored_revision, stored = current
                 if not owned(stored, node_id, token):
@@ -312,7 +372,7 @@ class KVRegistryBackend:
                     client_id, node_id, stored.connected_at, metadata, token, incarnation
                 )
                 revision = await self._kv.update(key, _stored(record), revision=stored_revision)
-                self._apply_local(key, revision, record)
+                await self._landed(key, revision, record, loads)
                 return ReassertOutcome.KEPT
             except (KeyExistsError, RevisionMismatchError):
                 current = await self._read(key)
@@ -354,6 +414,7 @@ class KVRegistryBackend:
             record = ClientRecord(
                 client_id, node_id, old.connected_at, metadata, old.token, old.incarnation
             )
+            loads = self._loads
             try:
                 new_revision = await self._kv.update(key, _stored(record), revision=revision)
             except RevisionMismatchError:
@@ -361,7 +422,7 @@ class KVRegistryBackend:
                 if current is None or not owned(current[1], node_id, token):
                     return False
                 continue
-            self._apply_local(key, new_revision, record)
+            await self._landed(key, new_revision, record, loads)
             return True
         return False
 
@@ -390,7 +451,7 @@ class KVRegistryBackend:
     ) -> ClientRecord | None:
         key = _key(client_id)
         current = self._records.get(key)
-        if current is None:
+        if current is None or not fenced(current[1], node_id, incarnation):
             current = await self._read(key)
         while current is not None and fenced(current[1], node_id, incarnation):
             try:
@@ -408,7 +469,7 @@ class KVRegistryBackend:
         removed = []
         for key in list(self._by_node.get(node_id, ())):
             current = self._records.get(key)
-            if current is None:
+            if current is None or not fenced(current[1], node_id, incarnation):
                 continue
             record = await self.cleanup_client(
                 current[1].client_id, node_id, incarnation=incarnation

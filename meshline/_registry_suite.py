@@ -21,6 +21,7 @@ import abc
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 
+import attrs
 import trio
 
 from ._registry import ClientRecord, ReassertOutcome, RegistryBackend, now_ms
@@ -90,47 +91,77 @@ class RegistryBackendSuite(abc.ABC):
 
     async def test_reassert_restores_keeps_or_gives_up(self) -> None:
         async with self.open_backends(2) as (one, two):
-            outcome = await one.reassert("c", 1, b"first", token=7, incarnation=1)
-            assert outcome is ReassertOutcome.RESTORED
-            # The same registration again: kept, its incarnation brought up to date.
-            outcome = await one.reassert("c", 1, b"first", token=7, incarnation=2)
-            assert outcome is ReassertOutcome.KEPT
+            for client_id in HOSTILE_CLIENT_IDS:
+                await self._reassert_outcomes(one, two, client_id)
 
-            async def at_incarnation_two() -> bool:
-                record = await two.get_client("c")
-                return record is not None and (record.incarnation, record.token) == (2, 7)
+    async def _reassert_outcomes(
+        self, one: RegistryBackend, two: RegistryBackend, client_id: str
+    ) -> None:
+        outcome = await one.reassert(client_id, 1, b"first", token=7, incarnation=1)
+        assert outcome is ReassertOutcome.RESTORED
+        restored = await one.get_client(client_id)
+        assert restored is not None
+        assert (restored.node_id, restored.token, restored.incarnation) == (1, 7, 1)
+        # The same registration again: kept, its incarnation brought up to date, its
+        # connection time left alone.
+        outcome = await one.reassert(client_id, 1, b"first", token=7, incarnation=2)
+        assert outcome is ReassertOutcome.KEPT
+        kept = ClientRecord(client_id, 1, restored.connected_at, b"first", 7, 2)
 
-            await self.eventually(at_incarnation_two)
-            # Another node, or another registration of the same node: gone.
-            assert await two.reassert("c", 2, b"x", token=8, incarnation=1) is ReassertOutcome.GONE
-            assert await one.reassert("c", 1, b"x", token=9, incarnation=2) is ReassertOutcome.GONE
-            record = await one.get_client("c")
-            assert record is not None and (record.node_id, record.token) == (1, 7)
+        async def at_incarnation_two() -> bool:
+            return await two.get_client(client_id) == kept
+
+        await self.eventually(at_incarnation_two)
+        # Another node, or another registration of the same node: gone, untouched.
+        outcome = await two.reassert(client_id, 2, b"x", token=8, incarnation=1)
+        assert outcome is ReassertOutcome.GONE
+        outcome = await one.reassert(client_id, 1, b"x", token=9, incarnation=3)
+        assert outcome is ReassertOutcome.GONE
+        assert await one.get_client(client_id) == kept
+        # A takeover by another node turns the old owner's re-assertion away too.
+        assert await two.register(client_id, 2, b"moved", token=8) == 1
+        outcome = await one.reassert(client_id, 1, b"first", token=7, incarnation=3)
+        assert outcome is ReassertOutcome.GONE
+        record = await two.get_client(client_id)
+        assert record is not None and (record.node_id, record.metadata) == (2, b"moved")
 
     async def test_reassert_reads_the_store_not_a_stale_copy(self) -> None:
         async with self.open_backends(2) as (one, two):
-            await one.register("c", 1, b"m", token=5, incarnation=1)
-            # Another handle removes it (a cleanup by the leader, say); the owner's
-            # own copy may not know yet, but reassert must write it back.
-            assert await two.cleanup_client("c", 1, incarnation=1) is not None
-            outcome = await one.reassert("c", 1, b"m", token=5, incarnation=2)
-            assert outcome is ReassertOutcome.RESTORED
-            record = await one.get_client("c")
-            assert record is not None and (record.node_id, record.incarnation) == (1, 2)
+            for client_id in HOSTILE_CLIENT_IDS:
+                await one.register(client_id, 1, b"m", token=5, incarnation=1)
+                # Another handle removes it (a cleanup by the leader, say). The
+                # owner's own copy may not know yet, and still shows exactly what
+                # this re-assertion writes, but the store has nothing: write it back.
+                assert await two.cleanup_client(client_id, 1, incarnation=1) is not None
+                outcome = await one.reassert(client_id, 1, b"m", token=5, incarnation=1)
+                assert outcome is ReassertOutcome.RESTORED
+
+            async def all_back() -> bool:
+                records = await two.list_clients_for_node(1)
+                return len(records) == len(HOSTILE_CLIENT_IDS)
+
+            await self.eventually(all_back)
 
     async def test_a_late_call_from_an_old_registration_changes_nothing(self) -> None:
+        """A client reconnects to the same node: the old connection's late calls,
+        made with its own token, must not touch the new registration."""
         async with self.open_backends(1) as (backend,):
-            await backend.register("c", 1, b"old connection", token=1)
-            await backend.register("c", 1, b"new connection", token=2)
-            assert await backend.update_metadata("c", 1, b"late", token=1) is False
-            assert await backend.unregister("c", 1, token=1) is False
-            record = await backend.get_client("c")
-            assert record is not None and (record.token, record.metadata) == (2, b"new connection")
-            assert await backend.update_metadata("c", 1, b"edited", token=2) is True
-            record = await backend.get_client("c")
-            assert record is not None and (record.token, record.metadata) == (2, b"edited")
-            assert await backend.unregister("c", 1, token=2) is True
-            assert await backend.get_client("c") is None
+            for client_id in HOSTILE_CLIENT_IDS:
+                await backend.register(client_id, 1, b"old connection", token=1, incarnation=4)
+                assert (
+                    await backend.register(client_id, 1, b"new one", token=2, incarnation=4) is None
+                )
+                assert await backend.update_metadata(client_id, 1, b"late", token=1) is False
+                assert await backend.unregister(client_id, 1, token=1) is False
+                record = await backend.get_client(client_id)
+                assert record is not None
+                assert (record.token, record.incarnation, record.metadata) == (2, 4, b"new one")
+                assert await backend.update_metadata(client_id, 1, b"edited", token=2) is True
+                edited = await backend.get_client(client_id)
+                assert edited == attrs.evolve(record, metadata=b"edited")
+                assert await backend.unregister(client_id, 1, token=2) is True
+                assert await backend.get_client(client_id) is None
+                assert await backend.unregister(client_id, 1, token=2) is False
 
     async def test_cleanup_is_fenced_by_incarnation(self) -> None:
         async with self.open_backends(2) as (dead, leader):
@@ -167,15 +198,13 @@ class RegistryBackendSuite(abc.ABC):
     async def test_only_the_owner_updates_and_connected_at_is_kept(self) -> None:
         async with self.open_backends(2) as (one, two):
             assert await one.update_metadata("c", 1, b"x") is False
-            await one.register("c", 1, b"old")
+            await one.register("c", 1, b"old", token=4, incarnation=3)
             original = await one.get_client("c")
             assert original is not None
             assert await two.update_metadata("c", 2, b"stolen") is False
             assert await one.update_metadata("c", 1, b"new") is True
             updated = await one.get_client("c")
-            assert updated == ClientRecord(
-                "c", 1, original.connected_at, b"new", original.token, original.incarnation
-            )
+            assert updated == ClientRecord("c", 1, original.connected_at, b"new", 4, 3)
 
     async def test_listings_by_node(self) -> None:
         async with self.open_backends(2) as (one, two):
@@ -326,10 +355,15 @@ class RegistryBackendSuite(abc.ABC):
         cleans up the old one: whichever lands first, the client ends up registered."""
         async with self.open_backends(2) as (owner, leader):
             for round_number in range(10):
-                await self._race_cleanup_and_reassertion(owner, leader, f"flap{round_number}")
+                await self._race_cleanup_and_reassertion(
+                    owner,
+                    leader,
+                    HOSTILE_CLIENT_IDS[round_number],
+                    whole_node=round_number % 2 == 1,
+                )
 
     async def _race_cleanup_and_reassertion(
-        self, owner: RegistryBackend, leader: RegistryBackend, client_id: str
+        self, owner: RegistryBackend, leader: RegistryBackend, client_id: str, whole_node: bool
     ) -> None:
         await owner.register(client_id, 1, b"m", token=3, incarnation=1)
 
@@ -340,7 +374,12 @@ class RegistryBackendSuite(abc.ABC):
         outcome: dict[str, object] = {}
 
         async def clean_up() -> None:
-            outcome["removed"] = await leader.cleanup_client(client_id, 1, incarnation=1)
+            if whole_node:
+                removed = await leader.cleanup_node(1, incarnation=1)
+                assert [record.client_id for record in removed] in ([], [client_id])
+                outcome["removed"] = removed[0] if removed else None
+            else:
+                outcome["removed"] = await leader.cleanup_client(client_id, 1, incarnation=1)
 
         async def reassert() -> None:
             outcome["reasserted"] = await owner.reassert(client_id, 1, b"m", token=3, incarnation=2)
@@ -356,3 +395,7 @@ class RegistryBackendSuite(abc.ABC):
             return record is not None and (record.node_id, record.incarnation) == (1, 2)
 
         await self.eventually(whole_again)
+        # Whatever the order was, a late cleanup of the dead incarnation now finds
+        # nothing of its own to remove.
+        assert await leader.cleanup_client(client_id, 1, incarnation=1) is None
+        assert await owner.unregister(client_id, 1, token=3) is True

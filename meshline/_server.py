@@ -74,6 +74,7 @@ class NatsServer:
         cluster_port: int | None = None,
         routes: Sequence[int] = (),
         binary: str | None = None,
+        extra_config: str = "",
     ) -> None:
         self.binary = binary or find_nats_server()
         self.port = free_port()
@@ -84,15 +85,20 @@ class NatsServer:
         self.cluster_name = cluster_name
         self.cluster_port = cluster_port
         self.routes = list(routes)
+        self.extra_config = extra_config
+        """Configuration text appended to the generated file (authorization, limits).
+        Takes effect at the next :meth:`start`, or at once with :meth:`reload`."""
         self.process: subprocess.Popen[bytes] | None = None
         self._log = self.store_dir / f"{self.name}.log"
 
     @property
     def url(self) -> str:
+        """The client URL, ``nats://127.0.0.1:<port>``; it survives restarts."""
         return f"nats://127.0.0.1:{self.port}"
 
     @property
     def running(self) -> bool:
+        """Whether the process is alive (also while paused)."""
         return self.process is not None and self.process.poll() is None
 
     def _config(self) -> str:
@@ -108,14 +114,20 @@ class NatsServer:
                 f'cluster {{ name: "{self.cluster_name}", '
                 f'listen: "127.0.0.1:{self.cluster_port}", routes: [{routes}] }}'
             )
+        if self.extra_config:
+            lines.append(self.extra_config)
         return "\n".join(lines) + "\n"
+
+    def _write_config(self) -> Path:
+        config = self.store_dir / f"{self.name}.conf"
+        config.write_text(self._config())
+        return config
 
     def start(self, *, wait: bool = True, timeout: float = 20.0) -> NatsServer:
         """Start the process; with ``wait``, return once it answers health checks."""
         if self.running:
             return self
-        config = self.store_dir / f"{self.name}.conf"
-        config.write_text(self._config())
+        config = self._write_config()
         with open(self._log, "ab") as log:
             self.process = subprocess.Popen(
                 [self.binary, "-c", str(config)],
@@ -158,14 +170,27 @@ class NatsServer:
         self._signal(signal.SIGKILL, 10.0)
 
     def pause(self) -> None:
-        """SIGSTOP the server: connections stay open, nothing is answered."""
+        """SIGSTOP the server, as a stalled host would look: connections stay open,
+        nothing is answered, and clients notice only through their own timeouts
+        (requests time out instead of failing with "no responders")."""
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGSTOP)
 
     def resume(self) -> None:
-        """SIGCONT a server stopped by :meth:`pause`."""
+        """SIGCONT a server stopped by :meth:`pause`; it carries on where it stopped."""
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGCONT)
+
+    def reload(self) -> None:
+        """Rewrite the configuration (with the current :attr:`extra_config`) and make
+        the running server load it (SIGHUP), as ``nats-server --signal reload`` does.
+
+        Returns once the signal is sent; the server applies it a moment later. A
+        client whose credentials or permissions no longer hold is disconnected.
+        """
+        self._write_config()
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGHUP)
 
     def _signal(self, sig: signal.Signals, timeout: float) -> None:
         process = self.process
@@ -173,6 +198,9 @@ class NatsServer:
             return
         if process.poll() is None:
             process.send_signal(sig)
+            if sig != signal.SIGKILL:
+                # A paused server acts on the signal only once it runs again.
+                process.send_signal(signal.SIGCONT)
             try:
                 process.wait(timeout)
             except subprocess.TimeoutExpired:

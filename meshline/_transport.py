@@ -60,6 +60,10 @@ class ConnectionEvent:
 ConnectionListener = Callable[[ConnectionEvent], None]
 
 
+def _detail(event: ConnectionEvent) -> str:
+    return f" ({event.detail})" if event.detail else ""
+
+
 @attrs.frozen(slots=True)
 class Message:
     """One message received on a subscription, or the reply to a request."""
@@ -154,10 +158,14 @@ class KVWatch:
     expired keys left out) as of the moment the watch started. Iterating the watch
     then yields every later change in revision order, including ``DELETE`` and
     ``PURGE`` entries (an expired TTL shows up as ``PURGE``). An entry is never
-    yielded twice, even if the server delivers it twice.
+    yielded twice, even if the server delivers it twice. Cancelling a task that
+    waits for the next entry loses nothing.
+
+    Transports feed a watch through a :class:`MessageBuffer`. A watch built on
+    another watch (a wrapper) passes no buffer and overrides :meth:`_next_raw`.
     """
 
-    def __init__(self, snapshot: list[KVEntry], buffer: MessageBuffer[KVEntry]) -> None:
+    def __init__(self, snapshot: list[KVEntry], buffer: MessageBuffer[KVEntry] | None = None):
         self.snapshot = snapshot
         self._buffer = buffer
         self._last_revision = max((entry.revision for entry in snapshot), default=0)
@@ -173,6 +181,12 @@ class KVWatch:
                 return entry
 
     async def _next_raw(self) -> KVEntry:
+        """Wait for the next entry as delivered, duplicates included.
+
+        Must lose nothing when cancelled. Ends iteration with ``StopAsyncIteration``.
+        """
+        if self._buffer is None:
+            raise NotImplementedError("a KVWatch without a buffer must override _next_raw")
         return await self._buffer.receive()
 
 
@@ -273,21 +287,30 @@ class Transport(abc.ABC):
     parts and :func:`meshline.encode_token` tokens, never from raw user strings.
     """
 
-    _connection_listeners: list[ConnectionListener]
-
     @property
     def connected(self) -> bool:
-        """Whether the transport is connected right now (always True in memory)."""
+        """Whether the transport is connected right now.
+
+        False while a NATS connection is down and reconnecting, after it was closed
+        for good, and after :meth:`aclose`.
+        """
         return True
+
+    def _listeners(self) -> list[ConnectionListener]:
+        """This transport's listener list, created on first use (subclasses need not
+        call an ``__init__`` of this class)."""
+        listeners: list[ConnectionListener] = self.__dict__.setdefault("_connection_listeners", [])
+        return listeners
 
     def add_connection_listener(self, listener: ConnectionListener) -> Callable[[], None]:
         """Call ``listener(event)`` on every :class:`ConnectionEvent`, on the Trio side.
 
-        Listeners are plain functions, called in the order they were added; one that
+        Listeners are plain (not async) functions, called in the order they were
+        added, from whichever code noticed the change; they must not block. One that
         raises is logged and does not stop the others. Returns a function that
-        removes the listener.
+        removes the listener; calling it again does nothing.
         """
-        listeners = self.__dict__.setdefault("_connection_listeners", [])
+        listeners = self._listeners()
         listeners.append(listener)
 
         def remove() -> None:
@@ -296,12 +319,18 @@ class Transport(abc.ABC):
 
         return remove
 
-    def _emit_connection_event(self, event: ConnectionEvent) -> None:
-        for listener in list(self.__dict__.get("_connection_listeners", ())):
+    def _emit_connection_event(self, event: ConnectionEvent, *, log: bool = True) -> None:
+        """Log ``event`` (unless ``log`` is False: whoever passes it on logged it
+        already), then call every listener with it."""
+        if log:
+            reconnected = event.kind is ConnectionEventKind.RECONNECTED
+            level = logging.INFO if reconnected else logging.WARNING
+            logger.log(level, "connection event: %s%s", event.kind.value, _detail(event))
+        for listener in list(self._listeners()):
             try:
                 listener(event)
             except Exception:
-                logger.exception("connection listener %r failed on %s", listener, event.kind)
+                logger.exception("connection listener %r failed on %s", listener, event.kind.value)
 
     @abc.abstractmethod
     async def publish(self, subject: str, data: bytes, *, reply: str | None = None) -> None:

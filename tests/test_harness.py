@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import trio
 
@@ -87,7 +89,17 @@ async def test_a_server_restart_is_told_to_connection_listeners(
     private_nats_server: NatsServer,
 ) -> None:
     server = private_nats_server
-    async with meshline.open_nats_transport(server.url) as transport:
+    theirs: list[str] = []
+
+    async def disconnected_cb() -> None:
+        theirs.append("disconnected")
+
+    async def reconnected_cb() -> None:
+        theirs.append("reconnected")
+
+    async with meshline.open_nats_transport(
+        server.url, disconnected_cb=disconnected_cb, reconnected_cb=reconnected_cb
+    ) as transport:
         heard: list[meshline.ConnectionEventKind] = []
         transport.add_connection_listener(lambda event: heard.append(event.kind))
         await restart_server(server, 0.2)
@@ -98,6 +110,8 @@ async def test_a_server_restart_is_told_to_connection_listeners(
             meshline.ConnectionEventKind.RECONNECTED,
         ]
         assert transport.connected
+        await wait_for(lambda: len(theirs) == 2)
+        assert theirs == ["disconnected", "reconnected"]
 
 
 async def test_data_and_headers_over_max_payload_are_refused_before_sending(
@@ -159,3 +173,155 @@ async def test_cluster_routes_messages_and_replicates_kv(
         kv_right = await right.key_value("shared")
         entry = await kv_right.get("k")
         assert entry is not None and entry.value == b"v"
+
+
+AUTHORIZATION = """authorization {
+  users = [{user: "meshline", password: "%s", permissions: {publish: {deny: ["forbidden.>"]}}}]
+}"""
+
+
+def authorized_server(password: str) -> NatsServer:
+    return NatsServer(extra_config=AUTHORIZATION % password)
+
+
+async def test_a_permissions_violation_is_a_server_error_and_user_callbacks_still_run() -> None:
+    errors: list[Exception] = []
+
+    async def error_cb(exc: Exception) -> None:
+        errors.append(exc)
+
+    with authorized_server("secret") as server:
+        url = server.url.replace("nats://", "nats://meshline:secret@")
+        async with meshline.open_nats_transport(url, error_cb=error_cb) as transport:
+            heard: list[meshline.ConnectionEvent] = []
+            transport.add_connection_listener(heard.append)
+            await transport.publish("forbidden.subject", b"x")
+            await wait_for(lambda: bool(heard) and bool(errors), timeout=10)
+            assert [event.kind for event in heard] == [meshline.ConnectionEventKind.SERVER_ERROR]
+            assert "forbidden.subject" in heard[0].detail
+            assert "forbidden.subject" in str(errors[0])
+            assert transport.connected
+
+
+async def test_a_connection_closed_for_good_is_told_as_a_server_error() -> None:
+    """Revoked credentials: the server drops the client with an -ERR, and nats-py
+    gives up instead of reconnecting. Listeners must not wait for RECONNECTED."""
+    closed: list[bool] = []
+
+    async def closed_cb() -> None:
+        closed.append(True)
+
+    with authorized_server("before") as server:
+        url = server.url.replace("nats://", "nats://meshline:before@")
+        async with meshline.open_nats_transport(url, closed_cb=closed_cb) as transport:
+            heard: list[meshline.ConnectionEvent] = []
+            transport.add_connection_listener(heard.append)
+            server.extra_config = AUTHORIZATION % "after"
+            server.reload()
+            await wait_for(lambda: len(heard) == 2 and bool(closed), timeout=10)
+            assert [event.kind for event in heard] == [
+                meshline.ConnectionEventKind.DISCONNECTED,
+                meshline.ConnectionEventKind.SERVER_ERROR,
+            ]
+            assert "closed for good" in heard[1].detail
+            assert "authorization" in heard[1].detail
+            assert not transport.connected
+            with pytest.raises(meshline.TransportClosedError):
+                await transport.publish("anything", b"x")
+
+
+async def test_user_callbacks_must_be_async(nats_server: NatsServer) -> None:
+    with pytest.raises(meshline.InvalidArgumentError, match="disconnected_cb"):
+        async with meshline.open_nats_transport(nats_server.url, disconnected_cb=print):
+            pass
+
+
+async def test_a_slow_consumer_report_is_told_to_listeners(nats_server: NatsServer) -> None:
+    import nats.errors
+    import trio_asyncio
+
+    from meshline._nats import _ConnectionCallbacks
+
+    reported: list[Exception] = []
+
+    async def error_cb(exc: Exception) -> None:
+        reported.append(exc)
+
+    async with meshline.open_nats_transport(nats_server.url) as transport:
+        heard: list[meshline.ConnectionEvent] = []
+        transport.add_connection_listener(heard.append)
+        callbacks = _ConnectionCallbacks({"error_cb": error_cb})
+        callbacks.transport = transport
+        slow = nats.errors.SlowConsumerError(subject="busy", reply="", sid=1, sub=None)
+        await trio_asyncio.aio_as_trio(callbacks.error)(slow)
+    assert [event.kind for event in heard] == [meshline.ConnectionEventKind.SLOW_CONSUMER]
+    assert "busy" in heard[0].detail
+    assert reported == [slow]
+
+
+@pytest.mark.parametrize("shim", ["_BufferShim", "_InboxShim"])
+async def test_the_connect_self_test_fails_loudly_when_a_fast_path_is_broken(
+    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch, shim: str
+) -> None:
+    import meshline._nats
+
+    monkeypatch.setattr(meshline._nats, "SELF_TEST_TIMEOUT", 0.3)
+    monkeypatch.setattr(getattr(meshline._nats, shim), "deliver", lambda *args: None)
+    with pytest.raises(meshline.TransportError, match="fast paths do not work"):
+        async with meshline.open_nats_transport(nats_server.url):
+            pass
+
+
+def test_the_internals_check_covers_subscriptions_and_watchers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import nats.aio.subscription
+    import nats.js.kv
+
+    from meshline._nats import _check_nats_internals
+
+    class Client:
+        def __init__(self) -> None:
+            self._pending: list[bytes] = []
+            self._pending_data_size = self._max_payload = self._max_pending_size = 0
+            self._flush_queue = None
+            self._subs: dict[int, object] = {}
+
+        async def _process_msg(self) -> None: ...
+        async def _flush_pending(self) -> None: ...
+
+    _check_nats_internals(Client())
+    subscription_init = nats.aio.subscription.Subscription.__init__
+    watcher_init = nats.js.kv.KeyValue.KeyWatcher.__init__
+
+    def without_pending_size(self: Any, *args: Any, **kwargs: Any) -> None:
+        subscription_init(self, *args, **kwargs)
+        del self._pending_size
+
+    def without_updates(self: Any, *args: Any, **kwargs: Any) -> None:
+        watcher_init(self, *args, **kwargs)
+        del self._updates
+
+    monkeypatch.setattr(nats.aio.subscription.Subscription, "__init__", without_pending_size)
+    monkeypatch.setattr(nats.js.kv.KeyValue.KeyWatcher, "__init__", without_updates)
+    with pytest.raises(meshline.TransportError) as info:
+        _check_nats_internals(Client())
+    assert "Subscription._pending_size" in str(info.value)
+    assert "KeyValue.KeyWatcher._updates" in str(info.value)
+    assert "_pending_queue" not in str(info.value)
+
+
+async def test_a_failed_unsubscribe_is_logged_not_raised(
+    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import nats.aio.subscription
+    import nats.errors
+
+    async def broken(self: object, limit: int = 0) -> None:
+        raise nats.errors.Error("injected unsubscribe failure")
+
+    async with meshline.open_nats_transport(nats_server.url) as transport:
+        subscription = await transport.open_subscription("unsubscribe.fails")
+        monkeypatch.setattr(nats.aio.subscription.Subscription, "unsubscribe", broken)
+        await subscription.aclose()
+    assert "injected unsubscribe failure" in caplog.text
