@@ -33,6 +33,13 @@ async def eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> No
         await wait_until(predicate)
 
 
+async def both_ends(pair: Pair, bucket: str) -> tuple[meshline.KeyValue, meshline.KeyValue]:
+    """``bucket`` opened through the healthy transport (to write) and through the
+    faulty one (to watch)."""
+    faulty, other = pair
+    return await other.key_value(bucket), await faulty.key_value(bucket)
+
+
 @pytest.fixture
 async def pair(open_transport: OpenTransport) -> AsyncIterator[Pair]:
     """A faulty transport, and a healthy one on the same hub or server to watch it."""
@@ -231,10 +238,8 @@ async def test_a_stall_holds_kv_publish_and_request_until_resumed(
 async def test_a_stall_holds_watch_deliveries_and_loses_none(
     pair: Pair, unique: Unique, clock: object
 ) -> None:
-    faulty, other = pair
-    bucket = unique("stallwatch")
-    writer = await other.key_value(bucket)
-    kv = await faulty.key_value(bucket)
+    faulty, _ = pair
+    writer, kv = await both_ends(pair, unique("stallwatch"))
     async with kv.watch() as watch:
         await writer.put("a", b"1")
         assert (await watch.__anext__()).key == "a"
@@ -317,10 +322,8 @@ async def test_a_cut_refuses_operations_and_tells_listeners(
 async def test_a_cut_silences_open_watches_for_good(
     pair: Pair, unique: Unique, clock: object
 ) -> None:
-    faulty, other = pair
-    bucket = unique("cutwatch")
-    writer = await other.key_value(bucket)
-    kv = await faulty.key_value(bucket)
+    faulty, _ = pair
+    writer, kv = await both_ends(pair, unique("cutwatch"))
     async with kv.watch() as before:
         await writer.put("a", b"1")
         assert (await before.__anext__()).key == "a"

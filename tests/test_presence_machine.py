@@ -343,6 +343,13 @@ class PresenceMachine(RuleBasedStateMachine):
         self.regs[reg.token] = reg
         self.app.registered(registration)
 
+    async def late_unregister(self, running: RunningNode, old: Reg, harm: str) -> None:
+        """The late ``unregister`` of ``old``'s connection, on ``running``, after a
+        newer registration replaced it: it must change nothing."""
+        late = await running.registry.unregister(old.client_id, token=old.token)
+        assert not late, f"a late unregister of {short(old.client_id)} {harm}"
+        self.app.unregistered(old.client_id, old.token, late)
+
     async def start(self, slot: int) -> None:
         self.slots[slot] = await self.cluster.start_node(slot, self.key, self.app)
         self.nodes.append(self.node(slot))
@@ -394,9 +401,7 @@ class PresenceMachine(RuleBasedStateMachine):
             allowed = {old.node_id, None} if old.may_orphan else {old.node_id}
             assert registration.superseded in allowed, (registration, old)
             self.record(registration, target)
-            late = await self.node(old.slot).registry.unregister(client_id, token=old.token)
-            assert not late, "the old connection's late unregister removed the moved client"
-            self.app.unregistered(client_id, old.token, late)
+            await self.late_unregister(self.node(old.slot), old, "removed the moved client")
 
         self.run(step)
 
@@ -412,9 +417,7 @@ class PresenceMachine(RuleBasedStateMachine):
             assert registration.token != old.token
             assert registration.superseded is None, registration
             self.record(registration, old.slot)
-            late = await registry.unregister(client_id, token=old.token)
-            assert not late, "the old connection's late unregister removed the new one"
-            self.app.unregistered(client_id, old.token, late)
+            await self.late_unregister(self.node(old.slot), old, "removed the new one")
             stale = await registry.update_metadata(
                 client_id, {"connection": "old"}, token=old.token
             )
@@ -507,9 +510,7 @@ class PresenceMachine(RuleBasedStateMachine):
                     )
             stalled.faults.resume()
             if old is not None:
-                late = await stalled.registry.unregister(old.client_id, token=old.token)
-                assert not late, "the stalled node's late unregister removed the moved client"
-                self.app.unregistered(old.client_id, old.token, late)
+                await self.late_unregister(stalled, old, "removed the moved client")
 
         self.run(step)
 
