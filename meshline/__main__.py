@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ._server import NatsServerError
+from .testing._server import NatsServerError
 
 
 def main(argv: list[str] | None = None) -> int:

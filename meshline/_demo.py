@@ -16,13 +16,13 @@ from ._errors import (
     RevisionMismatchError,
     TransportError,
 )
-from ._names import encode_token
-from ._nats import open_nats_transport
-from ._node import Node, open_node
-from ._registry import RegisteredClient
-from ._server import NatsServer
-from ._service import ClientService, open_client_service
-from ._transport import KVOperation, Transport
+from ._mesh._node import Node, open_node
+from ._registry._core import RegisteredClient
+from ._service._service import ClientService, open_client_service
+from ._transport._names import encode_token
+from ._transport._nats import open_nats_transport
+from ._transport._seam import KVOperation, Transport
+from .testing._server import NatsServer
 
 
 def say(text: str) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import trio
 import trio.lowlevel
 
-from meshline._buffer import MessageBuffer, Overflow
+from meshline._transport._buffer import MessageBuffer, Overflow
 
 
 async def test_several_receivers_share_the_items_without_loss() -> None:

@@ -130,7 +130,7 @@ async def test_data_and_headers_over_max_payload_are_refused_before_sending(
 
 
 def test_the_internals_check_names_what_is_missing() -> None:
-    from meshline._nats import _check_nats_internals
+    from meshline._transport._nats import _check_nats_internals
 
     with pytest.raises(meshline.TransportError, match="_pending_data_size"):
         _check_nats_internals(object())
@@ -240,7 +240,7 @@ async def test_a_slow_consumer_report_is_told_to_listeners(nats_server: NatsServ
     import nats.errors
     import trio_asyncio
 
-    from meshline._nats import _ConnectionCallbacks
+    from meshline._transport._nats import _ConnectionCallbacks
 
     reported: list[Exception] = []
 
@@ -263,10 +263,10 @@ async def test_a_slow_consumer_report_is_told_to_listeners(nats_server: NatsServ
 async def test_the_connect_self_test_fails_loudly_when_a_fast_path_is_broken(
     nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch, shim: str
 ) -> None:
-    import meshline._nats
+    import meshline._transport._nats
 
-    monkeypatch.setattr(meshline._nats, "SELF_TEST_TIMEOUT", 0.3)
-    monkeypatch.setattr(getattr(meshline._nats, shim), "deliver", lambda *args: None)
+    monkeypatch.setattr(meshline._transport._nats, "SELF_TEST_TIMEOUT", 0.3)
+    monkeypatch.setattr(getattr(meshline._transport._nats, shim), "deliver", lambda *args: None)
     with pytest.raises(meshline.TransportError, match="fast paths do not work"):
         async with meshline.open_nats_transport(nats_server.url):
             pass
@@ -278,7 +278,7 @@ def test_the_internals_check_covers_subscriptions_and_watchers(
     import nats.aio.subscription
     import nats.js.kv
 
-    from meshline._nats import _check_nats_internals
+    from meshline._transport._nats import _check_nats_internals
 
     class Client:
         def __init__(self) -> None:

@@ -13,8 +13,8 @@ import math
 import msgspec
 
 from meshline import KVEntry, KVOperation, MembershipEvent, MembershipEventKind
-from meshline._membership import MembershipView, node_key
-from meshline._node_wire import NodeRecord
+from meshline._mesh._membership import MembershipView, node_key
+from meshline._mesh._wire import NodeRecord
 
 TTL = 2
 OWN = 1

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import meshline
-from meshline._names import MAX_NAME_BYTES, SHORT_TOKEN_BYTES
+from meshline._transport._names import MAX_NAME_BYTES, SHORT_TOKEN_BYTES
 
 # Any text Python can encode as UTF-8 (no lone surrogates), up to 1 KiB of characters.
 texts = st.text(alphabet=st.characters(exclude_categories=["Cs"]), min_size=1, max_size=1024)

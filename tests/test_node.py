@@ -71,7 +71,7 @@ async def test_ids_are_never_reused_even_after_a_crash(
         await second.crash()
         await first.stop()
         async with open_transport() as transport:
-            kv = await transport.key_value(meshline._node.mesh_names(mesh.key)[0])
+            kv = await transport.key_value(meshline._mesh._node.mesh_names(mesh.key)[0])
             with trio.fail_after(20):  # until every liveness key and the lease expired
                 while any(key.startswith("nodes.") or key == "leader" for key in await kv.keys()):
                     await trio.sleep(0.05)
@@ -191,7 +191,7 @@ async def test_node_reasserts_a_vanished_liveness_key(
 ) -> None:
     async with open_mesh(open_transport, unique("reassert")) as mesh:
         running = await mesh.start()
-        kv = await running.transport.key_value(meshline._node.mesh_names(mesh.key)[0])
+        kv = await running.transport.key_value(meshline._mesh._node.mesh_names(mesh.key)[0])
         async with running.node.membership_events() as events:
             await kv.delete(f"nodes.{running.id}")
             with trio.fail_after(10):
@@ -450,7 +450,7 @@ async def test_user_exception_escapes_unwrapped(
         with pytest.raises(LookupError):
             async with meshline.open_node(transport, key):
                 raise LookupError("from the body")
-        kv = await transport.key_value(meshline._node.mesh_names(key)[0])
+        kv = await transport.key_value(meshline._mesh._node.mesh_names(key)[0])
         assert [k for k in await kv.keys() if k != "ids"] == []
 
 
@@ -462,8 +462,8 @@ async def test_handler_outliving_its_timeout_is_cancelled_without_a_cancel_messa
         target = await mesh.start()
         stall = Stall()
         target.node.register_handler("stall", stall)
-        frame = meshline._node_wire.encode_request(1, 12_345, "stall", 1.0, None)
-        subject = meshline._node.mesh_names(mesh.key)[1] + f".n.{target.id}"
+        frame = meshline._mesh._wire.encode_request(1, 12_345, "stall", 1.0, None)
+        subject = meshline._mesh._node.mesh_names(mesh.key)[1] + f".n.{target.id}"
         with pytest.raises(meshline.RequestTimeoutError):
             await target.transport.request(subject, frame, timeout=0.5)
         assert not stall.cancelled.is_set()

@@ -85,7 +85,7 @@ async def test_a_failed_reassertion_of_the_liveness_key_is_retried(
         node = await mesh.start(ttl=TTL)
         other = await mesh.start(ttl=TTL)
         node.faults.fail_kv_writes(operations=["put"])
-        kv = await other.transport.key_value(meshline._node.mesh_names(mesh.key)[0])
+        kv = await other.transport.key_value(meshline._mesh._node.mesh_names(mesh.key)[0])
         await kv.delete(f"nodes.{node.id}")
         with trio.fail_after(10):
             await wait_until(lambda: node.faults.kv_writes_failed >= 2)

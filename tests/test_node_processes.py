@@ -141,7 +141,7 @@ async def test_nodes_recover_after_the_server_restarts(
                     break
                 except (meshline.MeshError, meshline.TransportError):
                     await trio.sleep(0.1)
-        kv = await left_transport.key_value(meshline._node.mesh_names(key)[0])
+        kv = await left_transport.key_value(meshline._mesh._node.mesh_names(key)[0])
         assert {f"nodes.{left.id}", f"nodes.{right.id}"} <= set(await kv.keys())
 
 

@@ -6,7 +6,7 @@ import msgspec
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meshline._node_wire import (
+from meshline._mesh._wire import (
     BroadcastFrame,
     NodeFrame,
     OkReply,

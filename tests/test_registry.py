@@ -14,9 +14,9 @@ import trio
 import trio.testing
 
 import meshline
-from meshline._buffer import MessageBuffer, Overflow
-from meshline._registry_kv import _key
-from meshline._transport import KeyValue, KVEntry, KVWatch
+from meshline._registry._kv import _key
+from meshline._transport._buffer import MessageBuffer, Overflow
+from meshline._transport._seam import KeyValue, KVEntry, KVWatch
 from meshline.testing import HOSTILE_CLIENT_IDS, RegistryBackendSuite
 
 from .conftest import OpenTransport
@@ -154,7 +154,7 @@ async def test_a_reloaded_replica_keeps_what_a_short_snapshot_lacks_until_the_se
         async with meshline.open_kv_registry_backend(transport, "short") as backend:
             await backend.register("kept", 1, b"")
             await backend.register("deleted meanwhile", 1, b"")
-            kv = await transport.key_value(meshline._registry_kv.registry_bucket("short"))
+            kv = await transport.key_value(meshline._registry._kv.registry_bucket("short"))
             async with kv.watch() as watch:
                 full = watch.snapshot
             short = [entry for entry in full if entry.key != full[0].key]

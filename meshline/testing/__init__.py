@@ -1,12 +1,12 @@
 """Helpers for testing applications built on meshline: real NATS servers, backend
 suites, and fault injection."""
 
-from .._faults import FaultyTransport as FaultyTransport
-from .._faults import restart_server as restart_server
-from .._registry_suite import HOSTILE_CLIENT_IDS as HOSTILE_CLIENT_IDS
-from .._registry_suite import RegistryBackendSuite as RegistryBackendSuite
-from .._server import NatsServer as NatsServer
-from .._server import NatsServerError as NatsServerError
-from .._server import find_nats_server as find_nats_server
-from .._server import free_port as free_port
-from .._server import nats_cluster as nats_cluster
+from .._registry._suite import HOSTILE_CLIENT_IDS as HOSTILE_CLIENT_IDS
+from .._registry._suite import RegistryBackendSuite as RegistryBackendSuite
+from ._faults import FaultyTransport as FaultyTransport
+from ._faults import restart_server as restart_server
+from ._server import NatsServer as NatsServer
+from ._server import NatsServerError as NatsServerError
+from ._server import find_nats_server as find_nats_server
+from ._server import free_port as free_port
+from ._server import nats_cluster as nats_cluster

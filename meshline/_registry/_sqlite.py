@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import trio
 
-from ._registry import ClientRecord, ReassertOutcome, now_ms
+from ._core import ClientRecord, ReassertOutcome, now_ms
 
 __all__ = ["SQLiteRegistryBackend"]
 

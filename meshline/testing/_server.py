@@ -21,7 +21,7 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from ._errors import MeshlineError
+from .._errors import MeshlineError
 
 __all__ = ["NatsServer", "NatsServerError", "find_nats_server", "free_port", "nats_cluster"]
 

@@ -31,8 +31,8 @@ import attrs
 import cattrs
 import msgspec
 
-from ._errors import PayloadError
-from ._names import check_name
+from .._errors import PayloadError
+from .._transport._names import check_name
 
 __all__ = [
     "MAX_CLIENT_ID_BYTES",
@@ -149,7 +149,7 @@ class RegistryBackend(Protocol):
     """Where registrations live. Implement this to store them somewhere else.
 
     Every method may be called concurrently from many tasks and many nodes, and must
-    follow the ownership rules of :mod:`meshline._registry` atomically. Metadata is
+    follow the ownership rules of :mod:`meshline._registry._core` atomically. Metadata is
     opaque bytes. Run ``meshline.testing.RegistryBackendSuite`` against your backend.
     """
 

@@ -25,10 +25,12 @@ from typing import Any, Generic
 import attrs
 import trio
 
-from ._errors import InvalidArgumentError, TransportClosedError, TransportError
-from ._membership import MembershipEvent, MembershipEventKind
-from ._node import Node
-from ._registry import (
+from .._errors import InvalidArgumentError, TransportClosedError, TransportError
+from .._mesh._membership import MembershipEvent, MembershipEventKind
+from .._mesh._node import Node
+from .._transport._seam import ConnectionEvent, ConnectionEventKind, check_timeout
+from .._util import single_exceptions
+from ._core import (
     ClientRecord,
     ClientRegistry,
     MetadataT,
@@ -37,9 +39,7 @@ from ._registry import (
     RegistryBackend,
     now_ms,
 )
-from ._registry_kv import open_kv_registry_backend
-from ._transport import ConnectionEvent, ConnectionEventKind, check_timeout
-from ._util import single_exceptions
+from ._kv import open_kv_registry_backend
 
 __all__ = ["NodeClientRegistry", "OrphanHandler", "RestoredHandler", "open_client_registry"]
 

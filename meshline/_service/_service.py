@@ -16,8 +16,7 @@ from typing import Any, Generic
 import msgspec
 import trio
 
-from ._declarations import BroadcastType, resolve_name
-from ._errors import (
+from .._errors import (
     ClientDisconnectedError,
     ClientInvocationError,
     ClientNotFoundError,
@@ -27,11 +26,23 @@ from ._errors import (
     PayloadError,
     RemoteHandlerError,
 )
-from ._node import DEFAULT_REQUEST_TIMEOUT, Node, _qualified_name, open_node
-from ._node_wire import decode_payload, encode_payload
-from ._presence import NodeClientRegistry, OrphanHandler, RestoredHandler, open_client_registry
-from ._registry import ClientRecord, MetadataT, Registration, RegistryBackend, check_client_id
-from ._transport import Transport, check_timeout
+from .._mesh._declarations import BroadcastType, resolve_name
+from .._mesh._node import DEFAULT_REQUEST_TIMEOUT, Node, _qualified_name, open_node
+from .._mesh._wire import decode_payload, encode_payload
+from .._registry._core import (
+    ClientRecord,
+    MetadataT,
+    Registration,
+    RegistryBackend,
+    check_client_id,
+)
+from .._registry._presence import (
+    NodeClientRegistry,
+    OrphanHandler,
+    RestoredHandler,
+    open_client_registry,
+)
+from .._transport._seam import Transport, check_timeout
 
 __all__ = ["ClientInvoke", "ClientService", "open_client_service"]
 

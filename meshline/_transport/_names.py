@@ -21,7 +21,7 @@ import binascii
 import hashlib
 import re
 
-from ._errors import InvalidNameError
+from .._errors import InvalidNameError
 
 __all__ = [
     "MAX_NAME_BYTES",

@@ -32,8 +32,8 @@ import math
 import attrs
 import msgspec
 
-from ._node_wire import LeaderRecord, NodeRecord
-from ._transport import KVEntry, KVOperation
+from .._transport._seam import KVEntry, KVOperation
+from ._wire import LeaderRecord, NodeRecord
 
 __all__ = [
     "LEADER_KEY",

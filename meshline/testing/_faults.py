@@ -16,10 +16,9 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import trio
 
-from ._buffer import DEFAULT_BUFFER, Overflow
-from ._errors import InvalidArgumentError, TransportError
-from ._server import NatsServer
-from ._transport import (
+from .._errors import InvalidArgumentError, TransportError
+from .._transport._buffer import DEFAULT_BUFFER, Overflow
+from .._transport._seam import (
     ConnectionEvent,
     ConnectionEventKind,
     KeyValue,
@@ -29,6 +28,7 @@ from ._transport import (
     Subscription,
     Transport,
 )
+from ._server import NatsServer
 
 __all__ = ["KV_WRITES", "FaultyTransport", "restart_server"]
 

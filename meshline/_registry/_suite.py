@@ -24,7 +24,7 @@ from contextlib import AbstractAsyncContextManager
 import attrs
 import trio
 
-from ._registry import ClientRecord, ReassertOutcome, RegistryBackend, now_ms
+from ._core import ClientRecord, ReassertOutcome, RegistryBackend, now_ms
 
 __all__ = ["HOSTILE_CLIENT_IDS", "RegistryBackendSuite"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import trio
 
-from ._registry import ClientRecord, ReassertOutcome, fenced, now_ms, owned
+from ._core import ClientRecord, ReassertOutcome, fenced, now_ms, owned
 
 __all__ = ["MemoryRegistryBackend"]
 

@@ -19,8 +19,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 import attrs
 import trio
 
-from ._buffer import DEFAULT_BUFFER, MessageBuffer, Overflow
-from ._errors import (
+from .._errors import (
     KeyExistsError,
     NoRespondersError,
     RequestAbandonedError,
@@ -28,8 +27,9 @@ from ._errors import (
     RevisionMismatchError,
     TransportClosedError,
 )
+from ._buffer import DEFAULT_BUFFER, MessageBuffer, Overflow
 from ._names import validate_bucket, validate_key, validate_subject
-from ._transport import (
+from ._seam import (
     KeyValue,
     KVEntry,
     KVOperation,

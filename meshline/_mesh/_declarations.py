@@ -12,7 +12,7 @@ from typing import Any, Generic, TypeVar
 
 import attrs
 
-from ._names import check_name
+from .._transport._names import check_name
 
 __all__ = ["BroadcastType", "RequestType", "resolve_name"]
 

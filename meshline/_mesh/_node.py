@@ -27,9 +27,7 @@ from typing import Any, Self, TypeVar, overload
 import msgspec
 import trio
 
-from ._buffer import DEFAULT_BUFFER, MessageBuffer, Overflow
-from ._declarations import BroadcastType, RequestType, resolve_name
-from ._errors import (
+from .._errors import (
     InvalidArgumentError,
     KeyExistsError,
     KVConflictError,
@@ -47,6 +45,19 @@ from ._errors import (
     TransportClosedError,
     TransportError,
 )
+from .._transport._buffer import DEFAULT_BUFFER, MessageBuffer, Overflow
+from .._transport._names import encode_bounded_token, encode_token
+from .._transport._seam import (
+    ConnectionEvent,
+    ConnectionEventKind,
+    KeyValue,
+    Message,
+    Subscription,
+    Transport,
+    check_timeout,
+)
+from .._util import single_exceptions
+from ._declarations import BroadcastType, RequestType, resolve_name
 from ._membership import (
     LEADER_KEY,
     MembershipEvent,
@@ -54,8 +65,7 @@ from ._membership import (
     MembershipView,
     node_key,
 )
-from ._names import encode_bounded_token, encode_token
-from ._node_wire import (
+from ._wire import (
     BroadcastFrame,
     CancelFrame,
     ErrorReply,
@@ -72,16 +82,6 @@ from ._node_wire import (
     encode_payload,
     encode_request,
 )
-from ._transport import (
-    ConnectionEvent,
-    ConnectionEventKind,
-    KeyValue,
-    Message,
-    Subscription,
-    Transport,
-    check_timeout,
-)
-from ._util import single_exceptions
 
 __all__ = ["DEFAULT_REQUEST_TIMEOUT", "DEFAULT_TTL", "Node", "open_node"]
 

@@ -20,17 +20,17 @@ from contextlib import asynccontextmanager
 import msgspec
 import trio
 
-from ._errors import (
+from .._errors import (
     KeyExistsError,
     PayloadError,
     RevisionMismatchError,
     TransportClosedError,
     TransportError,
 )
-from ._names import encode_bounded_token, encode_token
-from ._registry import ClientRecord, ReassertOutcome, fenced, now_ms, owned
-from ._transport import KeyValue, KVEntry, KVOperation, Transport
-from ._util import single_exceptions
+from .._transport._names import encode_bounded_token, encode_token
+from .._transport._seam import KeyValue, KVEntry, KVOperation, Transport
+from .._util import single_exceptions
+from ._core import ClientRecord, ReassertOutcome, fenced, now_ms, owned
 
 __all__ = ["KVRegistryBackend", "open_kv_registry_backend", "registry_bucket"]
 
@@ -58,7 +58,7 @@ _encode = msgspec.msgpack.Encoder().encode
 def registry_bucket(key: str, namespace: str = "") -> str:
     """The KV bucket holding the registrations of the mesh called ``key``.
 
-    ``namespace`` separates layers, as in :func:`meshline._node.mesh_names`.
+    ``namespace`` separates layers, as in :func:`meshline._mesh._node.mesh_names`.
     """
     if namespace:
         return f"mlc-{namespace}-" + encode_bounded_token(key, 59 - len(namespace), "mesh key")

@@ -46,8 +46,7 @@ import trio_asyncio
 from nats.js import api as js_api
 from nats.protocol import command as nats_command
 
-from ._buffer import DEFAULT_BUFFER, MessageBuffer, Overflow
-from ._errors import (
+from .._errors import (
     InvalidArgumentError,
     KeyExistsError,
     MeshlineError,
@@ -59,9 +58,10 @@ from ._errors import (
     TransportClosedError,
     TransportError,
 )
+from .._util import single_exceptions
+from ._buffer import DEFAULT_BUFFER, MessageBuffer, Overflow
 from ._names import validate_bucket, validate_key, validate_subject
-from ._timer import DeadlineTimer
-from ._transport import (
+from ._seam import (
     ConnectionEvent,
     ConnectionEventKind,
     KeyValue,
@@ -75,7 +75,7 @@ from ._transport import (
     check_timeout,
     check_ttl,
 )
-from ._util import single_exceptions
+from ._timer import DeadlineTimer
 
 __all__ = ["NatsTransport", "open_nats_transport"]
 

@@ -1,7 +1,7 @@
 """The transport seam: the only interface the rest of meshline uses for messaging.
 
-Two implementations exist: :mod:`meshline._memory` (in-process) and
-:mod:`meshline._nats` (NATS through nats-py). Both pass the same conformance suite.
+Two implementations exist: :mod:`meshline._transport._memory` (in-process) and
+:mod:`meshline._transport._nats` (NATS through nats-py). Both pass the same conformance suite.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Self
 import attrs
 import trio
 
+from .._errors import InvalidArgumentError
 from ._buffer import DEFAULT_BUFFER, MessageBuffer, Overflow
-from ._errors import InvalidArgumentError
 
 __all__ = [
     "ConnectionEvent",

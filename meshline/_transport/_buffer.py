@@ -13,7 +13,7 @@ from typing import Generic, TypeVar
 
 import trio
 
-from ._errors import SubscriptionOverflowError
+from .._errors import SubscriptionOverflowError
 
 __all__ = ["DEFAULT_BUFFER", "MessageBuffer", "Overflow"]
 
