@@ -276,7 +276,7 @@ def test_the_internals_check_covers_subscriptions_and_watchers(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import nats.aio.subscription
-    import nats.js.kv
+    import nats.js.client
 
     from meshline._transport._nats import _check_nats_internals
 
@@ -292,22 +292,22 @@ def test_the_internals_check_covers_subscriptions_and_watchers(
 
     _check_nats_internals(Client())
     subscription_init = nats.aio.subscription.Subscription.__init__
-    watcher_init = nats.js.kv.KeyValue.KeyWatcher.__init__
+    ordered_init = nats.js.client.JetStreamContext._JSI.__init__
 
-    def without_pending_size(self: Any, *args: Any, **kwargs: Any) -> None:
+    def without_jsi(self: Any, *args: Any, **kwargs: Any) -> None:
         subscription_init(self, *args, **kwargs)
-        del self._pending_size
+        del self._jsi
 
-    def without_updates(self: Any, *args: Any, **kwargs: Any) -> None:
-        watcher_init(self, *args, **kwargs)
-        del self._updates
+    def without_consumer_sequence(self: Any, *args: Any, **kwargs: Any) -> None:
+        ordered_init(self, *args, **kwargs)
+        del self._dseq
 
-    monkeypatch.setattr(nats.aio.subscription.Subscription, "__init__", without_pending_size)
-    monkeypatch.setattr(nats.js.kv.KeyValue.KeyWatcher, "__init__", without_updates)
+    monkeypatch.setattr(nats.aio.subscription.Subscription, "__init__", without_jsi)
+    monkeypatch.setattr(nats.js.client.JetStreamContext._JSI, "__init__", without_consumer_sequence)
     with pytest.raises(meshline.TransportError) as info:
         _check_nats_internals(Client())
-    assert "Subscription._pending_size" in str(info.value)
-    assert "KeyValue.KeyWatcher._updates" in str(info.value)
+    assert "Subscription._jsi" in str(info.value)
+    assert "JetStreamContext._JSI._dseq" in str(info.value)
     assert "_pending_queue" not in str(info.value)
 
 

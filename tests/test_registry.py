@@ -157,9 +157,10 @@ async def test_a_reloaded_replica_keeps_what_a_short_snapshot_lacks_until_the_se
             kv = await transport.key_value(meshline._registry._kv.registry_bucket("short"))
             async with kv.watch() as watch:
                 full = watch.snapshot
+            assert [entry.key for entry in full] == [_key("kept"), _key("deleted meanwhile")]
             short = [entry for entry in full if entry.key != full[0].key]
-            missing = backend.load(short)
-            assert missing == [full[0].key]
+            missing = await backend.load(short)
+            assert missing == ["kept"]
             assert {record.client_id for record in await backend.list_clients()} == {
                 "kept",
                 "deleted meanwhile",
@@ -220,6 +221,7 @@ class ScriptedKV(KeyValue):
         self.write_landed = trio.Event()
         self.watches_opened = 0
         self.silenced = 0
+        self.watches: list[ScriptedWatch] = []
 
     def silence(self) -> None:
         self.silenced = self.watches_opened
@@ -251,8 +253,8 @@ class ScriptedKV(KeyValue):
         await self.inner.delete(key, revision=revision)
         await self._answer()
 
-    async def purge(self, key: str) -> None:
-        await self.inner.purge(key)
+    async def purge(self, key: str, *, revision: int | None = None) -> None:
+        await self.inner.purge(key, revision=revision)
         await self._answer()
 
     async def keys(self) -> list[str]:
@@ -267,7 +269,9 @@ class ScriptedKV(KeyValue):
             raise self.refuse_watch
         async with self.inner.watch(pattern) as inner:
             self.watches_opened += 1
-            yield ScriptedWatch(inner, self, self.watches_opened)
+            watch = ScriptedWatch(inner, self, self.watches_opened)
+            self.watches.append(watch)
+            yield watch
 
 
 class ScriptedWatch(KVWatch):
@@ -276,6 +280,14 @@ class ScriptedWatch(KVWatch):
         self._inner = inner
         self._kv = kv
         self._number = number
+
+    def take_snapshot(self) -> list[KVEntry]:
+        self._inner.take_snapshot()
+        return super().take_snapshot()
+
+    @property
+    def inner_snapshot(self) -> list[KVEntry]:
+        return self._inner.snapshot
 
     async def _next_raw(self) -> KVEntry:
         while True:

@@ -30,6 +30,7 @@ from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 import attrs
 import cattrs
 import msgspec
+import trio
 
 from .._errors import PayloadError
 from .._transport._names import check_name
@@ -50,6 +51,9 @@ MetadataT = TypeVar("MetadataT")
 
 MAX_CLIENT_ID_BYTES = 1024
 """The longest client id accepted, in UTF-8 bytes."""
+
+DECODE_BATCH = 1_000
+"""Listings decode this many clients' metadata between two checkpoints."""
 
 
 def now_ms() -> int:
@@ -222,6 +226,11 @@ class RegistryBackend(Protocol):
         """How many registrations ``node_id`` owns."""
         ...
 
+    async def node_ids(self) -> set[int]:
+        """The nodes that own at least one registration (from an index where the
+        store has one: it should not cost a listing of every registration)."""
+        ...
+
 
 class _MetadataCodec(Generic[MetadataT]):
     """Metadata to bytes and back: msgspec for Structs and builtins, cattrs for attrs."""
@@ -299,6 +308,16 @@ class ClientRegistry(Generic[MetadataT]):
     def _client(self, record: ClientRecord) -> RegisteredClient[MetadataT]:
         return self.decode_client(record)
 
+    async def _clients(self, records: list[ClientRecord]) -> list[RegisteredClient[MetadataT]]:
+        """Decode ``records``, checkpointing every :data:`DECODE_BATCH` of them so a
+        long listing does not hold up other tasks."""
+        clients = []
+        for index, record in enumerate(records, start=1):
+            clients.append(self._client(record))
+            if index % DECODE_BATCH == 0:
+                await trio.lowlevel.checkpoint()
+        return clients
+
     async def register(self, client_id: str, metadata: MetadataT) -> Registration:
         """Register ``client_id`` on this node, as a new registration.
 
@@ -355,15 +374,14 @@ class ClientRegistry(Generic[MetadataT]):
 
     async def list_clients(self) -> list[RegisteredClient[MetadataT]]:
         """Every registration on every node."""
-        return [self._client(record) for record in await self.backend.list_clients()]
+        return await self._clients(await self.backend.list_clients())
 
     async def list_clients_for_node(
         self, node_id: int | None = None
     ) -> list[RegisteredClient[MetadataT]]:
         """The registrations of ``node_id`` (this node by default)."""
         node = self.node_id if node_id is None else node_id
-        records = await self.backend.list_clients_for_node(node)
-        return [self._client(record) for record in records]
+        return await self._clients(await self.backend.list_clients_for_node(node))
 
     async def count_clients_for_node(self, node_id: int | None = None) -> int:
         """How many registrations ``node_id`` (this node by default) owns."""
@@ -379,5 +397,4 @@ class ClientRegistry(Generic[MetadataT]):
         Clients that re-registered on another node are left alone.
         """
         node = self.node_id if node_id is None else node_id
-        records = await self.backend.cleanup_node(node, incarnation=incarnation)
-        return [self._client(record) for record in records]
+        return await self._clients(await self.backend.cleanup_node(node, incarnation=incarnation))

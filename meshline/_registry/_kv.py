@@ -9,26 +9,34 @@ Each backend keeps a replica of the whole bucket, fed by a watch, so reads are
 local dictionary lookups. Its own writes are applied to the replica as soon as the
 server confirms them, so a node always reads its own writes; other nodes' writes
 appear when the watch delivers them (usually within a millisecond or two).
+
+Churn leaves nothing behind: a registration is removed by a conditional purge, whose
+marker expires a minute later, so a bucket holds its live registrations and the last
+minute's removals, and a fresh replica loads in time linear in that. The replica
+keeps one entry per client (the record and its revision) and an index by node;
+it does not keep the snapshot it was loaded from.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
+from typing import TypeVar
 
 import msgspec
 import trio
 
 from .._errors import (
+    InvalidNameError,
     KeyExistsError,
     PayloadError,
     RevisionMismatchError,
     TransportClosedError,
     TransportError,
 )
-from .._transport._names import encode_bounded_token, encode_token
-from .._transport._seam import KeyValue, KVEntry, KVOperation, Transport
+from .._transport._names import decode_token, encode_bounded_token, encode_token
+from .._transport._seam import KeyValue, KVEntry, KVOperation, KVWatch, Transport
 from .._util import single_exceptions
 from ._core import ClientRecord, ReassertOutcome, fenced, now_ms, owned
 
@@ -40,6 +48,16 @@ _PREFIX = "c."
 
 _WATCH_RETRY = 0.5
 """Seconds before a failed replica watch is reopened."""
+
+WRITES_IN_FLIGHT = 64
+"""Server round trips :meth:`KVRegistryBackend.cleanup_node` (and the check of
+records a reloaded snapshot lacks) keeps in flight at once."""
+
+_LOAD_BATCH = 2_000
+"""Snapshot entries loaded between two checkpoints, so a large load does not hold
+up the node's other tasks (its heartbeat among them)."""
+
+T = TypeVar("T")
 
 
 class _Stored(msgspec.Struct, array_like=True, frozen=True):
@@ -83,7 +101,21 @@ def _stored(record: ClientRecord) -> bytes:
     )
 
 
-def _record(stored: _Stored) -> ClientRecord:
+def _record(key: str, value: bytes) -> ClientRecord:
+    """The registration stored as ``value`` under ``key``.
+
+    :raises PayloadError: ``value`` is not a registration, or one of another key.
+    """
+    try:
+        stored = _decoder.decode(value)
+    except msgspec.MsgspecError as exc:
+        raise PayloadError(f"registry key {key!r} holds something else: {exc}") from None
+    try:
+        matches = _key(stored.client_id) == key
+    except InvalidNameError:
+        matches = False
+    if not matches:
+        raise PayloadError(f"registry key {key!r} holds the registration of another key")
     return ClientRecord(
         stored.client_id,
         stored.node_id,
@@ -92,6 +124,41 @@ def _record(stored: _Stored) -> ClientRecord:
         stored.token,
         stored.incarnation,
     )
+
+
+def _is_hashed(key: str) -> bool:
+    """Whether ``key`` holds a one-way (hashed) token, which names no client id."""
+    return key.startswith(_PREFIX + "h")
+
+
+async def _for_each(
+    items: Iterable[T], action: Callable[[T], Awaitable[None]], limit: int = WRITES_IN_FLIGHT
+) -> None:
+    """Run ``action`` on every item, ``limit`` at a time.
+
+    After a failure no new item starts; the ones in flight finish, then the first
+    failure is raised (later ones are logged). Cancellation cancels those in flight.
+    """
+    pending = iter(items)
+    failures: list[Exception] = []
+
+    async def worker() -> None:
+        for item in pending:
+            try:
+                await action(item)
+            except Exception as exc:
+                if failures:
+                    logger.warning("registry: another write failed too (%s)", exc)
+                failures.append(exc)
+                return
+            if failures:
+                return
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(limit):
+            nursery.start_soon(worker)
+    if failures:
+        raise failures[0]
 
 
 class KVRegistryBackend:
@@ -105,44 +172,71 @@ class KVRegistryBackend:
     def __init__(self, kv: KeyValue) -> None:
         self._kv = kv
         self._records: dict[str, tuple[int, ClientRecord]] = {}
-        """Replica: key -> (revision, record)."""
-        self._known: dict[str, int] = {}
-        """Highest revision known per key, deletions included, to refuse stale news."""
+        """Replica: client id -> (revision, record)."""
+        self._gone: dict[str, int] = {}
+        """Client id -> revision of a removal the watch may not have passed yet, to
+        refuse stale news of a client the replica no longer holds."""
         self._by_node: dict[int, set[str]] = {}
-        self._by_client: dict[str, ClientRecord] = {}
+        self._hashed: dict[str, str] = {}
+        """Key -> client id, for the long ids whose key is a hash (a deletion names
+        only the key)."""
         self._watch_revision = 0
         self._loads = 0
         """How many snapshots were loaded, to tell writes that straddle a reload."""
+        self._loading = False
+        self._present: set[str] | None = None
+        """While a snapshot loads: the client ids it (or the live watch) spoke of."""
         self._watch_scope: trio.CancelScope | None = None
         self.watch_failures = 0
         """How many times the replica's watch failed and was reopened."""
 
     # ------------------------------------------------------------------ replica
 
-    def _set(self, key: str, revision: int, record: ClientRecord | None) -> None:
-        old = self._records.pop(key, None)
-        if old is not None:
-            self._by_client.pop(old[1].client_id, None)
-            keys = self._by_node.get(old[1].node_id)
-            if keys is not None:
-                keys.discard(key)
-                if not keys:
+    def _known(self, client_id: str) -> int:
+        """The highest revision known for ``client_id``, a removal's included."""
+        held = self._records.get(client_id)
+        return held[0] if held is not None else self._gone.get(client_id, 0)
+
+    def _set(self, client_id: str, revision: int, record: ClientRecord | None) -> None:
+        old = self._records.get(client_id)
+        if old is not None and (record is None or old[1].node_id != record.node_id):
+            clients = self._by_node.get(old[1].node_id)
+            if clients is not None:
+                clients.discard(client_id)
+                if not clients:
                     del self._by_node[old[1].node_id]
-        if record is not None:
-            self._records[key] = (revision, record)
-            self._by_client[record.client_id] = record
-            self._by_node.setdefault(record.node_id, set()).add(key)
-
-    def _apply_local(self, key: str, revision: int, record: ClientRecord | None) -> None:
-        """Apply a write this backend just made, unless newer news already arrived."""
-        if revision <= self._watch_revision or revision <= self._known.get(key, 0):
+        if record is None:
+            if old is not None:
+                del self._records[client_id]
             return
-        self._known[key] = revision
-        self._set(key, revision, record)
+        self._records[client_id] = (revision, record)
+        if old is None or old[1].node_id != record.node_id:
+            self._by_node.setdefault(record.node_id, set()).add(client_id)
 
-    async def _landed(
-        self, key: str, revision: int, record: ClientRecord | None, loads: int
-    ) -> None:
+    def _client_of(self, key: str) -> str | None:
+        """The client id ``key`` names, if the replica can tell."""
+        if not key.startswith(_PREFIX):
+            return None
+        if _is_hashed(key):
+            return self._hashed.get(key)
+        try:
+            return decode_token(key[len(_PREFIX) :])
+        except InvalidNameError:
+            return None
+
+    def _apply_local(self, key: str, revision: int, record: ClientRecord) -> None:
+        """Apply a write this backend just made, unless newer news already arrived."""
+        client_id = record.client_id
+        if self._present is not None:
+            self._present.add(client_id)
+        if revision <= self._watch_revision or revision <= self._known(client_id):
+            return
+        self._gone.pop(client_id, None)
+        if _is_hashed(key):
+            self._hashed[key] = client_id
+        self._set(client_id, revision, record)
+
+    async def _landed(self, key: str, revision: int, record: ClientRecord, loads: int) -> None:
         """Apply a write that landed at ``revision``, sent when :attr:`_loads` was
         ``loads``.
 
@@ -153,15 +247,15 @@ class KVRegistryBackend:
         if loads == self._loads:
             self._apply_local(key, revision, record)
         else:
-            await self._recheck(key)
+            await self._recheck(key, record.client_id)
 
-    async def _recheck(self, key: str) -> None:
-        """Bring the replica's copy of ``key`` in line with the server.
+    async def _recheck(self, key: str, client_id: str) -> None:
+        """Bring the replica's copy of ``client_id`` in line with the server.
 
         Best effort: the write that calls it has landed already, so a failure to
         read is logged and left to the watch.
         """
-        before = self._records.get(key)
+        before = self._records.get(client_id)
         loads = self._loads
         try:
             entry = await self._kv.get(key)
@@ -174,71 +268,113 @@ class KVRegistryBackend:
         if record is not None and entry is not None:
             self._apply_local(key, entry.revision, record)
         elif before is not None:
-            self._forget_local(key, before[0])
+            self._forget_local(client_id, before[0])
 
     def _decode(self, key: str, value: bytes) -> ClientRecord | None:
         """The registration stored as ``value``; None, logged, if it is not one."""
         try:
-            return _record(_decoder.decode(value))
-        except msgspec.MsgspecError as exc:
-            logger.warning(
-                "registry key %r holds something that is not a registration (%s); "
-                "the replica leaves it out",
-                key,
-                exc,
-            )
+            return _record(key, value)
+        except PayloadError as exc:
+            logger.warning("%s; the replica leaves it out (not a registration)", exc)
             return None
 
-    def _forget_local(self, key: str, deleted_revision: int) -> None:
-        """Apply a deletion this backend made of the record at ``deleted_revision``."""
-        current = self._records.get(key)
+    def _forget_local(self, client_id: str, deleted_revision: int) -> None:
+        """Apply a removal this backend made of the record at ``deleted_revision``."""
+        current = self._records.get(client_id)
         if current is not None and current[0] == deleted_revision:
-            self._known[key] = max(self._known.get(key, 0), deleted_revision)
-            self._set(key, deleted_revision, None)
+            self._gone[client_id] = deleted_revision
+            self._set(client_id, deleted_revision, None)
 
     def _apply_watched(self, entry: KVEntry) -> None:
-        self._watch_revision = max(self._watch_revision, entry.revision)
+        if entry.revision > self._watch_revision:
+            self._watch_revision = entry.revision
         key = entry.key
-        if entry.revision <= self._known.get(key, 0):
+        record = None
+        if entry.operation is KVOperation.PUT:
+            record = self._decode(key, entry.value)
+        client_id = record.client_id if record is not None else self._client_of(key)
+        if client_id is None:
             return
-        if entry.operation is not KVOperation.PUT:
-            self._known.pop(key, None)  # the watch is ordered: nothing older comes now
-            self._set(key, entry.revision, None)
+        if self._present is not None:
+            self._present.add(client_id)
+        if entry.revision <= self._known(client_id):
             return
-        self._known[key] = entry.revision
-        self._set(key, entry.revision, self._decode(key, entry.value))
+        if record is not None:
+            self._gone.pop(client_id, None)
+            if _is_hashed(key):
+                self._hashed[key] = client_id
+            self._set(client_id, entry.revision, record)
+            return
+        # Removed, or replaced by something that is not a registration.
+        if self._loading or entry.operation is KVOperation.PUT:
+            # Snapshot entries still to load are older: keep refusing them.
+            self._gone[client_id] = entry.revision
+        else:
+            self._gone.pop(client_id, None)  # the watch is ordered: nothing older comes
+        self._hashed.pop(key, None)
+        self._set(client_id, entry.revision, None)
 
-    def load(self, snapshot: list[KVEntry]) -> list[str]:
-        """Merge a watch snapshot into the replica; return the keys the replica
-        holds that the snapshot lacks, for the caller to check with the server.
-
-        A snapshot taken right after a server restart can be short while JetStream
-        recovers its stream, so absence from it alone removes nothing.
-        """
+    def _begin_load(self, snapshot: list[KVEntry]) -> None:
         self._loads += 1
         newest = max((entry.revision for entry in snapshot), default=0)
         if snapshot and newest < self._watch_revision:
             # Every revision is older than what was seen before: the stream was
             # recreated (its data lost), so nothing known about it holds any more.
             self._records.clear()
-            self._known.clear()
+            self._gone.clear()
             self._by_node.clear()
-            self._by_client.clear()
+            self._hashed.clear()
             self._watch_revision = 0
-        present = set()
-        for entry in snapshot:
-            present.add(entry.key)
-            self._apply_watched(entry)
-        return [key for key in self._records if key not in present]
+        self._loading = True
+        self._present = set()
 
-    async def _confirm_absent(self, keys: list[str]) -> None:
-        """Drop from the replica each of ``keys`` that the server no longer holds."""
-        for key in keys:
-            current = self._records.get(key)
-            if current is not None and await self._kv.get(key) is None:
+    def _end_load(self) -> list[str]:
+        present = self._present if self._present is not None else set()
+        self._loading = False
+        self._present = None
+        # What the watch has passed cannot come again: no need to remember removals.
+        watched = self._watch_revision
+        self._gone = {client: gone for client, gone in self._gone.items() if gone > watched}
+        records = self._records
+        self._hashed = {key: client for key, client in self._hashed.items() if client in records}
+        return [client_id for client_id in records if client_id not in present]
+
+    async def load(self, snapshot: list[KVEntry]) -> list[str]:
+        """Merge a watch snapshot into the replica; return the client ids the replica
+        holds that the snapshot lacks, for the caller to check with the server.
+
+        A snapshot taken right after a server restart can be short while JetStream
+        recovers its stream, so absence from it alone removes nothing. The load
+        checkpoints every few thousand entries; changes the watch delivers meanwhile
+        may be applied concurrently (they are newer than any snapshot entry).
+        Cancelled, it leaves a partly merged replica that the next load completes.
+        """
+        self._begin_load(snapshot)
+        try:
+            for index, entry in enumerate(snapshot):
+                self._apply_watched(entry)
+                if index % _LOAD_BATCH == _LOAD_BATCH - 1:
+                    await trio.lowlevel.checkpoint()
+            await trio.lowlevel.checkpoint()
+        finally:
+            missing = self._end_load()
+        return missing
+
+    async def _confirm_absent(self, client_ids: list[str]) -> None:
+        """Drop from the replica each client the server no longer holds."""
+
+        async def check(client_id: str) -> None:
+            current = self._records.get(client_id)
+            if current is not None and await self._kv.get(_key(client_id)) is None:
                 # Only the copy that was checked: the watch may have brought a newer
                 # one while the server answered.
-                self._forget_local(key, current[0])
+                self._forget_local(client_id, current[0])
+
+        await _for_each(client_ids, check)
+
+    async def _follow_changes(self, watch: KVWatch) -> None:
+        async for entry in watch:
+            self._apply_watched(entry)
 
     def request_reload(self) -> None:
         """Drop the current watch and load the replica again from a fresh one.
@@ -252,10 +388,11 @@ class KVRegistryBackend:
     async def follow(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Keep the replica current until cancelled.
 
-        A watch that fails, overflows or ends is logged, counted in
-        :attr:`watch_failures` and reopened after a short pause; its snapshot is
-        merged into the replica, and keys the snapshot lacks are checked with the
-        server (see :meth:`load`).
+        Each watch's snapshot is merged into the replica (see :meth:`load`) while
+        the changes after it are applied as they come, and the watch lets go of
+        the snapshot once it is loaded. Keys the snapshot lacks are checked with
+        the server. A watch that fails, overflows or ends is logged, counted in
+        :attr:`watch_failures` and reopened after a short pause.
         Only a closed transport ends this task (or a failure before the first load,
         which is raised to the caller of ``start``).
         """
@@ -265,14 +402,17 @@ class KVRegistryBackend:
                 self._watch_scope = scope
                 try:
                     async with self._kv.watch(_PREFIX + ">") as watch:
-                        missing = self.load(watch.snapshot)
-                        if not started:
-                            started = True
-                            task_status.started()
-                        if missing:
-                            await self._confirm_absent(missing)
-                        async for entry in watch:
-                            self._apply_watched(entry)
+                        with single_exceptions():
+                            async with trio.open_nursery() as nursery:
+                                snapshot = watch.take_snapshot()
+                                nursery.start_soon(self._follow_changes, watch)
+                                missing = await self.load(snapshot)
+                                del snapshot
+                                if not started:
+                                    started = True
+                                    task_status.started()
+                                if missing:
+                                    await self._confirm_absent(missing)
                     raise TransportError("the watch ended")
                 except TransportClosedError:
                     raise
@@ -303,10 +443,7 @@ class KVRegistryBackend:
         entry = await self._kv.get(key)
         if entry is None:
             return None
-        try:
-            record = _record(_decoder.decode(entry.value))
-        except msgspec.MsgspecError as exc:
-            raise PayloadError(f"registry key {key!r} holds something else: {exc}") from None
+        record = _record(key, entry.value)
         if loads == self._loads:
             self._apply_local(key, entry.revision, record)
         return entry.revision, record
@@ -323,7 +460,7 @@ class KVRegistryBackend:
         key = _key(client_id)
         record = ClientRecord(client_id, node_id, now_ms(), metadata, token, incarnation)
         value = _stored(record)
-        current = self._records.get(key)
+        current = self._records.get(client_id)
         while True:
             loads = self._loads
             try:
@@ -343,7 +480,7 @@ class KVRegistryBackend:
         self, client_id: str, node_id: int, metadata: bytes, *, token: int, incarnation: int
     ) -> ReassertOutcome:
         key = _key(client_id)
-        current = self._records.get(key)
+        current = self._records.get(client_id)
         if (
             current is None
             or not owned(current[1], node_id, token)
@@ -378,11 +515,11 @@ class KVRegistryBackend:
                 current = await self._read(key)
 
     async def _owned(
-        self, key: str, node_id: int, token: int | None
+        self, client_id: str, key: str, node_id: int, token: int | None
     ) -> tuple[int, ClientRecord] | None:
         """The registration if ``node_id`` owns it (under ``token``, if given),
         confirmed with the server when the replica does not show it so."""
-        current = self._records.get(key)
+        current = self._records.get(client_id)
         if current is None or not owned(current[1], node_id, token):
             current = await self._read(key)
         if current is None or not owned(current[1], node_id, token):
@@ -391,16 +528,16 @@ class KVRegistryBackend:
 
     async def unregister(self, client_id: str, node_id: int, *, token: int | None = None) -> bool:
         key = _key(client_id)
-        current = await self._owned(key, node_id, token)
+        current = await self._owned(client_id, key, node_id, token)
         while current is not None:
             try:
-                await self._kv.delete(key, revision=current[0])
+                await self._kv.purge(key, revision=current[0])
             except RevisionMismatchError:
                 current = await self._read(key)
                 if current is None or not owned(current[1], node_id, token):
                     return False
                 continue
-            self._forget_local(key, current[0])
+            self._forget_local(client_id, current[0])
             return True
         return False
 
@@ -408,7 +545,7 @@ class KVRegistryBackend:
         self, client_id: str, node_id: int, metadata: bytes, *, token: int | None = None
     ) -> bool:
         key = _key(client_id)
-        current = await self._owned(key, node_id, token)
+        current = await self._owned(client_id, key, node_id, token)
         while current is not None:
             revision, old = current
             record = ClientRecord(
@@ -428,11 +565,12 @@ class KVRegistryBackend:
 
     async def get_client(self, client_id: str) -> ClientRecord | None:
         await trio.lowlevel.checkpoint()
-        return self._by_client.get(client_id)
+        return self.lookup(client_id)
 
     def lookup(self, client_id: str) -> ClientRecord | None:
         """``get_client`` without the checkpoint: a dictionary lookup in the replica."""
-        return self._by_client.get(client_id)
+        held = self._records.get(client_id)
+        return None if held is None else held[1]
 
     async def list_clients(self) -> list[ClientRecord]:
         await trio.lowlevel.checkpoint()
@@ -440,42 +578,61 @@ class KVRegistryBackend:
 
     async def list_clients_for_node(self, node_id: int) -> list[ClientRecord]:
         await trio.lowlevel.checkpoint()
-        return [self._records[key][1] for key in self._by_node.get(node_id, ())]
+        records = self._records
+        return [records[client_id][1] for client_id in self._by_node.get(node_id, ())]
 
     async def count_clients_for_node(self, node_id: int) -> int:
         await trio.lowlevel.checkpoint()
         return len(self._by_node.get(node_id, ()))
 
+    async def node_ids(self) -> set[int]:
+        await trio.lowlevel.checkpoint()
+        return set(self._by_node)
+
     async def cleanup_client(
         self, client_id: str, node_id: int, *, incarnation: int | None = None
     ) -> ClientRecord | None:
         key = _key(client_id)
-        current = self._records.get(key)
+        current = self._records.get(client_id)
         if current is None or not fenced(current[1], node_id, incarnation):
             current = await self._read(key)
         while current is not None and fenced(current[1], node_id, incarnation):
             try:
-                await self._kv.delete(key, revision=current[0])
+                await self._kv.purge(key, revision=current[0])
             except RevisionMismatchError:
                 current = await self._read(key)
                 continue
-            self._forget_local(key, current[0])
+            self._forget_local(client_id, current[0])
             return current[1]
         return None
 
     async def cleanup_node(
         self, node_id: int, *, incarnation: int | None = None
     ) -> list[ClientRecord]:
-        removed = []
-        for key in list(self._by_node.get(node_id, ())):
-            current = self._records.get(key)
-            if current is None or not fenced(current[1], node_id, incarnation):
-                continue
-            record = await self.cleanup_client(
-                current[1].client_id, node_id, incarnation=incarnation
-            )
+        """Remove what ``node_id`` still owns (see :meth:`cleanup_client`), with
+        :data:`WRITES_IN_FLIGHT` removals in flight at once; return what was removed.
+
+        Each removal is a compare-and-set against the server, so a client that
+        registered again meanwhile (or a record of a newer incarnation) stays.
+
+        :raises TransportError: a removal failed; the others in flight finished, and
+            a later call removes what is left. (What was removed is then not
+            returned.)
+        """
+        removed: list[ClientRecord] = []
+        records = self._records
+        targets = [
+            client_id
+            for client_id in self._by_node.get(node_id, ())
+            if fenced(records[client_id][1], node_id, incarnation)
+        ]
+
+        async def clean(client_id: str) -> None:
+            record = await self.cleanup_client(client_id, node_id, incarnation=incarnation)
             if record is not None:
                 removed.append(record)
+
+        await _for_each(targets, clean)
         return removed
 
 

@@ -93,6 +93,10 @@ class MemoryRegistryBackend:
         await trio.lowlevel.checkpoint()
         return sum(1 for record in self._records.values() if record.node_id == node_id)
 
+    async def node_ids(self) -> set[int]:
+        await trio.lowlevel.checkpoint()
+        return {record.node_id for record in self._records.values()}
+
     async def cleanup_client(
         self, client_id: str, node_id: int, *, incarnation: int | None = None
     ) -> ClientRecord | None:

@@ -464,7 +464,8 @@ async def open_client_registry(
                 nursery.start_soon(clean_up, dead)
 
             await node.wait_for_trustworthy_view()
-            owners = {record.node_id for record in await backend.list_clients()}
+            # The by-node index, not a listing of every registration.
+            owners = await backend.node_ids()
             for owner in sorted(owners - node.alive_nodes()):
                 start_cleanup(owner, node.incarnation_of(owner))
             async for event in events:

@@ -172,6 +172,13 @@ class SQLiteRegistryBackend:
 
         return await self._run(work)
 
+    async def node_ids(self) -> set[int]:
+        def work(db: sqlite3.Connection) -> set[int]:
+            rows = db.execute("SELECT DISTINCT node_id FROM meshline_clients").fetchall()
+            return {int(row[0]) for row in rows}
+
+        return await self._run(work)
+
     async def cleanup_client(
         self, client_id: str, node_id: int, *, incarnation: int | None = None
     ) -> ClientRecord | None:

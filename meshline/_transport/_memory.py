@@ -47,8 +47,15 @@ __all__ = ["MemoryHub", "MemoryTransport", "open_memory_transport"]
 PUBLISH_FAIRNESS_INTERVAL = 128
 """``publish`` yields to the scheduler at least once per this many calls."""
 
-TOMBSTONE_SECONDS = 60.0
-"""How long a deleted or expired key's tombstone is kept, like NATS's limit markers."""
+LIMIT_MARKER_SECONDS = 60.0
+"""How long the marker left by an expired key lives, like NATS's limit markers."""
+
+PURGE_MARKER_SECONDS = 60.0
+"""How long a purge marker lives, like the TTL the NATS transport gives its purges.
+
+Delete markers are kept for good, as NATS keeps them: only a purge (or an expiry)
+leaves no trace behind once its marker is gone.
+"""
 
 
 def _matches(pattern: tuple[str, ...], subject: tuple[str, ...]) -> bool:
@@ -305,7 +312,7 @@ class _Bucket:
         self.watchers: list[tuple[tuple[str, ...], MessageBuffer[KVEntry]]] = []
 
     def expire(self) -> None:
-        """Apply every TTL and tombstone deadline that is due by the Trio clock."""
+        """Apply every TTL and marker deadline that is due by the Trio clock."""
         deadlines = self.deadlines
         if not deadlines:
             return
@@ -316,23 +323,21 @@ class _Bucket:
             if record is None or record.revision != revision:
                 continue
             if record.operation is KVOperation.PUT:
-                self.write(key, b"", KVOperation.PURGE, None)
+                self.write(key, b"", KVOperation.PURGE, LIMIT_MARKER_SECONDS)
             else:
                 del self.records[key]
 
     def next_deadline(self) -> float:
         return self.deadlines[0][0] if self.deadlines else float("inf")
 
-    def write(self, key: str, value: bytes, operation: KVOperation, ttl: int | None) -> int:
+    def write(self, key: str, value: bytes, operation: KVOperation, ttl: float | None) -> int:
+        """Store one revision of ``key``; ``ttl`` seconds later it expires (a value
+        leaves a ``PURGE`` marker behind, a marker simply goes)."""
         self.revision += 1
         revision = self.revision
         self.records[key] = _Record(value, revision, operation)
-        if operation is not KVOperation.PUT:
-            ttl_seconds: float | None = TOMBSTONE_SECONDS
-        else:
-            ttl_seconds = ttl
-        if ttl_seconds is not None:
-            heapq.heappush(self.deadlines, (trio.current_time() + ttl_seconds, revision, key))
+        if ttl is not None:
+            heapq.heappush(self.deadlines, (trio.current_time() + ttl, revision, key))
         if self.watchers:
             entry = KVEntry(key, value, revision, operation)
             tokens = tuple(key.split("."))
@@ -410,9 +415,11 @@ class _MemoryKeyValue(KeyValue):
             raise RevisionMismatchError(key, revision)
         state.write(key, b"", KVOperation.DELETE, None)
 
-    async def purge(self, key: str) -> None:
+    async def purge(self, key: str, *, revision: int | None = None) -> None:
         state = await self._enter(key)
-        state.write(key, b"", KVOperation.PURGE, None)
+        if revision is not None and state.latest_revision(key) != revision:
+            raise RevisionMismatchError(key, revision)
+        state.write(key, b"", KVOperation.PURGE, PURGE_MARKER_SECONDS)
 
     async def keys(self) -> list[str]:
         await trio.lowlevel.checkpoint()

@@ -18,7 +18,9 @@ once per call. Everything nats-py raises is mapped onto meshline's errors here.
 The fast paths touch these nats-py internals: ``Client._pending``,
 ``_pending_data_size``, ``_flush_queue``, ``_flush_pending``, ``_max_payload``,
 ``_max_pending_size``, ``_process_msg`` and ``_subs``; ``Subscription._pending_queue``
-and ``_pending_size``; ``KeyValue.KeyWatcher._updates``; and the command builders
+``_pending_size``, ``_received`` and ``_jsi``; the ordered consumer's state
+(``JetStreamContext._JSI._dseq``, ``_sseq``, ``_active``, ``track_sequences``) and
+``PushSubscription._sub`` / ``_pending_queue``, for KV watches; and the command builders
 ``nats.protocol.command.pub_cmd`` / ``hpub_cmd``. nats-py is pinned to 2.16.x for
 that reason. :func:`_check_nats_internals` fails loudly if one is missing, and a
 self-test at connect proves that a publish and a request make the round trip.
@@ -39,8 +41,8 @@ import msgspec
 import nats
 import nats.aio.subscription
 import nats.errors
+import nats.js.client
 import nats.js.errors
-import nats.js.kv
 import trio
 import trio_asyncio
 from nats.js import api as js_api
@@ -151,8 +153,9 @@ _CLIENT_INTERNALS = (
     "_process_msg",
     "_subs",
 )
-_SUBSCRIPTION_INTERNALS = ("_pending_queue", "_pending_size")
-_WATCHER_INTERNALS = ("_updates",)
+_SUBSCRIPTION_INTERNALS = ("_pending_queue", "_pending_size", "_received", "_jsi")
+_ORDERED_CONSUMER_INTERNALS = ("_dseq", "_sseq", "_active", "track_sequences")
+_PUSH_SUBSCRIPTION_INTERNALS = ("_sub", "_pending_queue")
 _COMMAND_HELPERS = ("pub_cmd", "hpub_cmd")
 
 
@@ -163,23 +166,31 @@ def _missing(thing: Any, names: tuple[str, ...], where: str) -> list[str]:
 def _check_nats_internals(client: Any) -> None:
     """Fail loudly if nats-py lacks an internal that meshline touches.
 
-    ``client`` is a connected nats-py client. Subscriptions and key watchers keep
-    their internals in instance attributes, so a probe instance of each is built
-    (neither constructor has side effects) and checked too.
+    ``client`` is a connected nats-py client. Subscriptions and the ordered
+    consumer's state keep their internals in instance attributes, so a probe
+    instance of each is built (no constructor has side effects) and checked too.
 
     :raises TransportError: naming every missing internal.
     """
     missing = _missing(client, _CLIENT_INTERNALS, "Client")
     missing += _missing(nats_command, _COMMAND_HELPERS, "nats.protocol.command")
+    context: Any = nats.js.client.JetStreamContext
     try:
-        key_watcher: Any = nats.js.kv.KeyValue.KeyWatcher
         subscription: Any = nats.aio.subscription.Subscription(client)
-        watcher: Any = key_watcher(None)
     except Exception as exc:
-        missing.append(f"Subscription / KeyWatcher construction ({type(exc).__name__}: {exc})")
+        missing.append(f"Subscription construction ({type(exc).__name__}: {exc})")
     else:
         missing += _missing(subscription, _SUBSCRIPTION_INTERNALS, "Subscription")
-        missing += _missing(watcher, _WATCHER_INTERNALS, "KeyValue.KeyWatcher")
+        try:
+            push: Any = context.PushSubscription(None, subscription, "", "")
+            ordered: Any = context._JSI(None, client, "", True, push, subscription, None)
+        except Exception as exc:
+            missing.append(f"ordered consumer construction ({type(exc).__name__}: {exc})")
+        else:
+            missing += _missing(
+                push, _PUSH_SUBSCRIPTION_INTERNALS, "JetStreamContext.PushSubscription"
+            )
+            missing += _missing(ordered, _ORDERED_CONSUMER_INTERNALS, "JetStreamContext._JSI")
     if missing:
         raise TransportError(
             f"this nats-py version lacks internals meshline relies on: {', '.join(missing)}"
@@ -312,8 +323,10 @@ def _install_fast_dispatch(nc: Any) -> None:
 
     nats-py's parser awaits ``client._process_msg`` for every ``MSG``. For our own
     subscriptions, a plain message needs none of its work (headers, JetStream flow
-    control, a ``Msg`` dataclass), so it goes straight to the shim. Everything else,
-    including messages with headers such as "no responders", takes nats-py's path.
+    control, a ``Msg`` dataclass), so it goes straight to the shim. A KV watch's
+    data messages go to its :class:`_WatchFeed`, which keeps the ordered consumer's
+    books itself. Everything else, including messages with headers such as "no
+    responders" and a watch's heartbeats, flow control and gaps, takes nats-py's path.
     """
     original = nc._process_msg
     subscriptions = nc._subs
@@ -323,12 +336,17 @@ def _install_fast_dispatch(nc: Any) -> None:
         sid: int, subject: bytes, reply: bytes, data: bytes, headers: Any
     ) -> None:
         subscription = subscriptions.get(sid)
-        if subscription is not None and not headers:
+        if subscription is not None:
             sink = subscription._pending_queue
-            if type(sink) is _BufferShim or type(sink) is _InboxShim:
+            kind = type(sink)
+            if not headers and (kind is _BufferShim or kind is _InboxShim):
                 stats["in_msgs"] += 1
                 stats["in_bytes"] += len(data)
                 sink.deliver(subject, reply, data)
+                return
+            if kind is _WatchFeed and sink.take(subscription, subject, reply, data, headers):
+                stats["in_msgs"] += 1
+                stats["in_bytes"] += len(data)
                 return
         await original(sid, subject, reply, data, headers)
 
@@ -792,6 +810,173 @@ async def open_nats_transport(
                     await transport.aclose()
 
 
+PURGE_MARKER_TTL = 60
+"""Seconds a purge marker lives (``Nats-TTL``) before the server removes it, so a
+purged key leaves nothing behind in the stream. Watchers see the marker as it is
+written; one that fell further behind than this would miss it (a replica reloads
+its snapshot after a reconnect, which settles that)."""
+
+SNAPSHOT_STALL_TIMEOUT = 10.0
+"""Seconds a watch's snapshot may go without a single new entry before opening the
+watch fails. A large snapshot may take as long as it needs while entries flow."""
+
+WATCH_INACTIVE_THRESHOLD = 300.0
+"""Seconds after which the server drops a watch's consumer that lost its subscriber."""
+
+_ACK_PREFIX = b"$JS.ACK."
+_V1_ACK_TOKENS = 9
+"""``$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>``"""
+_V2_ACK_TOKENS = 11
+"""The same with a domain and an account hash after ``ACK``, and maybe a token after."""
+
+_OPERATIONS = {"DEL": KVOperation.DELETE, "PURGE": KVOperation.PURGE}
+_MARKER_REASONS = {
+    "MaxAge": KVOperation.PURGE,
+    "Purge": KVOperation.PURGE,
+    "Remove": KVOperation.DELETE,
+}
+
+
+def _operation_of(operation: str | None, reason: str | None) -> KVOperation | None:
+    """What a stream message means for its key, from its ``KV-Operation`` and
+    ``Nats-Marker-Reason`` headers; None for a marker of a reason not known yet
+    (left out, as nats-py does)."""
+    if operation is not None:
+        return _OPERATIONS.get(operation, KVOperation.PUT)
+    if reason is not None:
+        return _MARKER_REASONS.get(reason)
+    return KVOperation.PUT
+
+
+def _raw_header(headers: bytes, name: bytes) -> str | None:
+    """The value of header ``name`` in a raw ``NATS/1.0`` header block, if present."""
+    start = headers.find(b"\r\n" + name + b":")
+    if start < 0:
+        return None
+    start += len(name) + 3
+    end = headers.find(b"\r\n", start)
+    return headers[start : end if end >= 0 else len(headers)].strip().decode()
+
+
+def _raw_operation(headers: bytes) -> KVOperation | None:
+    if not headers:
+        return KVOperation.PUT
+    return _operation_of(
+        _raw_header(headers, _KV_OPERATION.encode()), _raw_header(headers, _MARKER_REASON.encode())
+    )
+
+
+class _WatchFeed(_QueueShim):
+    """Stands in for a KV watch subscription's asyncio queue.
+
+    The watch is a JetStream ordered consumer (last value per key, then every new
+    write). Each of its messages becomes a :class:`KVEntry`: until the consumer has
+    caught up (a message with nothing pending after it), entries go into
+    :attr:`snapshot`, one per key, deletions removing the key; after that, into the
+    Trio buffer. Both steps are linear in the number of messages.
+
+    Messages arrive two ways. Data messages in the expected order come from the
+    fast dispatch through :meth:`take`, which keeps the ordered consumer's books as
+    nats-py would (sequences, activity, flow control bookkeeping) without building
+    a ``Msg`` or parsing headers. Anything else (heartbeats, flow control, a gap
+    that makes nats-py reset the consumer, other reply formats) takes nats-py's
+    path, and what it lets through arrives in :meth:`put_nowait`.
+    """
+
+    __slots__ = (
+        "_prefix_length",
+        "_subscription",
+        "buffer",
+        "loaded",
+        "loading",
+        "received",
+        "snapshot",
+    )
+
+    def __init__(self, prefix: str, buffer: MessageBuffer[KVEntry]) -> None:
+        self._prefix_length = len(prefix)
+        self._subscription: Any = None
+        self.buffer = buffer
+        self.snapshot: dict[str, KVEntry] = {}
+        self.loading = True
+        self.loaded = trio.Event()
+        self.received = 0
+        """Messages received so far, to tell a slow snapshot from a stalled one."""
+
+    def attach(self, subscription: Any) -> None:
+        """asyncio side: take the place of ``subscription``'s queue, taking over any
+        message that reached the queue already."""
+        early = subscription._pending_queue
+        self._subscription = subscription
+        subscription._pending_queue = self
+        while not early.empty():
+            self.put_nowait(early.get_nowait())
+
+    def finish_snapshot(self) -> None:
+        """The snapshot is complete: later entries are live changes."""
+        if self.loading:
+            self.loading = False
+            self.loaded.set()
+
+    def take(
+        self, subscription: Any, subject: bytes, reply: bytes, data: bytes, headers: Any
+    ) -> bool:
+        """Handle a message from the fast dispatch; False leaves it to nats-py."""
+        if headers and not headers.startswith(b"NATS/1.0\r\n"):
+            return False  # a status message: idle heartbeat, flow control
+        jsi = subscription._jsi
+        if jsi is None or not reply.startswith(_ACK_PREFIX):
+            return False
+        tokens = reply.split(b".")
+        if len(tokens) != _V1_ACK_TOKENS:
+            return False
+        consumer_sequence = int(tokens[6])
+        if consumer_sequence != jsi._dseq:
+            return False  # a gap: nats-py resets the ordered consumer
+        sequence = int(tokens[5])
+        jsi._active = True
+        jsi._dseq = consumer_sequence + 1
+        jsi._sseq = sequence
+        subscription._received += 1
+        jsi.track_sequences(reply.decode())
+        key = subject[self._prefix_length :].decode()
+        self._add(key, data, sequence, _raw_operation(headers), int(tokens[8]))
+        return True
+
+    def put_nowait(self, msg: Any) -> None:
+        """A message nats-py delivered after its own processing."""
+        self._subscription._pending_size -= len(msg.data)
+        tokens = (msg.reply or "").split(".")
+        if len(tokens) == _V1_ACK_TOKENS:
+            sequence, pending = int(tokens[5]), int(tokens[8])
+        elif len(tokens) >= _V2_ACK_TOKENS:
+            sequence, pending = int(tokens[7]), int(tokens[10])
+        else:
+            logger.warning("KV watch: a message without JetStream metadata on %r", msg.subject)
+            return
+        headers = msg.headers or {}
+        operation = _operation_of(headers.get(_KV_OPERATION), headers.get(_MARKER_REASON))
+        key = msg.subject[self._prefix_length :]
+        self._add(key, msg.data or b"", sequence, operation, pending)
+
+    def _add(
+        self, key: str, value: bytes, sequence: int, operation: KVOperation | None, pending: int
+    ) -> None:
+        self.received += 1
+        if not self.loading:
+            if operation is not None:
+                self.buffer.push(KVEntry(key, value, sequence, operation))
+            return
+        if operation is not None:
+            snapshot = self.snapshot
+            # Removed first, so the snapshot stays in revision order.
+            snapshot.pop(key, None)
+            if operation is KVOperation.PUT:
+                snapshot[key] = KVEntry(key, value, sequence)
+        if pending == 0:
+            self.finish_snapshot()
+
+
 def _entry_from_raw(key: str, msg: Any) -> KVEntry | None:
     """Classify a raw stream message for ``key``: a live value, or None if absent."""
     headers = msg.headers or {}
@@ -882,11 +1067,23 @@ class _NatsKeyValue(KeyValue):
                 raise RevisionMismatchError(key, revision) from None
             raise
 
-    async def purge(self, key: str) -> None:
+    async def purge(self, key: str, *, revision: int | None = None) -> None:
+        """Purge ``key`` with a marker that expires after :data:`PURGE_MARKER_TTL`.
+
+        On a bucket created without per-message TTLs (by another client), the
+        server ignores the TTL and the marker stays, as a delete marker would.
+        """
         validate_key(key)
         self._transport._check_open()
         headers = {_KV_OPERATION: "PURGE", "Nats-Rollup": "sub"}
-        await self._publish(key, b"", headers, None)
+        if revision is not None:
+            headers[_EXPECTED_LAST_SUBJECT_SEQUENCE] = str(revision)
+        try:
+            await self._publish(key, b"", headers, PURGE_MARKER_TTL)
+        except _JetStreamError as exc:
+            if revision is not None and exc.err_code in _WRONG_LAST_SEQUENCE:
+                raise RevisionMismatchError(key, revision) from None
+            raise
 
     async def keys(self) -> list[str]:
         async with self.watch() as watch:
@@ -900,56 +1097,71 @@ class _NatsKeyValue(KeyValue):
     async def _watch(self, pattern: str) -> AsyncIterator[KVWatch]:
         self._transport._check_open()
         buffer: MessageBuffer[KVEntry] = MessageBuffer(DEFAULT_BUFFER, Overflow.ERROR, pattern)
-        snapshot_done = trio.Event()
-        snapshot: list[KVEntry] = []
-        kv = await self._transport._aio("KV bind", self._js.key_value, self.bucket)
-        watcher = await self._transport._aio("KV watch", kv.watch, pattern)
+        feed = _WatchFeed(self._prefix, buffer)
+        subscription = await self._transport._aio("KV watch", self._subscribe, pattern, feed)
+        try:
+            await self._wait_for_snapshot(feed, pattern)
+            snapshot = list(feed.snapshot.values())
+            feed.snapshot = {}
+            yield KVWatch(snapshot, buffer)
+        finally:
+            buffer.close()
+            with trio.CancelScope(shield=True):
+                await self._stop_watcher(subscription, pattern)
 
-        def convert(entry: Any) -> KVEntry:
-            operation = {"DEL": KVOperation.DELETE, "PURGE": KVOperation.PURGE}.get(
-                entry.operation, KVOperation.PUT
-            )
-            return KVEntry(entry.key, entry.value or b"", int(entry.revision), operation)
+    async def _subscribe(self, pattern: str, feed: _WatchFeed) -> Any:
+        """asyncio side: start the watch's ordered consumer, feeding ``feed``."""
+        subscription = await self._js.subscribe(
+            self._prefix + pattern,
+            stream=self._stream,
+            ordered_consumer=True,
+            deliver_policy=js_api.DeliverPolicy.LAST_PER_SUBJECT,
+            inactive_threshold=WATCH_INACTIVE_THRESHOLD,
+        )
+        try:
+            feed.attach(subscription._sub)
+            # nats-py's flow control check reads the queue through this copy.
+            subscription._pending_queue = feed
+            info = await subscription.consumer_info()
+        except BaseException:
+            await subscription.unsubscribe()
+            raise
+        if info.num_pending == 0 and subscription._sub._received == 0:
+            feed.finish_snapshot()  # nothing to load
+        return subscription
 
-        async def pump() -> None:
-            """asyncio side: move entries from nats-py's watcher into the Trio buffer."""
-            in_snapshot = True
-            while True:
-                entry = await watcher._updates.get()
-                if entry is None:
-                    in_snapshot = False
-                    snapshot_done.set()
-                    continue
-                if not hasattr(entry, "key"):
-                    buffer.close()
-                    return
-                converted = convert(entry)
-                if in_snapshot:
-                    if converted.operation is KVOperation.PUT:
-                        snapshot.append(converted)
-                    else:
-                        snapshot[:] = [e for e in snapshot if e.key != converted.key]
-                else:
-                    buffer.push(converted)
+    async def _wait_for_snapshot(self, feed: _WatchFeed, pattern: str) -> None:
+        """Wait until the snapshot is complete, however long it takes while entries
+        keep arriving.
 
-        with single_exceptions():
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(trio_asyncio.aio_as_trio(pump, loop=self._transport._loop))
-                try:
-                    with _mapped_errors("KV watch"), trio.fail_after(30):
-                        await snapshot_done.wait()
-                    yield KVWatch(snapshot, buffer)
-                finally:
-                    nursery.cancel_scope.cancel()
-                    buffer.close()
-                    with trio.CancelScope(shield=True):
-                        await self._stop_watcher(watcher, pattern)
+        :raises TransportError: no entry arrived for :data:`SNAPSHOT_STALL_TIMEOUT`.
+        """
+        seen = feed.received
+        while not feed.loaded.is_set():
+            with trio.move_on_after(SNAPSHOT_STALL_TIMEOUT):
+                await feed.loaded.wait()
+            if feed.loaded.is_set():
+                return
+            if feed.received == seen:
+                logger.warning(
+                    "the KV watch on %r got no entry for %g s while loading (%d so far)",
+                    pattern,
+                    SNAPSHOT_STALL_TIMEOUT,
+                    seen,
+                )
+                raise TransportError(
+                    f"KV watch on {pattern!r}: its snapshot stalled "
+                    f"(no entry for {SNAPSHOT_STALL_TIMEOUT:g} s)"
+                )
+            seen = feed.received
 
-    async def _stop_watcher(self, watcher: Any, pattern: str) -> None:
+    async def _stop_watcher(self, subscription: Any, pattern: str) -> None:
         """Withdraw a watch's consumer at the server; a failure is logged."""
         if self._transport._nc.is_closed:
             return
         try:
-            await self._transport._aio("KV unwatch", watcher.stop, timeout=CLOSE_TIMEOUT)
+            await self._transport._aio(
+                "KV unwatch", subscription.unsubscribe, timeout=CLOSE_TIMEOUT
+            )
         except TransportError as exc:
             logger.warning("stopping the KV watch on %r failed: %s", pattern, exc)

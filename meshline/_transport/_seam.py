@@ -170,6 +170,16 @@ class KVWatch:
         self._buffer = buffer
         self._last_revision = max((entry.revision for entry in snapshot), default=0)
 
+    def take_snapshot(self) -> list[KVEntry]:
+        """Return :attr:`snapshot` and let go of it (it is empty afterwards).
+
+        A watch lives as long as its consumer follows it; taking the snapshot lets
+        a large one be freed once it was loaded. A wrapper around another watch
+        should override this to take the inner watch's snapshot too.
+        """
+        snapshot, self.snapshot = self.snapshot, []
+        return snapshot
+
     def __aiter__(self) -> Self:
         return self
 
@@ -265,8 +275,17 @@ class KeyValue(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def purge(self, key: str) -> None:
-        """Remove ``key`` and its history. Never fails for an absent key."""
+    async def purge(self, key: str, *, revision: int | None = None) -> None:
+        """Remove ``key`` and its history, only if its latest revision is ``revision``
+        when one is given.
+
+        Watchers see a ``PURGE`` entry. The purge marker itself does not accumulate:
+        it expires after a while (a minute), after which the key leaves no trace, so
+        a bucket with heavy churn stays as small as its live keys. Purging an absent
+        key without ``revision`` is not an error.
+
+        :raises RevisionMismatchError: ``revision`` was given and is not the latest.
+        """
 
     @abc.abstractmethod
     async def keys(self) -> list[str]:

@@ -363,9 +363,9 @@ class _FaultyKeyValue(KeyValue):
         await self._faults._gate("delete")
         await self._inner.delete(key, revision=revision)
 
-    async def purge(self, key: str) -> None:
+    async def purge(self, key: str, *, revision: int | None = None) -> None:
         await self._faults._gate("purge")
-        await self._inner.purge(key)
+        await self._inner.purge(key, revision=revision)
 
     async def keys(self) -> list[str]:
         await self._faults._gate()
@@ -391,6 +391,10 @@ class _FaultyWatch(KVWatch):
         self._faults = faults
         self._generation = faults._cut_generation
         self._held: KVEntry | None = None
+
+    def take_snapshot(self) -> list[KVEntry]:
+        self._inner.take_snapshot()
+        return super().take_snapshot()
 
     async def _next_raw(self) -> KVEntry:
         if self._held is None:
