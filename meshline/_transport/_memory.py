@@ -11,6 +11,7 @@ due, and a watcher waits no longer than the bucket's next deadline, so watchers 
 
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
 from collections.abc import AsyncIterator, Callable
@@ -33,11 +34,14 @@ from ._seam import (
     KeyValue,
     KVEntry,
     KVOperation,
+    KVStorage,
     KVWatch,
     Message,
     Subscription,
     Transport,
     check_data,
+    check_replicas,
+    check_storage,
     check_timeout,
     check_ttl,
 )
@@ -46,6 +50,11 @@ __all__ = ["MemoryHub", "MemoryTransport", "open_memory_transport"]
 
 PUBLISH_FAIRNESS_INTERVAL = 128
 """``publish`` yields to the scheduler at least once per this many calls."""
+
+ROUTE_CACHE_SIZE = 4096
+"""Subjects whose matching subscriptions a hub remembers (least recently used go
+first). Every request's reply goes to a subject of its own, so an unbounded cache
+would grow by one entry per request."""
 
 LIMIT_MARKER_SECONDS = 60.0
 """How long the marker left by an expired key lives, like NATS's limit markers."""
@@ -83,7 +92,9 @@ class MemoryHub:
 
     def __init__(self) -> None:
         self._subscriptions: list[_HubSubscription] = []
-        self._routes: dict[str, list[list[_HubSubscription]]] = {}
+        self._routes: collections.OrderedDict[str, list[list[_HubSubscription]]] = (
+            collections.OrderedDict()
+        )
         self._queue_turn = itertools.count()
         self._buckets: dict[str, _Bucket] = {}
         self._transport_ids = itertools.count(1)
@@ -99,8 +110,11 @@ class MemoryHub:
 
     def _route(self, subject: str) -> list[list[_HubSubscription]]:
         """Group the subscriptions matching ``subject``: one group per queue, one per plain sub."""
-        routes = self._routes.get(subject)
-        if routes is None:
+        cache = self._routes
+        routes = cache.get(subject)
+        if routes is not None:
+            cache.move_to_end(subject)
+        else:
             tokens = tuple(subject.split("."))
             queues: dict[str, list[_HubSubscription]] = {}
             routes = []
@@ -111,7 +125,9 @@ class MemoryHub:
                     else:
                         queues.setdefault(sub.queue, []).append(sub)
             routes.extend(queues.values())
-            self._routes[subject] = routes
+            cache[subject] = routes
+            if len(cache) > ROUTE_CACHE_SIZE:
+                cache.popitem(last=False)
         return routes
 
     def _publish(self, message: Message) -> int:
@@ -251,8 +267,18 @@ class MemoryTransport(Transport):
     def pending_requests(self) -> int:
         return len(self._waiters)
 
-    async def key_value(self, bucket: str) -> KeyValue:
+    async def key_value(
+        self, bucket: str, *, replicas: int | None = None, storage: KVStorage | None = None
+    ) -> KeyValue:
+        """Open the hub's bucket ``bucket``, creating it if needed.
+
+        The hub is a single in-process "server": ``replicas`` and ``storage`` are
+        validated as NATS would take them, then have no effect (there is one copy,
+        in memory, whatever they say).
+        """
         validate_bucket(bucket)
+        check_replicas(replicas)
+        check_storage(storage)
         await trio.lowlevel.checkpoint()
         self._check_open()
         return _MemoryKeyValue(self.hub._bucket(bucket), self)

@@ -44,7 +44,6 @@ import nats.errors
 import nats.js.client
 import nats.js.errors
 import trio
-import trio_asyncio
 from nats.js import api as js_api
 from nats.protocol import command as nats_command
 
@@ -69,11 +68,14 @@ from ._seam import (
     KeyValue,
     KVEntry,
     KVOperation,
+    KVStorage,
     KVWatch,
     Message,
     Subscription,
     Transport,
     check_data,
+    check_replicas,
+    check_storage,
     check_timeout,
     check_ttl,
 )
@@ -82,6 +84,21 @@ from ._timer import DeadlineTimer
 __all__ = ["NatsTransport", "open_nats_transport"]
 
 logger = logging.getLogger("meshline.transport")
+
+
+def _trio_asyncio() -> Any:
+    """trio-asyncio, imported on first use.
+
+    Importing trio-asyncio patches asyncio for the whole process (its event loop
+    policy, ``new_event_loop``, ``get_running_loop``...), so that a later
+    ``asyncio.run()`` runs on trio-asyncio's loop. meshline imports it only once a
+    NATS transport is opened, and leaves asyncio alone in a process that never
+    opens one (the memory transport needs no asyncio at all).
+    """
+    import trio_asyncio
+
+    return trio_asyncio
+
 
 T = TypeVar("T")
 
@@ -93,6 +110,20 @@ PUBLISH_FAIRNESS_INTERVAL = 128
 
 LIMIT_MARKER_TTL = 60
 """Seconds that the server-placed marker for an expired key lives (JetStream)."""
+
+AUTO_REPLICAS = 3
+"""Replicas of a new KV bucket when none were asked for, where JetStream can place
+them: a cluster of at least 3 JetStream servers. Elsewhere a bucket gets 1."""
+
+BUCKET_OPEN_TIMEOUT = 30.0
+"""Seconds that opening a KV bucket may take: a few JetStream API calls, and in a
+cluster the placement of a new stream's replicas."""
+
+_STREAM_NOT_FOUND = 10059
+_STREAM_NAME_IN_USE = 10058
+_NO_ROOM_FOR_REPLICAS = (10005, 10023, 10074)
+"""JetStream cannot place that many replicas: no suitable peers, insufficient
+resources, or a server without clustering ("replicas > 1 not supported")."""
 
 _WRONG_LAST_SEQUENCE = (10071, 10164)
 
@@ -396,7 +427,14 @@ class NatsTransport(Transport):
     and subscriptions resume once it is back.
     """
 
-    def __init__(self, nc: Any, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        nc: Any,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        kv_replicas: int | None = None,
+        kv_storage: KVStorage = "file",
+    ) -> None:
         _check_nats_internals(nc)
         _install_fast_dispatch(nc)
         self._nc = nc
@@ -409,6 +447,8 @@ class NatsTransport(Transport):
         self._js: Any = nc.jetstream()
         self._timer = DeadlineTimer()
         self._since_yield = 0
+        self._kv_replicas = check_replicas(kv_replicas)
+        self._kv_storage: KVStorage = check_storage(kv_storage) or "file"
 
     @property
     def connected(self) -> bool:
@@ -421,7 +461,8 @@ class NatsTransport(Transport):
         """Run one asyncio coroutine function (one bridge crossing), errors mapped."""
         with _mapped_errors(what):
             with trio.fail_after(timeout):
-                return await trio_asyncio.aio_as_trio(function, loop=self._loop)(*args)  # type: ignore[no-any-return]
+                adapted = _trio_asyncio().aio_as_trio(function, loop=self._loop)
+                return await adapted(*args)  # type: ignore[no-any-return]
 
     async def _start(self) -> None:
         self._inbox_prefix = self._nc.new_inbox() + "."
@@ -612,26 +653,171 @@ class NatsTransport(Transport):
     def pending_requests(self) -> int:
         return len(self._waiters)
 
-    async def key_value(self, bucket: str) -> KeyValue:
-        validate_bucket(bucket)
-        self._check_open()
-        js = self._js
+    async def key_value(
+        self, bucket: str, *, replicas: int | None = None, storage: KVStorage | None = None
+    ) -> KeyValue:
+        """Open the KV bucket ``bucket`` (the JetStream stream ``KV_<bucket>``),
+        creating it if needed.
 
-        async def create() -> bool:
+        ``replicas`` and ``storage`` default to the transport's ``kv_replicas`` and
+        ``kv_storage`` (see :func:`open_nats_transport`). With ``replicas`` None, a
+        new bucket gets :data:`AUTO_REPLICAS` replicas, or 1 where JetStream cannot
+        place that many (a single server, a cluster of fewer servers).
+
+        An existing bucket is opened as it is, except that one with fewer replicas
+        than asked for is raised to that many (JetStream changes a stream's
+        replication in place); if the server refuses, the bucket is used as it is,
+        with a warning when ``replicas`` was given. Replication is never lowered.
+        Storage cannot change in place: a bucket kept in the other storage is used
+        with a warning.
+
+        :raises InvalidArgumentError: a bad bucket name, ``replicas`` or ``storage``.
+        :raises TransportError: the server cannot create the bucket (for example
+            ``replicas`` more than the cluster can place), or did not answer.
+        """
+        validate_bucket(bucket)
+        replicas = check_replicas(replicas)
+        storage = check_storage(storage)
+        self._check_open()
+        if replicas is None:
+            replicas = self._kv_replicas
+        direct = await self._aio(
+            "open KV bucket",
+            self._open_bucket,
+            bucket,
+            replicas,
+            storage or self._kv_storage,
+            timeout=BUCKET_OPEN_TIMEOUT,
+        )
+        return _NatsKeyValue(self, bucket, direct)
+
+    async def _jetstream_api(self, subject: str, payload: bytes = b"") -> dict[str, Any]:
+        """asyncio side: one JetStream API request (``$JS.API.<subject>``), its answer.
+
+        :raises _JetStreamError: the answer is an error (its code kept).
+        """
+        msg = await self._nc.request(f"$JS.API.{subject}", payload, timeout=JS_TIMEOUT)
+        try:
+            answer = msgspec.json.decode(msg.data)
+        except msgspec.MsgspecError as exc:
+            raise TransportError(f"malformed JetStream answer: {msg.data[:200]!r}") from exc
+        if not isinstance(answer, dict):
+            raise TransportError(f"malformed JetStream answer: {msg.data[:200]!r}")
+        error = answer.get("error")
+        if isinstance(error, dict):
+            raise _JetStreamError(int(error.get("err_code", 0)), str(error.get("description")))
+        return answer
+
+    async def _stream_config(self, stream: str) -> dict[str, Any] | None:
+        """asyncio side: the configuration of ``stream`` as the server sent it, or
+        None if there is no such stream."""
+        try:
+            info = await self._jetstream_api(f"STREAM.INFO.{stream}")
+        except _JetStreamError as exc:
+            if exc.err_code == _STREAM_NOT_FOUND:
+                return None
+            raise TransportError(
+                f"reading the configuration of {stream} failed (error {exc.err_code})"
+            ) from exc
+        config = info.get("config")
+        if not isinstance(config, dict):
+            raise TransportError(f"JetStream stream info without a configuration for {stream}")
+        return config
+
+    async def _open_bucket(self, bucket: str, replicas: int | None, storage: KVStorage) -> bool:
+        """asyncio side: open or create ``bucket``, with the settings that
+        :meth:`key_value` describes; returns whether it allows direct gets."""
+        stream = f"KV_{bucket}"
+        config = await self._stream_config(stream)
+        if config is None:
+            config = await self._create_bucket(bucket, replicas, storage)
+        if config is None:
+            raise TransportError(f"KV bucket {bucket!r} vanished right after it was created")
+        await self._reconcile_bucket(bucket, config, replicas, storage)
+        return bool(config.get("allow_direct"))
+
+    async def _create_bucket(
+        self, bucket: str, replicas: int | None, storage: KVStorage
+    ) -> dict[str, Any] | None:
+        """asyncio side: create ``bucket``; its configuration once it exists (also
+        when another client created it first, with whatever settings it chose)."""
+        count = AUTO_REPLICAS if replicas is None else replicas
+        while True:
             try:
-                await js.create_key_value(
+                await self._js.create_key_value(
                     js_api.KeyValueConfig(
-                        bucket=bucket, history=1, limit_marker_ttl=LIMIT_MARKER_TTL
+                        bucket=bucket,
+                        history=1,
+                        limit_marker_ttl=LIMIT_MARKER_TTL,
+                        replicas=count,
+                        storage=js_api.StorageType(storage),
                     )
                 )
-            except nats.js.errors.BadRequestError:
-                # The stream exists with a different configuration: bind to it as is.
-                await js.stream_info(f"KV_{bucket}")
-            info = await js.stream_info(f"KV_{bucket}")
-            return bool(info.config.allow_direct)
+            except nats.js.errors.APIError as exc:
+                if exc.err_code == _STREAM_NAME_IN_USE:
+                    break  # created meanwhile, with other settings
+                if exc.err_code in _NO_ROOM_FOR_REPLICAS and count > 1:
+                    if replicas is None:
+                        logger.info(
+                            "KV bucket %r: JetStream cannot place %d replicas (%s); "
+                            "creating it with 1",
+                            bucket,
+                            count,
+                            exc.description,
+                        )
+                        count = 1
+                        continue
+                    raise TransportError(
+                        f"KV bucket {bucket!r}: JetStream cannot place {count} replicas: "
+                        f"{exc.description} (error {exc.err_code})"
+                    ) from exc
+                raise
+            logger.info("created KV bucket %r: %d replica(s), %s storage", bucket, count, storage)
+            break
+        return await self._stream_config(f"KV_{bucket}")
 
-        direct = await self._aio("open KV bucket", create)
-        return _NatsKeyValue(self, bucket, direct)
+    async def _reconcile_bucket(
+        self, bucket: str, config: dict[str, Any], replicas: int | None, storage: KVStorage
+    ) -> None:
+        """asyncio side: bring an existing bucket's replication up to ``replicas``
+        (:data:`AUTO_REPLICAS` if None, where the cluster can place them); warn
+        about settings that cannot change. Failures are logged: the bucket is used."""
+        have_storage = config.get("storage", "file")
+        if have_storage != storage:
+            logger.warning(
+                "KV bucket %r keeps its %s storage (%s was asked for): JetStream cannot "
+                "change a stream's storage; recreate the bucket to change it",
+                bucket,
+                have_storage,
+                storage,
+            )
+        have = int(config.get("num_replicas") or 1)
+        wanted = AUTO_REPLICAS if replicas is None else replicas
+        if have >= wanted:
+            if replicas is not None and have > replicas:
+                logger.debug(
+                    "KV bucket %r keeps its %d replicas (%d asked for): meshline never "
+                    "lowers a bucket's replication",
+                    bucket,
+                    have,
+                    replicas,
+                )
+            return
+        raised = {**config, "num_replicas": wanted}
+        try:
+            await self._jetstream_api(f"STREAM.UPDATE.KV_{bucket}", msgspec.json.encode(raised))
+        except _JetStreamError as exc:
+            quiet = replicas is None and exc.err_code in _NO_ROOM_FOR_REPLICAS
+            logger.log(
+                logging.DEBUG if quiet else logging.WARNING,
+                "KV bucket %r keeps %d replica(s), not %d: %s",
+                bucket,
+                have,
+                wanted,
+                exc,
+            )
+            return
+        logger.info("KV bucket %r: replicas raised from %d to %d", bucket, have, wanted)
 
     async def aclose(self) -> None:
         if self._closed:
@@ -755,13 +941,20 @@ async def open_nats_transport(
     name: str | None = None,
     connect_timeout: float = 5.0,
     reconnect_wait: float = 0.25,
+    kv_replicas: int | None = None,
+    kv_storage: KVStorage = "file",
     **nats_options: Any,
 ) -> AsyncIterator[NatsTransport]:
     """Connect to NATS and yield a transport; close it on exit.
 
     ``servers`` is one URL or a list (a cluster). The connection retries forever
     after it was once established, waiting ``reconnect_wait`` seconds between
-    attempts. Extra keyword arguments go to :func:`nats.connect` unchanged, except
+    attempts on one server. When the server it is connected to goes away, it moves
+    on to the next server of the list (and of the servers the cluster announced),
+    so it fails over to a surviving server of a cluster; list several servers, so
+    that even the first connect survives one being down. By default the list is
+    shuffled (nats-py's ``dont_randomize=False``), spreading clients over the
+    servers. Extra keyword arguments go to :func:`nats.connect` unchanged, except
     ``error_cb``, ``disconnected_cb``, ``reconnected_cb`` and ``closed_cb`` (async
     functions): meshline keeps its own and calls these after them.
 
@@ -774,17 +967,30 @@ async def open_nats_transport(
     ``-ERR`` such as revoked credentials; the transport is then useless and
     :attr:`~NatsTransport.connected` stays False).
 
-    This opens a trio-asyncio loop for the connection's lifetime. The first connect
+    ``kv_replicas`` and ``kv_storage`` are the defaults for the KV buckets this
+    transport creates (see :meth:`NatsTransport.key_value`): replicas 1 to 5, or
+    None for 3 where the cluster has at least 3 JetStream servers, else 1; storage
+    ``"file"`` or ``"memory"``. They are checked before connecting
+    (:class:`~meshline.InvalidArgumentError`).
+
+    This opens a trio-asyncio loop for the connection's lifetime; trio-asyncio is
+    imported here, not when meshline is (it patches asyncio for the whole process).
+    The first connect
     must succeed within ``connect_timeout``, else :class:`~meshline.TransportError`.
     Leaving the block (even by cancellation) closes the connection, shielded, within
     5 seconds.
     """
 
+    kv_replicas = check_replicas(kv_replicas)
+    kv_storage = check_storage(kv_storage) or "file"
+    server_list = [servers] if isinstance(servers, str) else list(servers)
+    if not server_list:
+        raise InvalidArgumentError("servers must name at least one NATS server")
     callbacks = _ConnectionCallbacks(
         {name: nats_options.pop(name, None) for name in _ConnectionCallbacks.NAMES}
     )
     options: dict[str, Any] = {
-        "servers": [servers] if isinstance(servers, str) else list(servers),
+        "servers": server_list,
         "name": name,
         "connect_timeout": connect_timeout,
         "reconnect_time_wait": reconnect_wait,
@@ -793,11 +999,12 @@ async def open_nats_transport(
         **callbacks.options(),
     }
     options.update(nats_options)
+    trio_asyncio = _trio_asyncio()
     with single_exceptions():
         async with trio_asyncio.open_loop() as loop:
             with _mapped_errors("connect"), trio.fail_after(connect_timeout * 2 + 1):
                 nc = await trio_asyncio.aio_as_trio(nats.connect)(**options)
-            transport = NatsTransport(nc, loop)
+            transport = NatsTransport(nc, loop, kv_replicas=kv_replicas, kv_storage=kv_storage)
             callbacks.transport = transport
             try:
                 async with trio.open_nursery() as nursery:

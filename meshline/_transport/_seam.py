@@ -12,7 +12,7 @@ import logging
 import math
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Self
+from typing import Literal, Self
 
 import attrs
 import trio
@@ -220,6 +220,32 @@ def check_data(data: bytes) -> bytes:
     if not isinstance(data, bytes | bytearray | memoryview):
         raise InvalidArgumentError(f"message data must be bytes, not {type(data).__name__}")
     return bytes(data)
+
+
+KVStorage = Literal["file", "memory"]
+"""Where a KV bucket's server keeps its data: on disk, or in memory only."""
+
+MAX_REPLICAS = 5
+"""The most replicas a JetStream stream (so a KV bucket) can have."""
+
+
+def check_replicas(replicas: int | None) -> int | None:
+    """Validate a KV bucket's replica count: 1 to :data:`MAX_REPLICAS`, or None
+    (automatic)."""
+    if replicas is None:
+        return None
+    if isinstance(replicas, bool) or not isinstance(replicas, int):
+        raise InvalidArgumentError(f"replicas must be an int, got {replicas!r}")
+    if not 1 <= replicas <= MAX_REPLICAS:
+        raise InvalidArgumentError(f"replicas must be between 1 and {MAX_REPLICAS}, got {replicas}")
+    return replicas
+
+
+def check_storage(storage: KVStorage | None) -> KVStorage | None:
+    """Validate a KV bucket's storage: ``"file"``, ``"memory"`` or None (the default)."""
+    if storage is None or storage == "file" or storage == "memory":
+        return storage
+    raise InvalidArgumentError(f'storage must be "file" or "memory", got {storage!r}')
 
 
 class KeyValue(abc.ABC):
@@ -436,8 +462,19 @@ class Transport(abc.ABC):
         """How many requests are waiting for a reply right now."""
 
     @abc.abstractmethod
-    async def key_value(self, bucket: str) -> KeyValue:
-        """Open the KV bucket ``bucket``, creating it if needed (per-key TTL enabled)."""
+    async def key_value(
+        self, bucket: str, *, replicas: int | None = None, storage: KVStorage | None = None
+    ) -> KeyValue:
+        """Open the KV bucket ``bucket``, creating it if needed (per-key TTL enabled).
+
+        ``replicas`` (1 to 5) and ``storage`` (``"file"`` or ``"memory"``) apply when
+        the bucket is created; None takes the transport's defaults (for NATS, the
+        ``kv_replicas`` and ``kv_storage`` of :func:`~meshline.open_nats_transport`).
+        How an existing bucket with other settings is treated is up to the transport.
+
+        :raises InvalidArgumentError: a bad bucket name, ``replicas`` or ``storage``.
+        :raises TransportError: the server cannot create or open the bucket.
+        """
 
     @abc.abstractmethod
     async def aclose(self) -> None:

@@ -23,6 +23,7 @@ from .._transport._seam import (
     ConnectionEventKind,
     KeyValue,
     KVEntry,
+    KVStorage,
     KVWatch,
     Message,
     Subscription,
@@ -322,11 +323,14 @@ class FaultyTransport(Transport):
         """The inner transport's pending requests (none wait in the gate)."""
         return self.inner.pending_requests
 
-    async def key_value(self, bucket: str) -> KeyValue:
+    async def key_value(
+        self, bucket: str, *, replicas: int | None = None, storage: KVStorage | None = None
+    ) -> KeyValue:
         """The inner bucket, wrapped so that its operations and watches pass the
         fault gate. Opening it waits while stalled and raises while cut."""
         await self._gate()
-        return _FaultyKeyValue(await self.inner.key_value(bucket), self)
+        inner = await self.inner.key_value(bucket, replicas=replicas, storage=storage)
+        return _FaultyKeyValue(inner, self)
 
     async def aclose(self) -> None:
         """Stop forwarding the inner transport's connection events. The inner

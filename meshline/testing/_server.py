@@ -9,6 +9,7 @@ and scripts want it outside any event loop.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -20,6 +21,7 @@ import time
 import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from .._errors import MeshlineError
 
@@ -154,6 +156,26 @@ class NatsServer:
             if time.monotonic() > deadline:
                 raise NatsServerError(f"nats-server not ready in {timeout} s:\n{self.log_tail()}")
             time.sleep(0.02)
+
+    def stream_details(self) -> dict[str, dict[str, Any]]:
+        """Every JetStream stream this server holds a copy of, by name, as its
+        monitoring endpoint (``/jsz``) reports it: ``config``, ``state`` (this
+        server's own copy: ``messages``, ``last_seq``, ``num_subjects``...) and, in
+        a cluster, ``cluster`` (``leader``: the name of the server leading it).
+
+        :raises NatsServerError: the server is not running or did not answer.
+        """
+        url = f"http://127.0.0.1:{self.monitor_port}/jsz?accounts=true&streams=true&config=true"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                report = json.load(response)
+        except (OSError, ValueError) as exc:
+            raise NatsServerError(f"{self.name}: /jsz failed: {exc}") from exc
+        return {
+            stream["name"]: stream
+            for account in report.get("account_details") or ()
+            for stream in account.get("stream_detail") or ()
+        }
 
     def log_tail(self, lines: int = 30) -> str:
         try:
