@@ -107,6 +107,16 @@ FULL = Profile(
     rate_total=32_000,
     rounds=3,
 )
+TINY = Profile(
+    "tiny",
+    open_sizes=(300,),
+    baseline_open_sizes=(300,),
+    cleanup_sizes=(200,),
+    rate_nodes=(1, 2),
+    rate_total=400,
+    rounds=1,
+)
+"""For ``tests/test_scale_benchmark.py``: every code path, in seconds."""
 QUICK = Profile(
     "quick",
     open_sizes=(10_000, 100_000),
@@ -450,7 +460,9 @@ def summarize(profile: Profile, results: dict[str, Any]) -> dict[str, Any]:
         )
     table.row("get_client", open_cells("live", "get_us", fmt_us))
     table.row("count_clients_for_node", open_cells("live", "count_us", fmt_us))
-    table.row(f"list_clients_for_node ({PER_NODE:,})", open_cells("live", "list_node_us", fmt_us))
+    table.row(
+        f"list_clients_for_node (up to {PER_NODE:,})", open_cells("live", "list_node_us", fmt_us)
+    )
     table.row("list_clients (all)", open_cells("live", "list_all_us", fmt_us))
 
     cleanups = results["cleanup"]
@@ -533,9 +545,12 @@ def run_simulation(nodes: int, clients: int, ttl: int) -> dict[str, Any]:
             continue
         print(f"{phase:<10} {figures['virtual_s']:>8.2f}s {figures['wall_s']:>8.2f}s")
     print(
-        f"orphaned={result['orphaned']} (of {clients}) false_orphans={result['false_orphans']}"
-        f" log_records={json.dumps(result.get('log_records', {}))}"
+        f"orphaned={result['orphaned']} (of {clients:,}) "
+        f"false_orphans={result['false_orphans']} replica_reloads={result['replica_reloads']}"
     )
+    for phase, records in result["log_records"].items():
+        for message, count in records.items():
+            print(f"  log, {phase}: {count} x {message}")
     return result
 
 
@@ -545,6 +560,7 @@ def run_simulation(nodes: int, clients: int, ttl: int) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes; about a minute")
+    parser.add_argument("--tiny", action="store_true", help="tiny sizes, for the smoke test")
     parser.add_argument("--rounds", type=int, default=None, help="rounds per figure")
     parser.add_argument("--json", type=Path, help="write every figure to this file")
     parser.add_argument("--svg", type=Path, help="draw the growth curves into this file")
@@ -578,15 +594,17 @@ def main() -> None:
             args.json.write_text(json.dumps(output, indent=1))
         return
 
-    profile = QUICK if args.quick else FULL
+    profile = TINY if args.tiny else QUICK if args.quick else FULL
     if args.rounds:
         profile = attrs.evolve(profile, rounds=args.rounds)
     results = run_benchmark(profile)
     meta["profile"] = profile.name
     meta["rounds"] = profile.rounds
+    methods = sorted({entry["fill"].get("method", "?") for entry in results["open"]})
     print(
         f"profile {profile.name}, {profile.rounds} round(s), meshline sources "
-        f"{meta['meshline_sources']}, {meta['machine']}"
+        f"{meta['meshline_sources']}, {meta['machine']}; buckets filled by "
+        f"{' and '.join(methods)} writes"
     )
     last = summarize(profile, results)
     output = {**meta, **results, "summary": last}
