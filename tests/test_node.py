@@ -287,7 +287,7 @@ async def test_timeout_cancels_the_remote_handler(
         with trio.fail_after(5):
             await stall.cancelled.wait()
         assert caller.transport.pending_requests == 0
-        assert not target.node._running
+        assert target.node.handlers_running == 0
 
 
 async def test_caller_cancellation_cancels_the_remote_handler(
@@ -310,7 +310,7 @@ async def test_caller_cancellation_cancels_the_remote_handler(
             await stall.cancelled.wait()
         assert caller.transport.pending_requests == 0
         with trio.fail_after(5):
-            await wait_until(lambda: not target.node._running)
+            await wait_until(lambda: target.node.handlers_running == 0)
 
 
 async def test_request_fails_fast_when_the_target_dies_midway(
@@ -469,4 +469,4 @@ async def test_handler_outliving_its_timeout_is_cancelled_without_a_cancel_messa
         assert not stall.cancelled.is_set()
         with trio.fail_after(10):
             await stall.cancelled.wait()
-        assert not target.node._running
+        assert target.node.handlers_running == 0

@@ -36,35 +36,28 @@ operations = st.lists(
 )
 
 
-class PartitionableKV:
-    """A node's view of the bucket whose writes can be cut off for a while, as a
-    network partition (or a long pause) would: they wait until it heals."""
+PARTITIONED_WRITES = ("put", "create", "update", "delete")
 
-    def __init__(self, kv: meshline.KeyValue) -> None:
-        self._kv = kv
-        self._healed = trio.Event()
-        self._healed.set()
 
-    def partition(self, nursery: trio.Nursery, seconds: float) -> None:
-        self._healed = trio.Event()
-        healed = self._healed
+class Partitions:
+    """Cuts nodes off from the bucket for a while, as a network partition (or a long
+    pause) would: their writes wait until it heals. A node cut off again before it
+    healed stays cut off until the later partition heals."""
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+        self._generations: dict[int, int] = {}
+
+    def cut_off(self, node: RunningNode, seconds: float) -> None:
+        generation = self._generations[node.id] = self._generations.get(node.id, 0) + 1
+        node.faults.hang_kv_writes(operations=PARTITIONED_WRITES)
 
         async def heal() -> None:
             await trio.sleep(seconds)
-            healed.set()
+            if self._generations[node.id] == generation:
+                node.faults.heal_kv_writes()
 
-        nursery.start_soon(heal)
-
-    def __getattr__(self, name: str) -> Any:
-        attribute = getattr(self._kv, name)
-        if name not in ("put", "create", "update", "delete"):
-            return attribute
-
-        async def write(*args: Any, **kwargs: Any) -> Any:
-            await self._healed.wait()
-            return await attribute(*args, **kwargs)
-
-        return write
+        self._nursery.start_soon(heal)
 
 
 async def scenario(steps: list[tuple[str, Any]]) -> None:
@@ -86,11 +79,14 @@ async def scenario(steps: list[tuple[str, Any]]) -> None:
         open_mesh(lambda: meshline.open_memory_transport(hub), "props") as mesh,
         trio.open_nursery() as healers,
     ):
+        partitions = Partitions(healers)
         running: list[RunningNode] = []
+        can_lead: set[int] = set()
         for kind, argument in steps:
             if kind == "start":
                 node = await mesh.start(ttl=TTL, can_lead=argument)
-                node.node._kv = PartitionableKV(node.node._kv)  # type: ignore[assignment]
+                if argument:
+                    can_lead.add(node.id)
                 node.node.add_leader_duty(record_terms(node.id))
                 seen_ids.append(node.id)
                 running.append(node)
@@ -98,8 +94,7 @@ async def scenario(steps: list[tuple[str, Any]]) -> None:
                 victim = running.pop(argument % len(running))
                 await (victim.stop() if kind == "stop" else victim.crash())
             elif kind == "partition" and running:
-                cut_off = running[argument % len(running)].node._kv
-                cut_off.partition(healers, 0.5 + argument * 0.25)  # type: ignore[attr-defined]
+                partitions.cut_off(running[argument % len(running)], 0.5 + argument * 0.25)
             elif kind == "wait":
                 await trio.sleep(argument)
             assert sum(node.node.is_leader for node in running) <= 1
@@ -108,7 +103,7 @@ async def scenario(steps: list[tuple[str, Any]]) -> None:
         for node in running:
             assert node.node.alive_nodes() == alive
         leaders = {node.node.leader_id for node in running}
-        candidates = {node.id for node in running if node.node._can_lead}
+        candidates = {node.id for node in running} & can_lead
         if candidates:
             assert len(leaders) == 1
             (leader,) = leaders

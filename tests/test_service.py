@@ -205,7 +205,7 @@ async def test_caller_cancellation_cancels_the_delivery(
         with trio.fail_after(5):
             await wait_until(lambda: owner.cancelled == ["c"])
         assert caller.service.node.transport.pending_requests == 0
-        assert not owner.service.node._running
+        assert owner.service.node.handlers_running == 0
 
 
 class StaleOnce:

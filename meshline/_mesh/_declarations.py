@@ -1,4 +1,5 @@
-"""Declared request and broadcast types: a wire name bound to Python types.
+"""Declared request and broadcast types: a wire name bound to Python types; and the
+handlers registered for them.
 
 Declaring a type once and passing the declaration to both sides lets a type checker
 see that the sender's data, the handler's parameter and the reply all agree, and lets
@@ -8,13 +9,22 @@ into msgspec's generic values (dicts, lists, strings, numbers).
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 import attrs
 
 from .._transport._names import check_name
 
-__all__ = ["BroadcastType", "RequestType", "resolve_name"]
+__all__ = [
+    "BroadcastType",
+    "Handler",
+    "RequestType",
+    "call_handler",
+    "qualified_name",
+    "resolve_name",
+]
 
 RequestT = TypeVar("RequestT")
 ResponseT = TypeVar("ResponseT")
@@ -74,3 +84,31 @@ def resolve_name(kind: str | RequestType[Any, Any] | BroadcastType[Any]) -> str:
     if len(_checked_names) < _CHECKED_NAMES_LIMIT:
         _checked_names.add(name)
     return name
+
+
+class Handler:
+    """A registered handler and the type its data decodes into."""
+
+    __slots__ = ("data_type", "function", "is_async")
+
+    def __init__(self, function: Callable[..., Any], data_type: Any) -> None:
+        self.function = function
+        self.data_type = data_type
+        self.is_async = inspect.iscoroutinefunction(function)
+        """Known coroutine functions are awaited directly; anything else goes
+        through :func:`call_handler`, which also copes with plain functions."""
+
+
+async def call_handler(function: Callable[..., Any], *args: Any) -> Any:
+    """Call a handler that may be a plain function or a coroutine function."""
+    result = function(*args)
+    if inspect.isawaitable(result):
+        result = await result
+    return result
+
+
+def qualified_name(exc: BaseException) -> str:
+    """The name of ``exc``'s class as error replies carry it (builtins unqualified)."""
+    cls = type(exc)
+    module = cls.__module__
+    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"

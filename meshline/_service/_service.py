@@ -26,8 +26,8 @@ from .._errors import (
     PayloadError,
     RemoteHandlerError,
 )
-from .._mesh._declarations import BroadcastType, resolve_name
-from .._mesh._node import DEFAULT_REQUEST_TIMEOUT, Node, _qualified_name, open_node
+from .._mesh._declarations import BroadcastType, qualified_name, resolve_name
+from .._mesh._node import DEFAULT_REQUEST_TIMEOUT, Node, open_node_in_namespace
 from .._mesh._wire import decode_payload, encode_payload
 from .._registry._core import (
     ClientRecord,
@@ -217,7 +217,7 @@ class ClientService(Generic[MetadataT]):
                 result = await self._client_invoke(client_id, name, decoded, timeout)
             except Exception as exc:
                 raise ClientInvocationError(
-                    client_id, self._node.id, _qualified_name(exc), str(exc)
+                    client_id, self._node.id, qualified_name(exc), str(exc)
                 ) from exc
         if scope.cancelled_caught:
             raise MeshRequestTimeoutError(self._node.id, name, timeout)
@@ -261,7 +261,7 @@ async def open_client_service(
     the mesh.
     """
     async with (
-        open_node(transport, key, _namespace=SERVICE_NAMESPACE, **node_options) as node,
+        open_node_in_namespace(transport, key, SERVICE_NAMESPACE, **node_options) as node,
         open_client_registry(
             node,
             backend=backend,
