@@ -404,7 +404,7 @@ def cell_or_failure(value: str, runs: list[dict[str, Any]]) -> str:
     return failure(runs) or value
 
 
-def summarize(profile: Profile, results: dict[str, Any]) -> dict[str, Any]:
+def summarize(results: dict[str, Any]) -> dict[str, Any]:
     """Print the table; return the figures of the last line."""
     table = Table()
     opens = results["open"]
@@ -606,7 +606,7 @@ def main() -> None:
         f"{meta['meshline_sources']}, {meta['machine']}; buckets filled by "
         f"{' and '.join(methods)} writes"
     )
-    last = summarize(profile, results)
+    last = summarize(results)
     output = {**meta, **results, "summary": last}
     if library_fingerprint() != meta["meshline_sources"]:
         print("WARNING: meshline's sources changed during the run; figures may mix versions")
