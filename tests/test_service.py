@@ -261,6 +261,50 @@ async def test_a_client_that_moved_mid_flight_is_rerouted_once(
             await caller.service.invoke("ghost", "notify", "hello")
 
 
+class CountingReads:
+    """A backend that counts the service's reads of one client. Without ``local`` it
+    hides ``lookup``, as a backend without a local replica would."""
+
+    def __init__(self, backend: meshline.MemoryRegistryBackend, *, local: bool) -> None:
+        self._backend = backend
+        self._local = local
+        self.lookups = 0
+        self.gets = 0
+
+    async def get_client(self, client_id: str) -> meshline.ClientRecord | None:
+        self.gets += 1
+        return await self._backend.get_client(client_id)
+
+    def __getattr__(self, name: str) -> Any:
+        if name != "lookup":
+            return getattr(self._backend, name)
+        if not self._local:
+            raise AttributeError(name)
+
+        def lookup(client_id: str) -> meshline.ClientRecord | None:
+            self.lookups += 1
+            return self._backend.lookup(client_id)
+
+        return lookup
+
+
+async def test_invoke_reads_a_local_replica_where_the_backend_has_one(
+    open_transport: OpenTransport, unique: Callable[[str], str], clock: object
+) -> None:
+    shared = meshline.MemoryRegistryBackend()
+    async with open_cluster(open_transport, unique("lookup")) as cluster:
+        owner = await cluster.start(backend=shared)
+        await owner.service.register_client("c", {})
+        for local in (True, False):
+            reads = CountingReads(shared, local=local)
+            caller = await cluster.start(backend=reads)
+            await cluster.converged(caller, owner)
+            reads.gets = 0
+            assert (await caller.service.invoke("c", "notify", None))["node"] == owner.id
+            assert (reads.lookups, reads.gets) == ((1, 0) if local else (0, 1))
+            await caller.stop()
+
+
 async def test_broadcast_and_exit_cleanup(
     open_transport: OpenTransport, unique: Callable[[str], str]
 ) -> None:

@@ -39,7 +39,9 @@ __all__ = [
     "MAX_CLIENT_ID_BYTES",
     "ClientRecord",
     "ClientRegistry",
+    "LocalLookup",
     "ReassertOutcome",
+    "Reloadable",
     "RegisteredClient",
     "Registration",
     "RegistryBackend",
@@ -229,6 +231,31 @@ class RegistryBackend(Protocol):
     async def node_ids(self) -> set[int]:
         """The nodes that own at least one registration (from an index where the
         store has one: it should not cost a listing of every registration)."""
+        ...
+
+
+@runtime_checkable
+class LocalLookup(Protocol):
+    """A backend that keeps a local replica of the registrations, and can answer for
+    one client without I/O.
+
+    The client service routes invokes through :meth:`lookup` when the backend
+    implements it, and through ``get_client`` otherwise.
+    """
+
+    def lookup(self, client_id: str) -> ClientRecord | None:
+        """The registration of ``client_id`` in the replica, or None: ``get_client``
+        without the checkpoint. The replica may lag the store a little."""
+        ...
+
+
+@runtime_checkable
+class Reloadable(Protocol):
+    """A backend that follows the store through a watch, which it can reload."""
+
+    def request_reload(self) -> None:
+        """Drop the current watch and load again from a fresh one. Called when the
+        transport reconnects, since a watch opened before an outage may stay silent."""
         ...
 
 

@@ -37,6 +37,7 @@ from ._core import (
     ReassertOutcome,
     RegisteredClient,
     RegistryBackend,
+    Reloadable,
     now_ms,
 )
 from ._kv import open_kv_registry_backend
@@ -477,10 +478,8 @@ async def open_client_registry(
             registry._wake.set()
 
     def on_connection(event: ConnectionEvent) -> None:
-        if event.kind is ConnectionEventKind.RECONNECTED:
-            reload = getattr(backend, "request_reload", None)
-            if callable(reload):
-                reload()
+        if event.kind is ConnectionEventKind.RECONNECTED and isinstance(backend, Reloadable):
+            backend.request_reload()
 
     async def keep_asserting() -> None:
         while True:

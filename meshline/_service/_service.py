@@ -31,6 +31,7 @@ from .._mesh._node import DEFAULT_REQUEST_TIMEOUT, Node, open_node_in_namespace
 from .._mesh._wire import decode_payload, encode_payload
 from .._registry._core import (
     ClientRecord,
+    LocalLookup,
     MetadataT,
     Registration,
     RegistryBackend,
@@ -77,9 +78,9 @@ class ClientService(Generic[MetadataT]):
         self._node = node
         self._registry = registry
         self._client_invoke = client_invoke
-        lookup = getattr(registry.backend, "lookup", None)
+        backend = registry.backend
         self._local_lookup: Callable[[str], ClientRecord | None] | None = (
-            lookup if callable(lookup) else None
+            backend.lookup if isinstance(backend, LocalLookup) else None
         )
 
     @property
@@ -203,7 +204,7 @@ class ClientService(Generic[MetadataT]):
 
     async def _lookup(self, client_id: str) -> ClientRecord | None:
         """The client's registration; a plain dictionary lookup when the backend
-        keeps a local replica (``lookup``), else the backend's ``get_client``."""
+        keeps a local replica (:class:`LocalLookup`), else the backend's ``get_client``."""
         if self._local_lookup is not None:
             return self._local_lookup(client_id)
         return await self._registry.backend.get_client(client_id)
