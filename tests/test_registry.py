@@ -260,14 +260,18 @@ class ScriptedKV(KeyValue):
     async def keys(self) -> list[str]:
         return await self.inner.keys()
 
-    def watch(self, pattern: str = ">") -> AbstractAsyncContextManager[KVWatch]:
-        return self._watch(pattern)
+    def watch(
+        self, pattern: str = ">", *, on_snapshot: Callable[[KVEntry], None] | None = None
+    ) -> AbstractAsyncContextManager[KVWatch]:
+        return self._watch(pattern, on_snapshot)
 
     @asynccontextmanager
-    async def _watch(self, pattern: str) -> AsyncIterator[KVWatch]:
+    async def _watch(
+        self, pattern: str, on_snapshot: Callable[[KVEntry], None] | None
+    ) -> AsyncIterator[KVWatch]:
         if self.refuse_watch is not None:
             raise self.refuse_watch
-        async with self.inner.watch(pattern) as inner:
+        async with self.inner.watch(pattern, on_snapshot=on_snapshot) as inner:
             self.watches_opened += 1
             watch = ScriptedWatch(inner, self, self.watches_opened)
             self.watches.append(watch)
@@ -483,3 +487,27 @@ async def test_kv_writes_confirm_with_the_server_when_the_replica_says_no() -> N
         assert await stale.unregister("reconnected", 1, token=2) is True
         for client_id in ("moved", "reincarnated", "reconnected"):
             assert await kv.get(_key(client_id)) is None
+
+
+async def test_a_replica_reloads_from_scratch_when_the_stream_was_recreated(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A bucket lost and created again starts its revisions over: its snapshot,
+    loaded entry by entry, must replace what the replica knew, not lose to it."""
+    async with scripted_backends() as (kv, backend, other):
+        for index in range(10):
+            await other.register(f"before {index}", 2, b"")
+        await eventually(lambda: backend.lookup("before 9") is not None)
+        async with meshline.open_memory_transport() as transport:
+            recreated = await transport.key_value("recreated")
+            # The same client, at a revision lower than the one the replica knew.
+            await meshline.KVRegistryBackend(recreated).register("before 9", 3, b"new")
+            kv.inner = recreated
+            backend.request_reload()
+            await eventually(lambda: len(kv.watches) >= 2)
+            await eventually(lambda: backend.lookup("before 0") is None)
+            record = backend.lookup("before 9")
+            assert record is not None and (record.node_id, record.metadata) == (3, b"new")
+            assert await backend.list_clients() == [record]
+            assert await backend.node_ids() == {3}
+            assert backend.watch_failures == 0

@@ -13,12 +13,14 @@ appear when the watch delivers them (usually within a millisecond or two).
 Churn leaves nothing behind: a registration is removed by a conditional purge, whose
 marker expires a minute later, so a bucket holds its live registrations and the last
 minute's removals, and a fresh replica loads in time linear in that. The replica
-keeps one entry per client (the record and its revision) and an index by node;
-it does not keep the snapshot it was loaded from.
+is loaded from the watch's snapshot entry by entry, without a copy of the snapshot,
+and keeps per client only its stored value (decoded when read), its revision and
+its node, with an index by node.
 """
 
 from __future__ import annotations
 
+import binascii
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
@@ -35,16 +37,17 @@ from .._errors import (
     TransportClosedError,
     TransportError,
 )
-from .._transport._names import decode_token, encode_bounded_token, encode_token
+from .._transport._names import SHORT_TOKEN_BYTES, encode_bounded_token, encode_token
 from .._transport._seam import KeyValue, KVEntry, KVOperation, KVWatch, Transport
 from .._util import single_exceptions
-from ._core import ClientRecord, ReassertOutcome, fenced, now_ms, owned
+from ._core import DECODE_BATCH, ClientRecord, ReassertOutcome, fenced, now_ms, owned
 
 __all__ = ["KVRegistryBackend", "open_kv_registry_backend", "registry_bucket"]
 
 logger = logging.getLogger("meshline.registry")
 
 _PREFIX = "c."
+_SHORT_PREFIX = _PREFIX + "b"
 
 _WATCH_RETRY = 0.5
 """Seconds before a failed replica watch is reopened."""
@@ -54,8 +57,8 @@ WRITES_IN_FLIGHT = 64
 records a reloaded snapshot lacks) keeps in flight at once."""
 
 _LOAD_BATCH = 2_000
-"""Snapshot entries loaded between two checkpoints, so a large load does not hold
-up the node's other tasks (its heartbeat among them)."""
+"""Entries of a snapshot given as a list (:meth:`KVRegistryBackend.load`) loaded
+between two checkpoints, so a large load does not hold up the node's other tasks."""
 
 T = TypeVar("T")
 
@@ -87,6 +90,26 @@ def _key(client_id: str) -> str:
     return _PREFIX + encode_token(client_id, "client id")
 
 
+_URL_SAFE = bytes.maketrans(b"+/", b"-_")
+_FROM_URL_SAFE = bytes.maketrans(b"-_", b"+/")
+
+
+def _is_key_of(key: str, client_id: str) -> bool:
+    """Whether ``key`` is :func:`_key` of ``client_id``: checked for every value
+    that comes in, so the common case (a short id) skips the name checks."""
+    try:
+        raw = client_id.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    if 0 < len(raw) <= SHORT_TOKEN_BYTES:
+        token = binascii.b2a_base64(raw, newline=False).rstrip(b"=").translate(_URL_SAFE)
+        return key == _SHORT_PREFIX + token.decode("ascii")
+    try:
+        return key == _key(client_id)
+    except InvalidNameError:
+        return False
+
+
 def _stored(record: ClientRecord) -> bytes:
     """The value stored for ``record``."""
     return _encode(
@@ -101,7 +124,7 @@ def _stored(record: ClientRecord) -> bytes:
     )
 
 
-def _record(key: str, value: bytes) -> ClientRecord:
+def _verified(key: str, value: bytes) -> _Stored:
     """The registration stored as ``value`` under ``key``.
 
     :raises PayloadError: ``value`` is not a registration, or one of another key.
@@ -110,12 +133,12 @@ def _record(key: str, value: bytes) -> ClientRecord:
         stored = _decoder.decode(value)
     except msgspec.MsgspecError as exc:
         raise PayloadError(f"registry key {key!r} holds something else: {exc}") from None
-    try:
-        matches = _key(stored.client_id) == key
-    except InvalidNameError:
-        matches = False
-    if not matches:
+    if not _is_key_of(key, stored.client_id):
         raise PayloadError(f"registry key {key!r} holds the registration of another key")
+    return stored
+
+
+def _record(stored: _Stored) -> ClientRecord:
     return ClientRecord(
         stored.client_id,
         stored.node_id,
@@ -124,6 +147,14 @@ def _record(key: str, value: bytes) -> ClientRecord:
         stored.token,
         stored.incarnation,
     )
+
+
+_Held = tuple[int, int, bytes]
+"""A replica entry: (revision, node id, the stored value, checked when it came in)."""
+
+
+def _held_record(held: _Held) -> ClientRecord:
+    return _record(_decoder.decode(held[2]))
 
 
 def _is_hashed(key: str) -> bool:
@@ -161,6 +192,10 @@ async def _for_each(
         raise failures[0]
 
 
+class _StaleReplica(Exception):
+    """The bucket's stream was recreated: what the replica knew no longer holds."""
+
+
 class KVRegistryBackend:
     """A :class:`~meshline.RegistryBackend` on a KV bucket, with a local replica.
 
@@ -171,21 +206,25 @@ class KVRegistryBackend:
 
     def __init__(self, kv: KeyValue) -> None:
         self._kv = kv
-        self._records: dict[str, tuple[int, ClientRecord]] = {}
-        """Replica: client id -> (revision, record)."""
+        self._records: dict[str, _Held] = {}
+        """Replica: client id -> (revision, node id, stored value)."""
         self._gone: dict[str, int] = {}
         """Client id -> revision of a removal the watch may not have passed yet, to
         refuse stale news of a client the replica no longer holds."""
-        self._by_node: dict[int, set[str]] = {}
+        self._by_node: dict[int, dict[str, None]] = {}
+        """Node id -> its client ids (a dict: smaller than a set)."""
+        self._node_ids: dict[int, int] = {}
+        """One int object per node id, shared by all its entries."""
         self._hashed: dict[str, str] = {}
         """Key -> client id, for the long ids whose key is a hash (a deletion names
         only the key)."""
         self._watch_revision = 0
         self._loads = 0
         """How many snapshots were loaded, to tell writes that straddle a reload."""
-        self._loading = False
         self._present: set[str] | None = None
-        """While a snapshot loads: the client ids it (or the live watch) spoke of."""
+        """While a snapshot loads: the client ids it spoke of (and own writes)."""
+        self._revision_before_load = 0
+        self._newest_loaded = 0
         self._watch_scope: trio.CancelScope | None = None
         self.watch_failures = 0
         """How many times the replica's watch failed and was reopened."""
@@ -197,36 +236,52 @@ class KVRegistryBackend:
         held = self._records.get(client_id)
         return held[0] if held is not None else self._gone.get(client_id, 0)
 
-    def _set(self, client_id: str, revision: int, record: ClientRecord | None) -> None:
+    def _current(self, client_id: str) -> tuple[int, ClientRecord] | None:
+        held = self._records.get(client_id)
+        return None if held is None else (held[0], _held_record(held))
+
+    def _put(self, client_id: str, revision: int, node_id: int, value: bytes) -> None:
+        node_id = self._node_ids.setdefault(node_id, node_id)
         old = self._records.get(client_id)
-        if old is not None and (record is None or old[1].node_id != record.node_id):
-            clients = self._by_node.get(old[1].node_id)
-            if clients is not None:
-                clients.discard(client_id)
-                if not clients:
-                    del self._by_node[old[1].node_id]
-        if record is None:
-            if old is not None:
-                del self._records[client_id]
-            return
-        self._records[client_id] = (revision, record)
-        if old is None or old[1].node_id != record.node_id:
-            self._by_node.setdefault(record.node_id, set()).add(client_id)
+        self._records[client_id] = (revision, node_id, value)
+        if old is not None:
+            if old[1] == node_id:
+                return
+            self._unindex(client_id, old[1])
+        self._by_node.setdefault(node_id, {})[client_id] = None
+
+    def _drop(self, client_id: str) -> None:
+        old = self._records.pop(client_id, None)
+        if old is not None:
+            self._unindex(client_id, old[1])
+
+    def _unindex(self, client_id: str, node_id: int) -> None:
+        clients = self._by_node.get(node_id)
+        if clients is not None:
+            clients.pop(client_id, None)
+            if not clients:
+                del self._by_node[node_id]
+                del self._node_ids[node_id]
 
     def _client_of(self, key: str) -> str | None:
-        """The client id ``key`` names, if the replica can tell."""
-        if not key.startswith(_PREFIX):
-            return None
+        """The client id ``key`` names, if the replica holds or just removed it."""
         if _is_hashed(key):
             return self._hashed.get(key)
-        try:
-            return decode_token(key[len(_PREFIX) :])
-        except InvalidNameError:
+        if not key.startswith(_SHORT_PREFIX):
             return None
+        try:
+            raw = key[len(_SHORT_PREFIX) :].encode("ascii").translate(_FROM_URL_SAFE)
+            # Lenient: a malformed key decodes to something the check below refuses.
+            client_id = binascii.a2b_base64(raw + b"==").decode("utf-8")
+        except (binascii.Error, UnicodeError):
+            return None
+        if client_id not in self._records and client_id not in self._gone:
+            return None  # nothing to forget (the common case for old markers)
+        return client_id if _is_key_of(key, client_id) else None
 
-    def _apply_local(self, key: str, revision: int, record: ClientRecord) -> None:
+    def _apply_local(self, key: str, revision: int, stored: _Stored, value: bytes) -> None:
         """Apply a write this backend just made, unless newer news already arrived."""
-        client_id = record.client_id
+        client_id = stored.client_id
         if self._present is not None:
             self._present.add(client_id)
         if revision <= self._watch_revision or revision <= self._known(client_id):
@@ -234,18 +289,20 @@ class KVRegistryBackend:
         self._gone.pop(client_id, None)
         if _is_hashed(key):
             self._hashed[key] = client_id
-        self._set(client_id, revision, record)
+        self._put(client_id, revision, stored.node_id, value)
 
-    async def _landed(self, key: str, revision: int, record: ClientRecord, loads: int) -> None:
-        """Apply a write that landed at ``revision``, sent when :attr:`_loads` was
-        ``loads``.
+    async def _landed(
+        self, key: str, revision: int, record: ClientRecord, value: bytes, loads: int
+    ) -> None:
+        """Apply a write of ``value`` that landed at ``revision``, sent when
+        :attr:`_loads` was ``loads``.
 
         If a snapshot was loaded meanwhile, the write's own answer may be older than
         what that snapshot left out (a deletion, say) and must not be applied: the
         key is read from the server again instead.
         """
         if loads == self._loads:
-            self._apply_local(key, revision, record)
+            self._apply_local(key, revision, _decoder.decode(value), value)
         else:
             await self._recheck(key, record.client_id)
 
@@ -264,16 +321,16 @@ class KVRegistryBackend:
             return
         if loads != self._loads:
             return
-        record = None if entry is None else self._decode(key, entry.value)
-        if record is not None and entry is not None:
-            self._apply_local(key, entry.revision, record)
+        stored = None if entry is None else self._decode(key, entry.value)
+        if stored is not None and entry is not None:
+            self._apply_local(key, entry.revision, stored, entry.value)
         elif before is not None:
             self._forget_local(client_id, before[0])
 
-    def _decode(self, key: str, value: bytes) -> ClientRecord | None:
+    def _decode(self, key: str, value: bytes) -> _Stored | None:
         """The registration stored as ``value``; None, logged, if it is not one."""
         try:
-            return _record(key, value)
+            return _verified(key, value)
         except PayloadError as exc:
             logger.warning("%s; the replica leaves it out (not a registration)", exc)
             return None
@@ -283,55 +340,69 @@ class KVRegistryBackend:
         current = self._records.get(client_id)
         if current is not None and current[0] == deleted_revision:
             self._gone[client_id] = deleted_revision
-            self._set(client_id, deleted_revision, None)
+            self._drop(client_id)
 
     def _apply_watched(self, entry: KVEntry) -> None:
         if entry.revision > self._watch_revision:
             self._watch_revision = entry.revision
         key = entry.key
-        record = None
         if entry.operation is KVOperation.PUT:
-            record = self._decode(key, entry.value)
-        client_id = record.client_id if record is not None else self._client_of(key)
-        if client_id is None:
+            stored = self._decode(key, entry.value)
+            if stored is not None:
+                client_id = stored.client_id
+                if self._present is not None:
+                    self._present.add(client_id)
+                if entry.revision <= self._known(client_id):
+                    return
+                self._gone.pop(client_id, None)
+                if _is_hashed(key):
+                    self._hashed[key] = client_id
+                self._put(client_id, entry.revision, stored.node_id, entry.value)
+                return
+        gone = self._client_of(key)
+        if gone is None or entry.revision <= self._known(gone):
             return
-        if self._present is not None:
-            self._present.add(client_id)
-        if entry.revision <= self._known(client_id):
-            return
-        if record is not None:
-            self._gone.pop(client_id, None)
-            if _is_hashed(key):
-                self._hashed[key] = client_id
-            self._set(client_id, entry.revision, record)
-            return
-        # Removed, or replaced by something that is not a registration.
-        if self._loading or entry.operation is KVOperation.PUT:
-            # Snapshot entries still to load are older: keep refusing them.
-            self._gone[client_id] = entry.revision
+        if entry.operation is KVOperation.PUT:
+            # Replaced by something that is not a registration: refuse older news.
+            self._gone[gone] = entry.revision
         else:
-            self._gone.pop(client_id, None)  # the watch is ordered: nothing older comes
+            self._gone.pop(gone, None)  # the watch is ordered: nothing older comes
         self._hashed.pop(key, None)
-        self._set(client_id, entry.revision, None)
+        self._drop(gone)
 
-    def _begin_load(self, snapshot: list[KVEntry]) -> None:
+    def _load_entry(self, entry: KVEntry) -> None:
+        """One entry of a snapshot being loaded (the watch's ``on_snapshot``)."""
+        if entry.revision > self._newest_loaded:
+            self._newest_loaded = entry.revision
+        self._apply_watched(entry)
+
+    def _begin_load(self) -> None:
         self._loads += 1
-        newest = max((entry.revision for entry in snapshot), default=0)
-        if snapshot and newest < self._watch_revision:
-            # Every revision is older than what was seen before: the stream was
-            # recreated (its data lost), so nothing known about it holds any more.
-            self._records.clear()
-            self._gone.clear()
-            self._by_node.clear()
-            self._hashed.clear()
-            self._watch_revision = 0
-        self._loading = True
         self._present = set()
+        self._revision_before_load = self._watch_revision
+        self._newest_loaded = 0
+
+    def _clear(self) -> None:
+        self._records.clear()
+        self._gone.clear()
+        self._by_node.clear()
+        self._node_ids.clear()
+        self._hashed.clear()
+        self._watch_revision = 0
 
     def _end_load(self) -> list[str]:
+        """Finish a load; return the client ids the replica holds that the snapshot
+        lacks.
+
+        :raises _StaleReplica: every revision in the snapshot was older than what
+            was seen before: the stream was recreated (its data lost), so the
+            replica was cleared, to be loaded again.
+        """
         present = self._present if self._present is not None else set()
-        self._loading = False
         self._present = None
+        if 0 < self._newest_loaded < self._revision_before_load:
+            self._clear()
+            raise _StaleReplica("the registry's stream was recreated")
         # What the watch has passed cannot come again: no need to remember removals.
         watched = self._watch_revision
         self._gone = {client: gone for client, gone in self._gone.items() if gone > watched}
@@ -340,25 +411,43 @@ class KVRegistryBackend:
         return [client_id for client_id in records if client_id not in present]
 
     async def load(self, snapshot: list[KVEntry]) -> list[str]:
-        """Merge a watch snapshot into the replica; return the client ids the replica
-        holds that the snapshot lacks, for the caller to check with the server.
+        """Merge a watch snapshot given as a list into the replica; return the
+        client ids the replica holds that the snapshot lacks, for the caller to
+        check with the server.
 
         A snapshot taken right after a server restart can be short while JetStream
         recovers its stream, so absence from it alone removes nothing. The load
-        checkpoints every few thousand entries; changes the watch delivers meanwhile
-        may be applied concurrently (they are newer than any snapshot entry).
-        Cancelled, it leaves a partly merged replica that the next load completes.
+        checkpoints every few thousand entries. Cancelled, it leaves a partly merged
+        replica that the next load completes.
         """
-        self._begin_load(snapshot)
+        newest = max((entry.revision for entry in snapshot), default=0)
+        if newest and newest < self._watch_revision:
+            self._clear()  # the stream was recreated
+        self._begin_load()
         try:
-            for index, entry in enumerate(snapshot):
-                self._apply_watched(entry)
-                if index % _LOAD_BATCH == _LOAD_BATCH - 1:
+            for index, entry in enumerate(snapshot, start=1):
+                self._load_entry(entry)
+                if index % _LOAD_BATCH == 0:
                     await trio.lowlevel.checkpoint()
             await trio.lowlevel.checkpoint()
         finally:
             missing = self._end_load()
         return missing
+
+    @asynccontextmanager
+    async def _loaded_watch(self) -> AsyncIterator[tuple[KVWatch, list[str]]]:
+        """Open a watch, loading its snapshot into the replica entry by entry as it
+        arrives; yield it with the client ids the snapshot lacked."""
+        self._begin_load()
+        try:
+            async with self._kv.watch(_PREFIX + ">", on_snapshot=self._load_entry) as watch:
+                for entry in watch.take_snapshot():  # empty unless the bucket collected one
+                    self._load_entry(entry)
+                missing = self._end_load()
+                yield watch, missing
+        finally:
+            if self._present is not None:
+                self._present = None  # the load did not finish
 
     async def _confirm_absent(self, client_ids: list[str]) -> None:
         """Drop from the replica each client the server no longer holds."""
@@ -372,10 +461,6 @@ class KVRegistryBackend:
 
         await _for_each(client_ids, check)
 
-    async def _follow_changes(self, watch: KVWatch) -> None:
-        async for entry in watch:
-            self._apply_watched(entry)
-
     def request_reload(self) -> None:
         """Drop the current watch and load the replica again from a fresh one.
 
@@ -388,11 +473,11 @@ class KVRegistryBackend:
     async def follow(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Keep the replica current until cancelled.
 
-        Each watch's snapshot is merged into the replica (see :meth:`load`) while
-        the changes after it are applied as they come, and the watch lets go of
-        the snapshot once it is loaded. Keys the snapshot lacks are checked with
-        the server. A watch that fails, overflows or ends is logged, counted in
-        :attr:`watch_failures` and reopened after a short pause.
+        Each watch's snapshot is merged into the replica as it arrives, without a
+        copy of it; clients the snapshot lacks are checked with the server (a
+        snapshot right after a server restart can be short). A watch that fails,
+        overflows or ends is logged, counted in :attr:`watch_failures` and
+        reopened after a short pause.
         Only a closed transport ends this task (or a failure before the first load,
         which is raised to the caller of ``start``).
         """
@@ -401,21 +486,20 @@ class KVRegistryBackend:
             with trio.CancelScope() as scope:
                 self._watch_scope = scope
                 try:
-                    async with self._kv.watch(_PREFIX + ">") as watch:
-                        with single_exceptions():
-                            async with trio.open_nursery() as nursery:
-                                snapshot = watch.take_snapshot()
-                                nursery.start_soon(self._follow_changes, watch)
-                                missing = await self.load(snapshot)
-                                del snapshot
-                                if not started:
-                                    started = True
-                                    task_status.started()
-                                if missing:
-                                    await self._confirm_absent(missing)
+                    async with self._loaded_watch() as (watch, missing):
+                        if not started:
+                            started = True
+                            task_status.started()
+                        if missing:
+                            await self._confirm_absent(missing)
+                        async for entry in watch:
+                            self._apply_watched(entry)
                     raise TransportError("the watch ended")
                 except TransportClosedError:
                     raise
+                except _StaleReplica:
+                    logger.warning("registry replica: the stream was recreated; reloading")
+                    continue
                 except Exception as exc:
                     if not started:
                         raise
@@ -443,10 +527,10 @@ class KVRegistryBackend:
         entry = await self._kv.get(key)
         if entry is None:
             return None
-        record = _record(key, entry.value)
+        stored = _verified(key, entry.value)
         if loads == self._loads:
-            self._apply_local(key, entry.revision, record)
-        return entry.revision, record
+            self._apply_local(key, entry.revision, stored, entry.value)
+        return entry.revision, _record(stored)
 
     async def register(
         self,
@@ -460,19 +544,19 @@ class KVRegistryBackend:
         key = _key(client_id)
         record = ClientRecord(client_id, node_id, now_ms(), metadata, token, incarnation)
         value = _stored(record)
-        current = self._records.get(client_id)
+        current = self._current(client_id)
         while True:
             loads = self._loads
             try:
                 if current is None:
                     revision = await self._kv.create(key, value)
-                    await self._landed(key, revision, record, loads)
+                    await self._landed(key, revision, record, value, loads)
                     return None
                 revision = await self._kv.update(key, value, revision=current[0])
             except (KeyExistsError, RevisionMismatchError):
                 current = await self._read(key)
                 continue
-            await self._landed(key, revision, record, loads)
+            await self._landed(key, revision, record, value, loads)
             previous = current[1].node_id
             return None if previous == node_id else previous
 
@@ -480,7 +564,7 @@ class KVRegistryBackend:
         self, client_id: str, node_id: int, metadata: bytes, *, token: int, incarnation: int
     ) -> ReassertOutcome:
         key = _key(client_id)
-        current = self._records.get(client_id)
+        current = self._current(client_id)
         if (
             current is None
             or not owned(current[1], node_id, token)
@@ -497,8 +581,9 @@ class KVRegistryBackend:
                     record = ClientRecord(
                         client_id, node_id, now_ms(), metadata, token, incarnation
                     )
-                    revision = await self._kv.create(key, _stored(record))
-                    await self._landed(key, revision, record, loads)
+                    value = _stored(record)
+                    revision = await self._kv.create(key, value)
+                    await self._landed(key, revision, record, value, loads)
                     return ReassertOutcome.RESTORED
                 stored_revision, stored = current
                 if not owned(stored, node_id, token):
@@ -508,8 +593,9 @@ class KVRegistryBackend:
                 record = ClientRecord(
                     client_id, node_id, stored.connected_at, metadata, token, incarnation
                 )
-                revision = await self._kv.update(key, _stored(record), revision=stored_revision)
-                await self._landed(key, revision, record, loads)
+                value = _stored(record)
+                revision = await self._kv.update(key, value, revision=stored_revision)
+                await self._landed(key, revision, record, value, loads)
                 return ReassertOutcome.KEPT
             except (KeyExistsError, RevisionMismatchError):
                 current = await self._read(key)
@@ -519,7 +605,7 @@ class KVRegistryBackend:
     ) -> tuple[int, ClientRecord] | None:
         """The registration if ``node_id`` owns it (under ``token``, if given),
         confirmed with the server when the replica does not show it so."""
-        current = self._records.get(client_id)
+        current = self._current(client_id)
         if current is None or not owned(current[1], node_id, token):
             current = await self._read(key)
         if current is None or not owned(current[1], node_id, token):
@@ -551,15 +637,16 @@ class KVRegistryBackend:
             record = ClientRecord(
                 client_id, node_id, old.connected_at, metadata, old.token, old.incarnation
             )
+            value = _stored(record)
             loads = self._loads
             try:
-                new_revision = await self._kv.update(key, _stored(record), revision=revision)
+                new_revision = await self._kv.update(key, value, revision=revision)
             except RevisionMismatchError:
                 current = await self._read(key)
                 if current is None or not owned(current[1], node_id, token):
                     return False
                 continue
-            await self._landed(key, new_revision, record, loads)
+            await self._landed(key, new_revision, record, value, loads)
             return True
         return False
 
@@ -568,18 +655,28 @@ class KVRegistryBackend:
         return self.lookup(client_id)
 
     def lookup(self, client_id: str) -> ClientRecord | None:
-        """``get_client`` without the checkpoint: a dictionary lookup in the replica."""
+        """``get_client`` without the checkpoint: a lookup in the replica."""
         held = self._records.get(client_id)
-        return None if held is None else held[1]
+        return None if held is None else _held_record(held)
+
+    async def _records_of(self, held: list[_Held]) -> list[ClientRecord]:
+        """Decode ``held``, checkpointing every :data:`DECODE_BATCH` entries."""
+        await trio.lowlevel.checkpoint()
+        records = []
+        for index, entry in enumerate(held, start=1):
+            records.append(_held_record(entry))
+            if index % DECODE_BATCH == 0:
+                await trio.lowlevel.checkpoint()
+        return records
 
     async def list_clients(self) -> list[ClientRecord]:
-        await trio.lowlevel.checkpoint()
-        return [record for _, record in self._records.values()]
+        return await self._records_of(list(self._records.values()))
 
     async def list_clients_for_node(self, node_id: int) -> list[ClientRecord]:
-        await trio.lowlevel.checkpoint()
         records = self._records
-        return [records[client_id][1] for client_id in self._by_node.get(node_id, ())]
+        return await self._records_of(
+            [records[client] for client in self._by_node.get(node_id, ())]
+        )
 
     async def count_clients_for_node(self, node_id: int) -> int:
         await trio.lowlevel.checkpoint()
@@ -593,7 +690,7 @@ class KVRegistryBackend:
         self, client_id: str, node_id: int, *, incarnation: int | None = None
     ) -> ClientRecord | None:
         key = _key(client_id)
-        current = self._records.get(client_id)
+        current = self._current(client_id)
         if current is None or not fenced(current[1], node_id, incarnation):
             current = await self._read(key)
         while current is not None and fenced(current[1], node_id, incarnation):
@@ -620,11 +717,10 @@ class KVRegistryBackend:
             returned.)
         """
         removed: list[ClientRecord] = []
-        records = self._records
         targets = [
-            client_id
-            for client_id in self._by_node.get(node_id, ())
-            if fenced(records[client_id][1], node_id, incarnation)
+            record.client_id
+            for record in await self.list_clients_for_node(node_id)
+            if fenced(record, node_id, incarnation)
         ]
 
         async def clean(client_id: str) -> None:

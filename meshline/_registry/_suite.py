@@ -224,6 +224,68 @@ class RegistryBackendSuite(abc.ABC):
             assert await one.count_clients_for_node(1) == 5
             assert await one.count_clients_for_node(99) == 0
 
+    async def test_node_ids_name_the_nodes_that_own_registrations(self) -> None:
+        async with self.open_backends(2) as (one, two):
+            assert await one.node_ids() == set()
+            await one.register("a", 1, b"")
+            await one.register("b", 1, b"")
+            await two.register("c", 2, b"")
+
+            async def owners(expected: set[int]) -> None:
+                async def check() -> bool:
+                    return await one.node_ids() == await two.node_ids() == expected
+
+                await self.eventually(check)
+
+            await owners({1, 2})
+            assert await one.unregister("a", 1) is True
+            await owners({1, 2})
+            assert await one.unregister("b", 1) is True
+            await owners({2})
+            assert await one.register("c", 3, b"") == 2
+            await owners({3})
+            assert [record.client_id for record in await two.cleanup_node(3)] == ["c"]
+            await owners(set())
+
+    async def test_cleanup_node_removes_each_record_exactly_once(self) -> None:
+        """Many records, some of a newer incarnation, some taken over while the
+        cleanup runs: each removed record is returned once, nothing else goes."""
+        async with self.open_backends(3) as (dead, survivor, leader):
+            old = [f"old {index}" for index in range(300)]
+            newer = [f"newer {index}" for index in range(20)]
+            for client_id in old:
+                await dead.register(client_id, 1, b"", incarnation=1)
+            for client_id in newer:
+                await dead.register(client_id, 1, b"", incarnation=2)
+
+            async def replicated() -> bool:
+                return await leader.count_clients_for_node(1) == len(old) + len(newer)
+
+            await self.eventually(replicated)
+            moving = old[::7]
+            superseded: dict[str, int | None] = {}
+            removed: list[ClientRecord] = []
+
+            async def move(client_id: str) -> None:
+                superseded[client_id] = await survivor.register(client_id, 2, b"")
+
+            async def clean_up() -> None:
+                removed.extend(await leader.cleanup_node(1, incarnation=1))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(clean_up)
+                for client_id in moving:
+                    nursery.start_soon(move, client_id)
+            removed_ids = [record.client_id for record in removed]
+            assert len(removed_ids) == len(set(removed_ids))
+            assert set(removed_ids) <= set(old)
+            assert set(old) - set(moving) <= set(removed_ids)
+            for client_id in moving:
+                assert (client_id in removed_ids) == (superseded[client_id] is None)
+            assert all(record.incarnation == 1 for record in removed)
+            remaining = {record.client_id for record in await leader.list_clients_for_node(1)}
+            assert remaining == set(newer)
+
     async def test_cleanup_removes_only_what_the_node_still_owns(self) -> None:
         async with self.open_backends(3) as (dead, other, leader):
             await dead.register("stays-dead", 1, b"orphan")

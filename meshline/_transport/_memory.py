@@ -59,6 +59,9 @@ would grow by one entry per request."""
 LIMIT_MARKER_SECONDS = 60.0
 """How long the marker left by an expired key lives, like NATS's limit markers."""
 
+_SNAPSHOT_BATCH = 2_000
+"""Snapshot entries handed to ``on_snapshot`` between two checkpoints."""
+
 PURGE_MARKER_SECONDS = 60.0
 """How long a purge marker lives, like the TTL the NATS transport gives its purges.
 
@@ -385,9 +388,14 @@ class _Bucket:
 
 class _MemoryWatch(KVWatch):
     def __init__(
-        self, snapshot: list[KVEntry], buffer: MessageBuffer[KVEntry], bucket: _Bucket
+        self,
+        snapshot: list[KVEntry],
+        buffer: MessageBuffer[KVEntry],
+        bucket: _Bucket,
+        *,
+        last_revision: int = 0,
     ) -> None:
-        super().__init__(snapshot, buffer)
+        super().__init__(snapshot, buffer, last_revision=last_revision)
         self._entries = buffer
         self._bucket = bucket
 
@@ -453,27 +461,49 @@ class _MemoryKeyValue(KeyValue):
         self._state.expire()
         return sorted(key for key in self._state.records if self._state.live(key) is not None)
 
-    def watch(self, pattern: str = ">") -> AbstractAsyncContextManager[KVWatch]:
+    def watch(
+        self, pattern: str = ">", *, on_snapshot: Callable[[KVEntry], None] | None = None
+    ) -> AbstractAsyncContextManager[KVWatch]:
         validate_key(pattern, pattern=True)
-        return self._watch(pattern)
+        return self._watch(pattern, on_snapshot)
 
     @asynccontextmanager
-    async def _watch(self, pattern: str) -> AsyncIterator[KVWatch]:
+    async def _watch(
+        self, pattern: str, on_snapshot: Callable[[KVEntry], None] | None
+    ) -> AsyncIterator[KVWatch]:
         await trio.lowlevel.checkpoint()
         self._transport._check_open()
         state = self._state
         state.expire()
         tokens = tuple(pattern.split("."))
-        snapshot = [
-            KVEntry(key, record.value, record.revision)
-            for key, record in sorted(state.records.items(), key=lambda item: item[1].revision)
-            if record.operation is KVOperation.PUT and _matches(tokens, tuple(key.split(".")))
-        ]
+        current = sorted(
+            (
+                (record.revision, key, record.value)
+                for key, record in state.records.items()
+                if record.operation is KVOperation.PUT and _matches(tokens, tuple(key.split(".")))
+            ),
+        )
         buffer: MessageBuffer[KVEntry] = MessageBuffer(DEFAULT_BUFFER, Overflow.ERROR, pattern)
         watcher = (tokens, buffer)
+        # Watching from here on: writes made while the snapshot is handed over
+        # arrive as live changes, newer than anything in it.
         state.watchers.append(watcher)
         try:
-            yield _MemoryWatch(snapshot, buffer, state)
+            if on_snapshot is None:
+                watch = _MemoryWatch(
+                    [KVEntry(key, value, revision) for revision, key, value in current],
+                    buffer,
+                    state,
+                )
+            else:
+                for index, (revision, key, value) in enumerate(current, start=1):
+                    on_snapshot(KVEntry(key, value, revision))
+                    if index % _SNAPSHOT_BATCH == 0:
+                        await trio.lowlevel.checkpoint()
+                last = current[-1][0] if current else 0
+                watch = _MemoryWatch([], buffer, state, last_revision=last)
+            del current  # the watch alone holds the snapshot, so taking it frees it
+            yield watch
         finally:
             state.watchers.remove(watcher)
             buffer.close()

@@ -1079,8 +1079,9 @@ class _WatchFeed(_QueueShim):
     The watch is a JetStream ordered consumer (last value per key, then every new
     write). Each of its messages becomes a :class:`KVEntry`: until the consumer has
     caught up (a message with nothing pending after it), entries go into
-    :attr:`snapshot`, one per key, deletions removing the key; after that, into the
-    Trio buffer. Both steps are linear in the number of messages.
+    :attr:`snapshot`, one per key, deletions removing the key (or, with
+    ``on_snapshot``, each to that function as it comes); after that, into the Trio
+    buffer. Both steps are linear in the number of messages.
 
     Messages arrive two ways. Data messages in the expected order come from the
     fast dispatch through :meth:`take`, which keeps the ordered consumer's books as
@@ -1091,24 +1092,37 @@ class _WatchFeed(_QueueShim):
     """
 
     __slots__ = (
+        "_on_snapshot",
         "_prefix_length",
         "_subscription",
         "buffer",
+        "failure",
+        "last_revision",
         "loaded",
         "loading",
         "received",
         "snapshot",
     )
 
-    def __init__(self, prefix: str, buffer: MessageBuffer[KVEntry]) -> None:
+    def __init__(
+        self,
+        prefix: str,
+        buffer: MessageBuffer[KVEntry],
+        on_snapshot: Callable[[KVEntry], None] | None = None,
+    ) -> None:
         self._prefix_length = len(prefix)
         self._subscription: Any = None
+        self._on_snapshot = on_snapshot
         self.buffer = buffer
         self.snapshot: dict[str, KVEntry] = {}
         self.loading = True
         self.loaded = trio.Event()
         self.received = 0
         """Messages received so far, to tell a slow snapshot from a stalled one."""
+        self.last_revision = 0
+        """The newest revision the snapshot spoke of."""
+        self.failure: Exception | None = None
+        """What ``on_snapshot`` raised, if it did (the snapshot then ends)."""
 
     def attach(self, subscription: Any) -> None:
         """asyncio side: take the place of ``subscription``'s queue, taking over any
@@ -1174,7 +1188,17 @@ class _WatchFeed(_QueueShim):
             if operation is not None:
                 self.buffer.push(KVEntry(key, value, sequence, operation))
             return
-        if operation is not None:
+        self.last_revision = sequence
+        if operation is None:
+            pass
+        elif self._on_snapshot is not None:
+            try:
+                self._on_snapshot(KVEntry(key, value, sequence, operation))
+            except Exception as exc:
+                self.failure = exc
+                self.finish_snapshot()
+                return
+        else:
             snapshot = self.snapshot
             # Removed first, so the snapshot stays in revision order.
             snapshot.pop(key, None)
@@ -1296,21 +1320,28 @@ class _NatsKeyValue(KeyValue):
         async with self.watch() as watch:
             return sorted(entry.key for entry in watch.snapshot)
 
-    def watch(self, pattern: str = ">") -> AbstractAsyncContextManager[KVWatch]:
+    def watch(
+        self, pattern: str = ">", *, on_snapshot: Callable[[KVEntry], None] | None = None
+    ) -> AbstractAsyncContextManager[KVWatch]:
         validate_key(pattern, pattern=True)
-        return self._watch(pattern)
+        return self._watch(pattern, on_snapshot)
 
     @asynccontextmanager
-    async def _watch(self, pattern: str) -> AsyncIterator[KVWatch]:
+    async def _watch(
+        self, pattern: str, on_snapshot: Callable[[KVEntry], None] | None
+    ) -> AsyncIterator[KVWatch]:
         self._transport._check_open()
         buffer: MessageBuffer[KVEntry] = MessageBuffer(DEFAULT_BUFFER, Overflow.ERROR, pattern)
-        feed = _WatchFeed(self._prefix, buffer)
+        feed = _WatchFeed(self._prefix, buffer, on_snapshot)
         subscription = await self._transport._aio("KV watch", self._subscribe, pattern, feed)
         try:
             await self._wait_for_snapshot(feed, pattern)
-            snapshot = list(feed.snapshot.values())
+            if feed.failure is not None:
+                raise feed.failure
+            # Held by the watch alone, so taking it from the watch frees it.
+            watch = KVWatch(list(feed.snapshot.values()), buffer, last_revision=feed.last_revision)
             feed.snapshot = {}
-            yield KVWatch(snapshot, buffer)
+            yield watch
         finally:
             buffer.close()
             with trio.CancelScope(shield=True):

@@ -165,10 +165,20 @@ class KVWatch:
     another watch (a wrapper) passes no buffer and overrides :meth:`_next_raw`.
     """
 
-    def __init__(self, snapshot: list[KVEntry], buffer: MessageBuffer[KVEntry] | None = None):
+    def __init__(
+        self,
+        snapshot: list[KVEntry],
+        buffer: MessageBuffer[KVEntry] | None = None,
+        *,
+        last_revision: int = 0,
+    ):
         self.snapshot = snapshot
         self._buffer = buffer
-        self._last_revision = max((entry.revision for entry in snapshot), default=0)
+        self._last_revision = max(
+            last_revision, max((entry.revision for entry in snapshot), default=0)
+        )
+        """Entries up to this revision are not yielded: the snapshot had them (pass
+        ``last_revision`` when the snapshot was handed over entry by entry)."""
 
     def take_snapshot(self) -> list[KVEntry]:
         """Return :attr:`snapshot` and let go of it (it is empty afterwards).
@@ -318,10 +328,21 @@ class KeyValue(abc.ABC):
         """Return every key that currently holds a value, sorted."""
 
     @abc.abstractmethod
-    def watch(self, pattern: str = ">") -> AbstractAsyncContextManager[KVWatch]:
+    def watch(
+        self, pattern: str = ">", *, on_snapshot: Callable[[KVEntry], None] | None = None
+    ) -> AbstractAsyncContextManager[KVWatch]:
         """Watch keys matching ``pattern`` (``*`` = one token, final ``>`` = the rest).
 
         Use as ``async with kv.watch() as w:``; the snapshot is loaded on entry.
+
+        With ``on_snapshot``, the snapshot is handed over instead of collected: each
+        entry that makes it up is passed to ``on_snapshot`` as it arrives, in
+        revision order, and :attr:`KVWatch.snapshot` stays empty, so a large bucket
+        loads without a second copy of it in memory. The entries may include
+        ``DELETE`` and ``PURGE`` entries, for keys that are absent or were removed
+        while the snapshot loaded. ``on_snapshot`` is a plain function called on the
+        Trio side; it must not block. If it raises, opening the watch fails with
+        its exception.
         """
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
-from collections.abc import AsyncIterator, Collection, Iterator
+from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import trio
@@ -375,13 +375,17 @@ class _FaultyKeyValue(KeyValue):
         await self._faults._gate()
         return await self._inner.keys()
 
-    def watch(self, pattern: str = ">") -> AbstractAsyncContextManager[KVWatch]:
-        return self._watch(pattern)
+    def watch(
+        self, pattern: str = ">", *, on_snapshot: Callable[[KVEntry], None] | None = None
+    ) -> AbstractAsyncContextManager[KVWatch]:
+        return self._watch(pattern, on_snapshot)
 
     @asynccontextmanager
-    async def _watch(self, pattern: str) -> AsyncIterator[KVWatch]:
+    async def _watch(
+        self, pattern: str, on_snapshot: Callable[[KVEntry], None] | None
+    ) -> AsyncIterator[KVWatch]:
         await self._faults._gate()
-        async with self._inner.watch(pattern) as inner:
+        async with self._inner.watch(pattern, on_snapshot=on_snapshot) as inner:
             yield _FaultyWatch(inner, self._faults)
 
 
