@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar, overload
+from typing import Any, TypedDict, TypeVar, overload
 
 import trio
 
@@ -48,6 +48,7 @@ __all__ = [
     "DEFAULT_TTL",
     "MembershipEvents",
     "Node",
+    "NodeOptions",
     "mesh_names",
     "open_node",
     "open_node_in_namespace",
@@ -58,6 +59,18 @@ DEFAULT_TTL = 2
 
 DEFAULT_REQUEST_TIMEOUT = 5.0
 """Seconds a node request waits for its answer unless told otherwise."""
+
+
+class NodeOptions(TypedDict, total=False):
+    """The keyword options of :func:`open_node`, for layers that pass them on."""
+
+    ttl: int
+    heartbeat_interval: float | None
+    can_lead: bool
+    max_concurrent_handlers: int
+    buffer: int
+    shutdown_timeout: float
+
 
 RequestT = TypeVar("RequestT")
 ResponseT = TypeVar("ResponseT")

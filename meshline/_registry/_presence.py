@@ -19,8 +19,8 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from typing import Any, Generic
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any, Generic, overload
 
 import attrs
 import trio
@@ -313,6 +313,41 @@ async def _call_hook(hook: Callable[..., Any], name: str, *args: Any) -> None:
         logger.exception("%s hook failed", name)
 
 
+@overload
+def open_client_registry(
+    node: Node,
+    *,
+    backend: RegistryBackend | None = None,
+    metadata_type: type[MetadataT],
+    on_orphaned: OrphanHandler | None = None,
+    on_restored: RestoredHandler | None = None,
+    reassert_interval: float = 10.0,
+) -> AbstractAsyncContextManager[NodeClientRegistry[MetadataT]]: ...
+
+
+@overload
+def open_client_registry(
+    node: Node,
+    *,
+    backend: RegistryBackend | None = None,
+    on_orphaned: OrphanHandler | None = None,
+    on_restored: RestoredHandler | None = None,
+    reassert_interval: float = 10.0,
+) -> AbstractAsyncContextManager[NodeClientRegistry[dict[Any, Any]]]: ...
+
+
+@overload
+def open_client_registry(
+    node: Node,
+    *,
+    backend: RegistryBackend | None = None,
+    metadata_type: Any,
+    on_orphaned: OrphanHandler | None = None,
+    on_restored: RestoredHandler | None = None,
+    reassert_interval: float = 10.0,
+) -> AbstractAsyncContextManager[NodeClientRegistry[Any]]: ...
+
+
 @asynccontextmanager
 async def open_client_registry(
     node: Node,
@@ -327,7 +362,9 @@ async def open_client_registry(
 
     :param backend: where registrations live; by default the KV backend on the node's
         transport, in a bucket of the node's mesh.
-    :param metadata_type: what metadata decodes into (see :class:`ClientRegistry`).
+    :param metadata_type: what metadata decodes into (see :class:`ClientRegistry`);
+        the registry is typed after it (``NodeClientRegistry[Session]`` for
+        ``metadata_type=Session``; ``dict`` by default).
     :param on_orphaned: called on the leader as ``(dead_node_id, clients)`` with the
         registrations it removed for a dead node, in batches, as they are removed.
         A client whose metadata does not decode is still reported, with the raw

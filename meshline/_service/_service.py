@@ -10,8 +10,8 @@ carry over from the node layer.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from typing import Any, Generic
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any, Generic, Unpack, overload
 
 import msgspec
 import trio
@@ -27,7 +27,7 @@ from .._errors import (
     RemoteHandlerError,
 )
 from .._mesh._declarations import BroadcastType, qualified_name, resolve_name
-from .._mesh._node import DEFAULT_REQUEST_TIMEOUT, Node, open_node_in_namespace
+from .._mesh._node import DEFAULT_REQUEST_TIMEOUT, Node, NodeOptions, open_node_in_namespace
 from .._mesh._wire import decode_payload, encode_payload
 from .._registry._core import (
     ClientRecord,
@@ -234,6 +234,50 @@ class ClientService(Generic[MetadataT]):
         return (True, await self._client_invoke(client_id, name, data, timeout))
 
 
+@overload
+def open_client_service(
+    transport: Transport,
+    key: str,
+    *,
+    client_invoke: ClientInvoke,
+    metadata_type: type[MetadataT],
+    backend: RegistryBackend | None = None,
+    on_orphaned: OrphanHandler | None = None,
+    on_restored: RestoredHandler | None = None,
+    reassert_interval: float = 10.0,
+    **node_options: Unpack[NodeOptions],
+) -> AbstractAsyncContextManager[ClientService[MetadataT]]: ...
+
+
+@overload
+def open_client_service(
+    transport: Transport,
+    key: str,
+    *,
+    client_invoke: ClientInvoke,
+    backend: RegistryBackend | None = None,
+    on_orphaned: OrphanHandler | None = None,
+    on_restored: RestoredHandler | None = None,
+    reassert_interval: float = 10.0,
+    **node_options: Unpack[NodeOptions],
+) -> AbstractAsyncContextManager[ClientService[dict[Any, Any]]]: ...
+
+
+@overload
+def open_client_service(
+    transport: Transport,
+    key: str,
+    *,
+    client_invoke: ClientInvoke,
+    metadata_type: Any,
+    backend: RegistryBackend | None = None,
+    on_orphaned: OrphanHandler | None = None,
+    on_restored: RestoredHandler | None = None,
+    reassert_interval: float = 10.0,
+    **node_options: Unpack[NodeOptions],
+) -> AbstractAsyncContextManager[ClientService[Any]]: ...
+
+
 @asynccontextmanager
 async def open_client_service(
     transport: Transport,
@@ -245,7 +289,7 @@ async def open_client_service(
     on_orphaned: OrphanHandler | None = None,
     on_restored: RestoredHandler | None = None,
     reassert_interval: float = 10.0,
-    **node_options: Any,
+    **node_options: Unpack[NodeOptions],
 ) -> AsyncIterator[ClientService[Any]]:
     """Join the client service called ``key`` as a new node, for the block.
 
@@ -256,7 +300,8 @@ async def open_client_service(
 
     ``metadata_type``, ``backend``, ``on_orphaned``, ``on_restored`` and
     ``reassert_interval`` go to :func:`open_client_registry`; other keyword arguments
-    to :func:`open_node`.
+    to :func:`open_node`. The service is typed after ``metadata_type``
+    (``ClientService[Session]`` for ``metadata_type=Session``; ``dict`` by default).
 
     Leaving the block unregisters this node's clients (ownership-safe), then leaves
     the mesh.
@@ -272,6 +317,6 @@ async def open_client_service(
             reassert_interval=reassert_interval,
         ) as registry,
     ):
-        service: ClientService[Any] = ClientService(node, registry, client_invoke)
+        service = ClientService(node, registry, client_invoke)
         node.register_handler(_INVOKE, service._serve_invoke)
         yield service
