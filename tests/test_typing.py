@@ -113,7 +113,6 @@ def test_metadata_types_flow_through_the_service_and_the_registry(tmp_path: Path
         assert line.startswith(expected), result.stdout
 
 
-@pytest.mark.xfail(strict=True, reason="open_kv_registry_backend(_namespace=) is next")
 def test_no_private_keyword_in_a_public_signature() -> None:
     for name in dir(meshline):
         value = getattr(meshline, name)

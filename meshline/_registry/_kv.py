@@ -42,7 +42,12 @@ from .._transport._seam import KeyValue, KVEntry, KVOperation, KVWatch, Transpor
 from .._util import single_exceptions
 from ._core import DECODE_BATCH, ClientRecord, ReassertOutcome, fenced, now_ms, owned
 
-__all__ = ["KVRegistryBackend", "open_kv_registry_backend", "registry_bucket"]
+__all__ = [
+    "KVRegistryBackend",
+    "open_kv_registry_backend",
+    "open_kv_registry_backend_in_namespace",
+    "registry_bucket",
+]
 
 logger = logging.getLogger("meshline.registry")
 
@@ -734,7 +739,7 @@ class KVRegistryBackend:
 
 @asynccontextmanager
 async def open_kv_registry_backend(
-    transport: Transport, key: str, *, _namespace: str = ""
+    transport: Transport, key: str
 ) -> AsyncIterator[KVRegistryBackend]:
     """Open the KV registry backend of the mesh called ``key``, for the block.
 
@@ -742,7 +747,17 @@ async def open_kv_registry_backend(
     reads are complete at once. A task in the block's nursery keeps the replica
     current; leaving the block stops it.
     """
-    kv = await transport.key_value(registry_bucket(key, _namespace))
+    async with open_kv_registry_backend_in_namespace(transport, key, "") as backend:
+        yield backend
+
+
+@asynccontextmanager
+async def open_kv_registry_backend_in_namespace(
+    transport: Transport, key: str, namespace: str
+) -> AsyncIterator[KVRegistryBackend]:
+    """:func:`open_kv_registry_backend` for a layer built on nodes, in the bucket of
+    its ``namespace`` (see :func:`registry_bucket`). Internal to meshline."""
+    kv = await transport.key_value(registry_bucket(key, namespace))
     backend = KVRegistryBackend(kv)
     with single_exceptions():
         async with trio.open_nursery() as nursery:

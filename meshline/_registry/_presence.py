@@ -40,7 +40,7 @@ from ._core import (
     Reloadable,
     now_ms,
 )
-from ._kv import open_kv_registry_backend
+from ._kv import open_kv_registry_backend_in_namespace
 
 __all__ = ["NodeClientRegistry", "OrphanHandler", "RestoredHandler", "open_client_registry"]
 
@@ -384,8 +384,8 @@ async def open_client_registry(
     """
     check_timeout(reassert_interval)
     if backend is None:
-        async with open_kv_registry_backend(
-            node.transport, node.key, _namespace=node.namespace
+        async with open_kv_registry_backend_in_namespace(
+            node.transport, node.key, node.namespace
         ) as kv_backend:
             async with open_client_registry(
                 node,
