@@ -229,3 +229,34 @@ async def test_a_closed_registry_stops_its_cleanup_duty(
         await trio.sleep(2 * TTL)
         assert reported == []
         assert [record.client_id for record in await inner.list_clients()] == ["left behind"]
+
+
+async def test_reports_queued_when_the_registry_closes_are_still_delivered(
+    open_transport: OpenTransport, unique: Callable[[str], str], clock: object
+) -> None:
+    """The registry closes while its hook is busy and more reports wait: leaving
+    delivers the rest and raises nothing (it once raised EndOfChannel)."""
+    backend = meshline.MemoryRegistryBackend()
+    reported: list[str] = []
+    first_report = trio.Event()
+
+    async def on_orphaned(node_id: int, clients: list[meshline.RegisteredClient[Any]]) -> None:
+        reported.extend(client.client_id for client in clients)
+        if not first_report.is_set():
+            first_report.set()
+            await trio.sleep(0.5)
+
+    async with open_mesh(open_transport, unique("closing")) as mesh:
+        leader = await mesh.start(ttl=TTL)
+        doomed = await mesh.start(ttl=TTL, can_lead=False)
+        left_behind = {f"left behind {index}" for index in range(300)}
+        for client_id in left_behind:
+            await backend.register(client_id, doomed.id, b"\x80")
+        async with meshline.open_client_registry(
+            leader.node, backend=backend, on_orphaned=on_orphaned
+        ):
+            await doomed.crash()
+            with trio.fail_after(10):
+                await first_report.wait()
+        assert set(reported) <= left_behind
+        assert len(reported) == len(set(reported))

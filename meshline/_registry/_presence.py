@@ -426,7 +426,8 @@ async def open_client_registry(
             while True:
                 try:
                     batch.append(receive_reports.receive_nowait())
-                except trio.WouldBlock:
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    # EndOfChannel: the registry is closing; deliver what was taken.
                     break
             grouped: dict[tuple[str, int], list[ClientRecord]] = {}
             for item in batch:
