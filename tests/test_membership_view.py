@@ -58,11 +58,28 @@ def test_a_view_whose_own_heartbeat_stopped_coming_back_declares_nobody_dead() -
     assert view.expire(10.0) == []
     assert view.alive == {OWN, 2}
     assert view.next_deadline(10.0) == math.inf
-    # The own heartbeat comes back through the watch: the peer, silent all along,
-    # is dead now.
+    # The own heartbeat comes back through the watch. The peer's writes may have
+    # been held up just like ours (a JetStream leader election stalls every write),
+    # so it gets a whole TTL to show up; silent all along, it is dead after that.
     view.apply(write(OWN, 5), 10.0)
     assert not view.is_stale(10.0)
-    assert view.expire(10.0) == [down(2)]
+    assert view.expire(10.0) == []
+    assert view.next_deadline(10.0) == 10.0 + TTL
+    view.apply(write(OWN, 6), 11.0)
+    assert view.expire(11.9) == []
+    assert view.expire(12.0) == [down(2)]
+
+
+def test_a_peer_whose_writes_were_held_up_with_ours_stays_alive() -> None:
+    view = view_with_two_nodes()
+    view.apply(write(OWN, 3), 1.0)
+    assert view.expire(8.0) == []  # nothing comes back: stale
+    # Writes land again: ours first, the peer's a moment later.
+    view.apply(write(OWN, 4), 8.0)
+    assert view.expire(8.5) == []
+    view.apply(write(2, 5), 9.0)
+    assert view.expire(10.5) == []
+    assert view.alive == {OWN, 2}
 
 
 def test_a_disconnected_view_declares_nobody_dead_and_holds_after_reconnecting() -> None:
@@ -86,10 +103,13 @@ def test_a_peer_that_does_not_refresh_within_the_grace_period_is_dead_after_it()
     view = view_with_two_nodes()
     view.disconnected()
     view.reconnected(3.0, grace=TTL)
+    # The hold lasts a whole TTL from the reconnect, or from the first own heartbeat
+    # seen after it, whichever ends later.
     view.apply(write(OWN, 3), 4.0)
-    assert view.next_deadline(4.0) == 5.0
-    assert view.expire(4.99) == []
-    assert view.expire(5.0) == [down(2)]
+    assert view.next_deadline(4.0) == 6.0
+    assert view.expire(5.99) == []
+    view.apply(write(OWN, 4), 5.5)
+    assert view.expire(6.0) == [down(2)]
 
 
 def test_keys_missing_from_a_reloaded_snapshot_only_make_suspects_during_a_hold() -> None:

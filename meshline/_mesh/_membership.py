@@ -254,6 +254,11 @@ class MembershipView:
         except msgspec.MsgspecError:
             return []
         if node_id == self.own_id:
+            if self.is_stale(now) and self._own_seen_at > -math.inf:
+                # Back from a stale spell: whatever held up this node's writes (a
+                # JetStream leader election, a stalled server) may have held up
+                # everyone's, so every node gets a whole TTL to show up again.
+                self.hold(now + record.ttl)
             self._own_seen_at = now
             self._own_ttl = record.ttl
         if self._declared_dead.get(node_id) == entry.revision:
