@@ -1065,11 +1065,23 @@ def _raw_header(headers: bytes, name: bytes) -> str | None:
     return headers[start : end if end >= 0 else len(headers)].strip().decode()
 
 
+_RAW_KV_OPERATION = _KV_OPERATION.encode()
+_RAW_MARKER_REASON = _MARKER_REASON.encode()
+
+
+_RAW_PURGE = b"\r\nKV-Operation: PURGE\r\n"
+_RAW_DELETE = b"\r\nKV-Operation: DEL\r\n"
+
+
 def _raw_operation(headers: bytes) -> KVOperation | None:
-    if not headers:
-        return KVOperation.PUT
+    if not headers or (_RAW_KV_OPERATION not in headers and _RAW_MARKER_REASON not in headers):
+        return KVOperation.PUT  # a value (its headers are a write's own, such as CAS)
+    if _RAW_PURGE in headers:
+        return KVOperation.PURGE  # the common markers, as clients write them
+    if _RAW_DELETE in headers:
+        return KVOperation.DELETE
     return _operation_of(
-        _raw_header(headers, _KV_OPERATION.encode()), _raw_header(headers, _MARKER_REASON.encode())
+        _raw_header(headers, _RAW_KV_OPERATION), _raw_header(headers, _RAW_MARKER_REASON)
     )
 
 
