@@ -250,3 +250,28 @@ async def test_a_view_is_not_trusted_while_the_server_is_down(
         with trio.fail_after(20):
             await wait_until(lambda: node.view_is_trustworthy)
         assert node.alive_nodes() == {node.id}
+
+
+async def test_a_watch_gone_silent_without_a_connection_event_is_reopened(
+    open_transport: OpenTransport, unique: Callable[[str], str], clock: object
+) -> None:
+    """The watch stops delivering while the connection stays up (a stream leader
+    moved): the node notices its own heartbeats no longer come back, reopens the
+    watch, and declares nobody dead meanwhile."""
+    async with open_mesh(open_transport, unique("silent")) as mesh:
+        silenced = await mesh.start(ttl=TTL)
+        other = await mesh.start(ttl=TTL)
+        downs: list[int | None] = []
+
+        def record(event: meshline.MembershipEvent) -> None:
+            if event.kind is meshline.MembershipEventKind.DOWN:
+                downs.append(event.node_id)
+
+        silenced.node.add_membership_handler(record)
+        silenced.faults.silence_watches()
+        late = await mesh.start(ttl=TTL)
+        with trio.fail_after(10 * TTL):
+            await wait_until(lambda: silenced.node.is_alive(late.id))
+        await trio.sleep(2 * TTL)
+        assert silenced.node.alive_nodes() == {silenced.id, other.id, late.id}
+        assert downs == []

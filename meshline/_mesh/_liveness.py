@@ -11,6 +11,7 @@ here do the I/O around it.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
@@ -219,6 +220,8 @@ class Membership:
         self._watch_scope: trio.CancelScope | None = None
         self.watch_failures = 0
         """How many times the watch failed and had to be reopened."""
+        self.silent_watch_reopens = 0
+        """How many times the watch was reopened because it had gone silent."""
 
     # ------------------------------------------------------------------ queries
 
@@ -353,6 +356,36 @@ class Membership:
                     )
                     await trio.sleep(_WATCH_RETRY)
             self._watch_scope = None
+
+    async def reopen_silent_watch(self) -> None:
+        """Reopen the watch whenever it has not shown this node's own heartbeat for
+        a whole TTL while connected, then give the new one a TTL to show it.
+
+        A JetStream stream whose leader moved (a server of a cluster died) leaves
+        nats-py's watch silent until its idle-heartbeat check resets it, 10 to 20
+        seconds later, without any connection event. If the heartbeats are not
+        landing at all, the reopened watch changes nothing and costs one snapshot
+        per TTL.
+        """
+        view = self.view
+        while True:
+            changed = self._changed
+            now = trio.current_time()
+            if not view.watch_is_silent(now) or self._watch_scope is None:
+                deadline = view.own_silent_at()
+                # Past it but not silent (disconnected): wait for a change instead.
+                with trio.move_on_at(deadline if deadline > now else math.inf):
+                    await changed.wait()
+                continue
+            self.silent_watch_reopens += 1
+            logger.warning(
+                "node %d: the membership watch has not shown this node's heartbeat for "
+                "%d s; reopening it",
+                self.node_id,
+                self._ttl,
+            )
+            self._watch_scope.cancel()
+            await trio.sleep(self._ttl)
 
     async def expire(self) -> None:
         """Declare nodes dead as their deadlines pass, waking whenever the view changes."""

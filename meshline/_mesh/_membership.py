@@ -156,6 +156,20 @@ class MembershipView:
             self.own_id is not None and now >= self._own_seen_at + self._own_ttl
         )
 
+    def own_silent_at(self) -> float:
+        """When the watch will have been silent about this node's own heartbeats for
+        a whole TTL (``inf`` before the first one was seen)."""
+        if self.own_id is None:
+            return math.inf
+        return self._own_seen_at + self._own_ttl
+
+    def watch_is_silent(self, now: float) -> bool:
+        """Whether the watch, though connected, has not shown this node's own
+        heartbeat for a whole TTL: the watch may be broken (nats-py's ordered
+        consumer stays silent for a while after its stream moved to another server),
+        or this node's writes are not landing."""
+        return not self._disconnected and now >= self.own_silent_at()
+
     def is_trustworthy(self, now: float) -> bool:
         """Whether the view may declare nodes dead now: not stale, and not holding."""
         return now >= self._hold_until and not self.is_stale(now)

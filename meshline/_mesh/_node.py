@@ -435,6 +435,7 @@ class Node:
         nursery.start_soon(self._membership.run_handlers)
         await nursery.start(self._membership.follow, kv)
         nursery.start_soon(self._membership.expire)
+        nursery.start_soon(self._membership.reopen_silent_watch)
         nursery.start_soon(self._heartbeat.run)
         self._requests.start(nursery, inbox)
         nursery.start_soon(self._broadcasts.serve, broadcasts)

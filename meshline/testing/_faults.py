@@ -179,6 +179,14 @@ class FaultyTransport(Transport):
         self._notify()
         self._emit_connection_event(ConnectionEvent(ConnectionEventKind.DISCONNECTED, CUT_MESSAGE))
 
+    def silence_watches(self) -> None:
+        """Make every KV watch open now go silent for good, with no connection event
+        and nothing else affected: what a NATS KV watch does for 10-20 s when the
+        stream's leader moves to another server of a cluster. Newly opened watches
+        work."""
+        self._cut_generation += 1
+        self._notify()
+
     def restore(self) -> None:
         """End a :meth:`cut`: listeners hear ``RECONNECTED``, and new operations and
         newly opened watches work again. Does nothing if the connection is not cut."""
