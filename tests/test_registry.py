@@ -511,3 +511,28 @@ async def test_a_replica_reloads_from_scratch_when_the_stream_was_recreated(
             assert await backend.list_clients() == [record]
             assert await backend.node_ids() == {3}
             assert backend.watch_failures == 0
+
+
+async def test_a_replica_whose_watch_went_silent_reloads(
+    open_transport: OpenTransport, unique: Callable[[str], str], clock: object
+) -> None:
+    """The watch stops delivering with no connection event (a NATS stream's leader
+    moved): the replica notices that its own write does not come back, and reloads,
+    so it sees what other nodes registered meanwhile."""
+    from meshline.testing import FaultyTransport
+
+    key = unique("silent")
+    async with open_transport() as inner, open_transport() as other_transport:
+        faults = FaultyTransport(inner)
+        async with (
+            meshline.open_kv_registry_backend(faults, key) as silenced,
+            meshline.open_kv_registry_backend(other_transport, key) as other,
+        ):
+            faults.silence_watches()
+            await silenced.register("mine", 1, b"m")
+            await other.register("theirs", 2, b"m")
+            with trio.fail_after(30):
+                while await silenced.get_client("theirs") is None:
+                    await trio.sleep(0.05)
+            assert isinstance(silenced, meshline.KVRegistryBackend)
+            assert silenced.silent_watch_reloads >= 1

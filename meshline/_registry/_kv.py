@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import binascii
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import TypeVar
@@ -55,6 +56,10 @@ _PREFIX = "c."
 _SHORT_PREFIX = _PREFIX + "b"
 
 _WATCH_RETRY = 0.5
+
+SILENT_WATCH_AFTER = 3.0
+"""Seconds a write of this backend may take to come back through its watch before
+the watch is taken for silent and reloaded."""
 """Seconds before a failed replica watch is reopened."""
 
 WRITES_IN_FLIGHT = 64
@@ -233,6 +238,11 @@ class KVRegistryBackend:
         self._watch_scope: trio.CancelScope | None = None
         self.watch_failures = 0
         """How many times the replica's watch failed and was reopened."""
+        self.silent_watch_reloads = 0
+        """How many times the watch was reloaded because this backend's own writes
+        stopped coming back through it."""
+        self._awaited_revision = 0
+        self._awaited_since = math.inf
 
     # ------------------------------------------------------------------ replica
 
@@ -289,6 +299,8 @@ class KVRegistryBackend:
         client_id = stored.client_id
         if self._present is not None:
             self._present.add(client_id)
+        if revision > self._watch_revision:
+            self._await_revision(revision)
         if revision <= self._watch_revision or revision <= self._known(client_id):
             return
         self._gone.pop(client_id, None)
@@ -346,6 +358,36 @@ class KVRegistryBackend:
         if current is not None and current[0] == deleted_revision:
             self._gone[client_id] = deleted_revision
             self._drop(client_id)
+
+    def _await_revision(self, revision: int) -> None:
+        """Expect the watch to bring ``revision`` (a write of this backend) soon."""
+        if self._awaited_revision <= self._watch_revision:
+            self._awaited_since = trio.current_time()
+        self._awaited_revision = max(self._awaited_revision, revision)
+
+    async def _reload_silent_watch(self) -> None:
+        """Reload the replica when its own writes stop coming back through the
+        watch for :data:`SILENT_WATCH_AFTER` seconds while the watch is open.
+
+        In a NATS cluster, a watch whose stream's leader moved to another server
+        stays silent for 10 to 20 seconds, with no connection event.
+        """
+        while True:
+            await trio.sleep(SILENT_WATCH_AFTER / 3)
+            waiting = self._awaited_revision > self._watch_revision
+            if not waiting or self._watch_scope is None:
+                continue
+            if trio.current_time() - self._awaited_since < SILENT_WATCH_AFTER:
+                continue
+            self.silent_watch_reloads += 1
+            logger.warning(
+                "registry replica: its own write (revision %d) has not come back through "
+                "the watch for %.0f s; reloading",
+                self._awaited_revision,
+                SILENT_WATCH_AFTER,
+            )
+            self._awaited_revision = 0
+            self.request_reload()
 
     def _apply_watched(self, entry: KVEntry) -> None:
         if entry.revision > self._watch_revision:
@@ -486,6 +528,11 @@ class KVRegistryBackend:
         Only a closed transport ends this task (or a failure before the first load,
         which is raised to the caller of ``start``).
         """
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._reload_silent_watch)
+            await self._follow(task_status)
+
+    async def _follow(self, task_status: trio.TaskStatus[None]) -> None:
         started = False
         while True:
             with trio.CancelScope() as scope:
