@@ -528,9 +528,11 @@ class KVRegistryBackend:
         Only a closed transport ends this task (or a failure before the first load,
         which is raised to the caller of ``start``).
         """
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._reload_silent_watch)
-            await self._follow(task_status)
+        with single_exceptions():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._reload_silent_watch)
+                await self._follow(task_status)
+                nursery.cancel_scope.cancel()
 
     async def _follow(self, task_status: trio.TaskStatus[None]) -> None:
         started = False
