@@ -181,8 +181,10 @@ class Node:
         It may not while the transport is disconnected, while this node's own
         heartbeats are not coming back through its watch, and for ``ttl`` seconds
         after a reconnect (so every node gets the chance to re-assert first).
+        The transport's own connection state counts at once, before the
+        ``DISCONNECTED`` event has reached the view.
         """
-        return self._membership.is_trustworthy()
+        return self._transport.connected and self._membership.is_trustworthy()
 
     async def wait_for_trustworthy_view(self) -> None:
         """Return once :attr:`view_is_trustworthy` holds. Cancellable."""
