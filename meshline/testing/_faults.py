@@ -82,7 +82,7 @@ class FaultyTransport(Transport):
         self._faulty_writes: frozenset[str] = frozenset(KV_WRITES)
         self._stalled = False
         self._cut = False
-        self._cut_generation = 0
+        self._watch_generation = 0
         self._changed = trio.Event()
         self.kv_writes_failed = 0
         """KV writes that raised because of :meth:`fail_kv_writes`."""
@@ -175,8 +175,7 @@ class FaultyTransport(Transport):
         if self._cut:
             return
         self._cut = True
-        self._cut_generation += 1
-        self._notify()
+        self.silence_watches()
         self._emit_connection_event(ConnectionEvent(ConnectionEventKind.DISCONNECTED, CUT_MESSAGE))
 
     def silence_watches(self) -> None:
@@ -184,7 +183,7 @@ class FaultyTransport(Transport):
         and nothing else affected: what a NATS KV watch does for 10-20 s when the
         stream's leader moves to another server of a cluster. Newly opened watches
         work."""
-        self._cut_generation += 1
+        self._watch_generation += 1
         self._notify()
 
     def restore(self) -> None:
@@ -277,7 +276,7 @@ class FaultyTransport(Transport):
                 stalled = True
                 self.operations_stalled += 1
             await self._changed.wait()
-        if generation != self._cut_generation:
+        if generation != self._watch_generation:
             await trio.sleep_forever()
 
     # ------------------------------------------------------------------ Transport
@@ -405,7 +404,7 @@ class _FaultyWatch(KVWatch):
         super().__init__(inner.snapshot)
         self._inner = inner
         self._faults = faults
-        self._generation = faults._cut_generation
+        self._generation = faults._watch_generation
         self._held: KVEntry | None = None
 
     def take_snapshot(self) -> list[KVEntry]:
