@@ -277,6 +277,7 @@ def test_the_internals_check_covers_subscriptions_and_watchers(
 ) -> None:
     import nats.aio.subscription
     import nats.js.client
+    import nats.protocol.parser
 
     from meshline._transport._nats import _check_nats_internals
 
@@ -286,11 +287,16 @@ def test_the_internals_check_covers_subscriptions_and_watchers(
             self._pending_data_size = self._max_payload = self._max_pending_size = 0
             self._flush_queue = None
             self._subs: dict[int, object] = {}
+            self._ps = nats.protocol.parser.Parser(self)
 
         async def _process_msg(self) -> None: ...
         async def _flush_pending(self) -> None: ...
 
     _check_nats_internals(Client())
+    without_parser_state = Client()
+    del without_parser_state._ps.state
+    with pytest.raises(meshline.TransportError, match=r"Parser\.state"):
+        _check_nats_internals(without_parser_state)
     subscription_init = nats.aio.subscription.Subscription.__init__
     ordered_init = nats.js.client.JetStreamContext._JSI.__init__
 

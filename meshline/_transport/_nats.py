@@ -46,6 +46,7 @@ import nats.js.errors
 import trio
 from nats.js import api as js_api
 from nats.protocol import command as nats_command
+from nats.protocol import parser as nats_parser
 
 from .._errors import (
     InvalidArgumentError,
@@ -183,10 +184,16 @@ _CLIENT_INTERNALS = (
     "_max_pending_size",
     "_process_msg",
     "_subs",
+    "_ps",
 )
 _SUBSCRIPTION_INTERNALS = ("_pending_queue", "_pending_size", "_received", "_jsi")
 _ORDERED_CONSUMER_INTERNALS = ("_dseq", "_sseq", "_active", "track_sequences")
 _PUSH_SUBSCRIPTION_INTERNALS = ("_sub", "_pending_queue")
+_PARSER_INTERNALS = ("buf", "state", "parse")
+_PARSER_CONSTANTS = ("AWAITING_CONTROL_LINE", "MAX_CONTROL_LINE_SIZE")
+_AWAITING_CONTROL_LINE = getattr(nats_parser, "AWAITING_CONTROL_LINE", 1)
+"""nats-py's parser state between protocol lines."""
+_MAX_CONTROL_LINE = getattr(nats_parser, "MAX_CONTROL_LINE_SIZE", 4096)
 _COMMAND_HELPERS = ("pub_cmd", "hpub_cmd")
 
 
@@ -205,6 +212,9 @@ def _check_nats_internals(client: Any) -> None:
     """
     missing = _missing(client, _CLIENT_INTERNALS, "Client")
     missing += _missing(nats_command, _COMMAND_HELPERS, "nats.protocol.command")
+    missing += _missing(nats_parser, _PARSER_CONSTANTS, "nats.protocol.parser")
+    if hasattr(client, "_ps"):
+        missing += _missing(client._ps, _PARSER_INTERNALS, "Parser")
     context: Any = nats.js.client.JetStreamContext
     try:
         subscription: Any = nats.aio.subscription.Subscription(client)
@@ -350,38 +360,110 @@ class _InboxShim(_QueueShim):
 
 
 def _install_fast_dispatch(nc: Any) -> None:
-    """Route header-less messages for meshline's shims around nats-py's ``Msg`` building.
+    """Route messages for meshline's shims around nats-py's ``Msg`` building.
 
-    nats-py's parser awaits ``client._process_msg`` for every ``MSG``. For our own
-    subscriptions, a plain message needs none of its work (headers, JetStream flow
-    control, a ``Msg`` dataclass), so it goes straight to the shim. A KV watch's
-    data messages go to its :class:`_WatchFeed`, which keeps the ordered consumer's
-    books itself. Everything else, including messages with headers such as "no
-    responders" and a watch's heartbeats, flow control and gaps, takes nats-py's path.
+    nats-py's parser matches two regular expressions per message and awaits
+    ``client._process_msg`` for every one. meshline's replacement for the parser's
+    ``parse`` reads ``MSG`` and ``HMSG`` lines with plain byte operations and hands
+    each complete message to :func:`dispatch`, synchronously: for our own
+    subscriptions, a plain message needs none of nats-py's work (headers, JetStream
+    flow control, a ``Msg`` dataclass), so it goes straight to the shim, and a KV
+    watch's data messages go to its :class:`_WatchFeed`, which keeps the ordered
+    consumer's books itself. Everything else (messages with headers such as "no
+    responders", a watch's heartbeats, flow control and gaps, other subscriptions)
+    takes nats-py's ``_process_msg``; other protocol lines (``PING``, ``INFO``,
+    ``-ERR``...) and anything the fast reader does not recognise go to nats-py's own
+    parser, which then reads on from there.
     """
     original = nc._process_msg
     subscriptions = nc._subs
     stats = nc.stats
+    parser = nc._ps
+    original_parse = parser.parse
+
+    def dispatch(sid: int, subject: bytes, reply: bytes, data: bytes, headers: Any) -> bool:
+        """Deliver a message to a meshline shim; False leaves it to nats-py."""
+        subscription = subscriptions.get(sid)
+        if subscription is None:
+            return False
+        sink = subscription._pending_queue
+        kind = type(sink)
+        if not headers and (kind is _BufferShim or kind is _InboxShim):
+            sink.deliver(subject, reply, data)
+        elif not (kind is _WatchFeed and sink.take(subscription, subject, reply, data, headers)):
+            return False
+        stats["in_msgs"] += 1
+        stats["in_bytes"] += len(data)
+        return True
 
     async def process_msg(
         sid: int, subject: bytes, reply: bytes, data: bytes, headers: Any
     ) -> None:
-        subscription = subscriptions.get(sid)
-        if subscription is not None:
-            sink = subscription._pending_queue
-            kind = type(sink)
-            if not headers and (kind is _BufferShim or kind is _InboxShim):
-                stats["in_msgs"] += 1
-                stats["in_bytes"] += len(data)
-                sink.deliver(subject, reply, data)
-                return
-            if kind is _WatchFeed and sink.take(subscription, subject, reply, data, headers):
-                stats["in_msgs"] += 1
-                stats["in_bytes"] += len(data)
-                return
-        await original(sid, subject, reply, data, headers)
+        if not dispatch(sid, subject, reply, data, headers):
+            await original(sid, subject, reply, data, headers)
+
+    async def parse(data: bytes = b"") -> None:
+        buffer = parser.buf  # replaced by the parser's reset() on reconnect
+        buffer.extend(data)
+        taken = 0
+        """Bytes at the start of ``buffer`` read already (removed once, at the end)."""
+        complete = b""
+        """A copy of ``buffer`` once a complete message is in it, to slice from."""
+        try:
+            while (
+                taken < len(buffer)
+                and parser.state == _AWAITING_CONTROL_LINE
+                and parser.buf is buffer
+            ):
+                if buffer.startswith(b"HMSG ", taken):
+                    with_headers = True
+                elif buffer.startswith(b"MSG ", taken):
+                    with_headers = False
+                else:
+                    break  # another protocol line: nats-py's parser reads it
+                line_end = buffer.find(b"\r\n", taken, taken + _MAX_CONTROL_LINE)
+                if line_end < 0:
+                    if len(buffer) - taken < _MAX_CONTROL_LINE:
+                        return  # the line is not complete yet
+                    break
+                fields = buffer[taken:line_end].split()
+                try:
+                    size = int(fields[-1])
+                    header_size = int(fields[-2]) if with_headers else 0
+                    sid = int(fields[2])
+                except (ValueError, IndexError):
+                    break  # nats-py's parser raises its protocol error
+                count = len(fields) - with_headers
+                if count == 5:
+                    reply = bytes(fields[3])
+                elif count == 4:
+                    reply = b""
+                else:
+                    break
+                start = line_end + 2
+                end = start + size
+                if len(buffer) < end + 2:
+                    return  # the payload is not complete yet
+                if len(complete) < end:
+                    complete = bytes(buffer)
+                if with_headers:
+                    middle = start + header_size
+                    headers: bytes | None = complete[start:middle]
+                    payload = complete[middle:end]
+                else:
+                    headers = None
+                    payload = complete[start:end]
+                taken = end + 2
+                subject = bytes(fields[1])
+                if not dispatch(sid, subject, reply, payload, headers):
+                    await original(sid, subject, reply, payload, headers)
+        finally:
+            del buffer[:taken]
+        if parser.buf:
+            await original_parse()
 
     nc._process_msg = process_msg
+    parser.parse = parse
 
 
 class _NatsSubscription(Subscription):
