@@ -261,17 +261,21 @@ class ScriptedKV(KeyValue):
         return await self.inner.keys()
 
     def watch(
-        self, pattern: str = ">", *, on_snapshot: Callable[[KVEntry], None] | None = None
+        self,
+        pattern: str = ">",
+        *,
+        on_snapshot: Callable[[KVEntry], None] | None = None,
+        removals: bool = True,
     ) -> AbstractAsyncContextManager[KVWatch]:
-        return self._watch(pattern, on_snapshot)
+        return self._watch(pattern, on_snapshot, removals)
 
     @asynccontextmanager
     async def _watch(
-        self, pattern: str, on_snapshot: Callable[[KVEntry], None] | None
+        self, pattern: str, on_snapshot: Callable[[KVEntry], None] | None, removals: bool
     ) -> AsyncIterator[KVWatch]:
         if self.refuse_watch is not None:
             raise self.refuse_watch
-        async with self.inner.watch(pattern, on_snapshot=on_snapshot) as inner:
+        async with self.inner.watch(pattern, on_snapshot=on_snapshot, removals=removals) as inner:
             self.watches_opened += 1
             watch = ScriptedWatch(inner, self, self.watches_opened)
             self.watches.append(watch)

@@ -136,6 +136,69 @@ async def test_a_watch_hands_its_snapshot_over_entry_by_entry(
             pass  # pragma: no cover
 
 
+async def test_a_watch_can_leave_out_the_markers_of_absent_keys(
+    transport: meshline.Transport, unique: Unique, clock: object
+) -> None:
+    kv = await transport.key_value(unique("absent"))
+    for key in ("a.one", "a.two", "a.three"):
+        await kv.put(key, key.encode())
+    await kv.delete("a.two")
+    await kv.purge("a.three")
+    handed: list[meshline.KVEntry] = []
+    async with kv.watch("a.>", on_snapshot=handed.append, removals=False) as watch:
+        assert [(entry.key, entry.operation) for entry in handed] == [
+            ("a.one", meshline.KVOperation.PUT)
+        ]
+        # Live removals still come.
+        await kv.delete("a.one")
+        with trio.fail_after(10):
+            entry = await watch.__anext__()
+        assert (entry.key, entry.operation) == ("a.one", meshline.KVOperation.DELETE)
+
+
+async def test_a_key_removed_while_the_snapshot_loads_is_removed(
+    transport: meshline.Transport, unique: Unique, clock: object
+) -> None:
+    """Markers are left out only for keys absent when the watch began: a value the
+    snapshot handed over and then removed before the snapshot ended must not stay."""
+    kv = await transport.key_value(unique("racing"))
+    keys = [f"k.{index:05d}" for index in range(20_000)]
+    async with trio.open_nursery() as nursery:
+        for start in range(16):
+            nursery.start_soon(put_all, kv, keys[start::16])
+    current: dict[str, bytes] = {}
+    first_handed = trio.Event()
+
+    def hand(entry: meshline.KVEntry) -> None:
+        if entry.operation is meshline.KVOperation.PUT:
+            current[entry.key] = entry.value
+        else:
+            current.pop(entry.key, None)
+        first_handed.set()
+
+    async def remove_early_keys() -> None:
+        await first_handed.wait()
+        for key in keys[:50]:
+            await kv.delete(key)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(remove_early_keys)
+        async with kv.watch("k.>", on_snapshot=hand, removals=False) as watch:
+            with trio.fail_after(20):
+                while any(key in current for key in keys[:50]):
+                    entry = await watch.__anext__()
+                    if entry.operation is meshline.KVOperation.PUT:
+                        current[entry.key] = entry.value
+                    else:
+                        current.pop(entry.key, None)
+    assert sorted(current) == keys[50:]
+
+
+async def put_all(kv: meshline.KeyValue, keys: list[str]) -> None:
+    for key in keys:
+        await kv.put(key, b"v")
+
+
 async def test_a_watch_lets_go_of_its_snapshot(
     transport: meshline.Transport, unique: Unique, clock: object
 ) -> None:

@@ -485,9 +485,12 @@ class KVRegistryBackend:
     async def _loaded_watch(self) -> AsyncIterator[tuple[KVWatch, list[str]]]:
         """Open a watch, loading its snapshot into the replica entry by entry as it
         arrives; yield it with the client ids the snapshot lacked."""
+        empty = not (self._records or self._gone or self._hashed)
         self._begin_load()
         try:
-            async with self._kv.watch(_PREFIX + ">", on_snapshot=self._load_entry) as watch:
+            async with self._kv.watch(
+                _PREFIX + ">", on_snapshot=self._load_entry, removals=not empty
+            ) as watch:
                 for entry in watch.take_snapshot():  # empty unless the bucket collected one
                     self._load_entry(entry)
                 missing = self._end_load()

@@ -462,10 +462,14 @@ class _MemoryKeyValue(KeyValue):
         return sorted(key for key in self._state.records if self._state.live(key) is not None)
 
     def watch(
-        self, pattern: str = ">", *, on_snapshot: Callable[[KVEntry], None] | None = None
+        self,
+        pattern: str = ">",
+        *,
+        on_snapshot: Callable[[KVEntry], None] | None = None,
+        removals: bool = True,
     ) -> AbstractAsyncContextManager[KVWatch]:
         validate_key(pattern, pattern=True)
-        return self._watch(pattern, on_snapshot)
+        return self._watch(pattern, on_snapshot)  # the snapshot never holds removals
 
     @asynccontextmanager
     async def _watch(

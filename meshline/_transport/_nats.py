@@ -1186,9 +1186,11 @@ class _WatchFeed(_QueueShim):
     """
 
     __slots__ = (
+        "_consumer",
         "_on_snapshot",
         "_prefix_length",
         "_subscription",
+        "absent_through",
         "buffer",
         "failure",
         "last_revision",
@@ -1217,6 +1219,16 @@ class _WatchFeed(_QueueShim):
         """The newest revision the snapshot spoke of."""
         self.failure: Exception | None = None
         """What ``on_snapshot`` raised, if it did (the snapshot then ends)."""
+        self.absent_through = 0
+        """Removal markers up to this stream sequence are left out of the snapshot:
+        when the stream ended there as the watch began, each such marker is the
+        first word of its key (the consumer starts with the last message per key),
+        so it only says the key is absent. Back to 0 as soon as nats-py takes a
+        message itself or the ordered consumer is replaced (a reset delivers every
+        message from a sequence on, so older markers may follow their key's
+        values)."""
+        self._consumer = b""
+        """The name of the consumer delivering, from the first data message."""
 
     def attach(self, subscription: Any) -> None:
         """asyncio side: take the place of ``subscription``'s queue, taking over any
@@ -1247,7 +1259,12 @@ class _WatchFeed(_QueueShim):
             return False
         consumer_sequence = int(tokens[6])
         if consumer_sequence != jsi._dseq:
+            self.absent_through = 0
             return False  # a gap: nats-py resets the ordered consumer
+        if tokens[3] != self._consumer:
+            if self._consumer:
+                self.absent_through = 0
+            self._consumer = tokens[3]
         sequence = int(tokens[5])
         jsi._active = True
         jsi._dseq = consumer_sequence + 1
@@ -1260,6 +1277,7 @@ class _WatchFeed(_QueueShim):
 
     def put_nowait(self, msg: Any) -> None:
         """A message nats-py delivered after its own processing."""
+        self.absent_through = 0
         self._subscription._pending_size -= len(msg.data)
         tokens = (msg.reply or "").split(".")
         if len(tokens) == _V1_ACK_TOKENS:
@@ -1283,7 +1301,9 @@ class _WatchFeed(_QueueShim):
                 self.buffer.push(KVEntry(key, value, sequence, operation))
             return
         self.last_revision = sequence
-        if operation is None:
+        if operation is None or (
+            operation is not KVOperation.PUT and sequence <= self.absent_through
+        ):
             pass
         elif self._on_snapshot is not None:
             try:
@@ -1415,19 +1435,25 @@ class _NatsKeyValue(KeyValue):
             return sorted(entry.key for entry in watch.snapshot)
 
     def watch(
-        self, pattern: str = ">", *, on_snapshot: Callable[[KVEntry], None] | None = None
+        self,
+        pattern: str = ">",
+        *,
+        on_snapshot: Callable[[KVEntry], None] | None = None,
+        removals: bool = True,
     ) -> AbstractAsyncContextManager[KVWatch]:
         validate_key(pattern, pattern=True)
-        return self._watch(pattern, on_snapshot)
+        return self._watch(pattern, on_snapshot, removals)
 
     @asynccontextmanager
     async def _watch(
-        self, pattern: str, on_snapshot: Callable[[KVEntry], None] | None
+        self, pattern: str, on_snapshot: Callable[[KVEntry], None] | None, removals: bool
     ) -> AsyncIterator[KVWatch]:
         self._transport._check_open()
         buffer: MessageBuffer[KVEntry] = MessageBuffer(DEFAULT_BUFFER, Overflow.ERROR, pattern)
         feed = _WatchFeed(self._prefix, buffer, on_snapshot)
-        subscription = await self._transport._aio("KV watch", self._subscribe, pattern, feed)
+        subscription = await self._transport._aio(
+            "KV watch", self._subscribe, pattern, feed, removals
+        )
         try:
             await self._wait_for_snapshot(feed, pattern)
             if feed.failure is not None:
@@ -1441,8 +1467,11 @@ class _NatsKeyValue(KeyValue):
             with trio.CancelScope(shield=True):
                 await self._stop_watcher(subscription, pattern)
 
-    async def _subscribe(self, pattern: str, feed: _WatchFeed) -> Any:
+    async def _subscribe(self, pattern: str, feed: _WatchFeed, removals: bool) -> Any:
         """asyncio side: start the watch's ordered consumer, feeding ``feed``."""
+        if not removals:
+            stream = await self._js.stream_info(self._stream)
+            feed.absent_through = stream.state.last_seq
         subscription = await self._js.subscribe(
             self._prefix + pattern,
             stream=self._stream,

@@ -329,7 +329,11 @@ class KeyValue(abc.ABC):
 
     @abc.abstractmethod
     def watch(
-        self, pattern: str = ">", *, on_snapshot: Callable[[KVEntry], None] | None = None
+        self,
+        pattern: str = ">",
+        *,
+        on_snapshot: Callable[[KVEntry], None] | None = None,
+        removals: bool = True,
     ) -> AbstractAsyncContextManager[KVWatch]:
         """Watch keys matching ``pattern`` (``*`` = one token, final ``>`` = the rest).
 
@@ -343,6 +347,12 @@ class KeyValue(abc.ABC):
         while the snapshot loaded. ``on_snapshot`` is a plain function called on the
         Trio side; it must not block. If it raises, opening the watch fails with
         its exception.
+
+        ``removals=False`` leaves out the ``DELETE`` and ``PURGE`` entries of keys
+        that were already absent when the watch began (a key removed while the
+        snapshot loads still gets its removal, as do live changes after it): a
+        consumer that starts empty has nothing to remove, and a bucket that saw
+        heavy churn holds as many removal markers as values for a while.
         """
 
 

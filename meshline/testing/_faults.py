@@ -383,16 +383,20 @@ class _FaultyKeyValue(KeyValue):
         return await self._inner.keys()
 
     def watch(
-        self, pattern: str = ">", *, on_snapshot: Callable[[KVEntry], None] | None = None
+        self,
+        pattern: str = ">",
+        *,
+        on_snapshot: Callable[[KVEntry], None] | None = None,
+        removals: bool = True,
     ) -> AbstractAsyncContextManager[KVWatch]:
-        return self._watch(pattern, on_snapshot)
+        return self._watch(pattern, on_snapshot, removals)
 
     @asynccontextmanager
     async def _watch(
-        self, pattern: str, on_snapshot: Callable[[KVEntry], None] | None
+        self, pattern: str, on_snapshot: Callable[[KVEntry], None] | None, removals: bool
     ) -> AsyncIterator[KVWatch]:
         await self._faults._gate()
-        async with self._inner.watch(pattern, on_snapshot=on_snapshot) as inner:
+        async with self._inner.watch(pattern, on_snapshot=on_snapshot, removals=removals) as inner:
             yield _FaultyWatch(inner, self._faults)
 
 
