@@ -43,12 +43,48 @@ def view_with_two_nodes(now: float = 0.0) -> MembershipView:
 
 def test_a_silent_peer_is_declared_dead_at_its_deadline_with_its_incarnation() -> None:
     view = view_with_two_nodes()
-    view.apply(write(OWN, 3), 1.5)
     view.apply(write(2, 4, incarnation=3), 0.5)
+    view.apply(write(OWN, 5), 1.5)
     assert view.next_deadline(1.6) == 2.5
     assert view.expire(2.4) == []
+    view.apply(write(OWN, 6), 2.5)
     assert view.expire(2.5) == [down(2, 3)]
     assert view.alive == {OWN}
+
+
+def test_a_death_waits_for_our_own_heartbeat_to_come_back_after_the_deadline() -> None:
+    view = view_with_two_nodes()
+    view.own_interval = TTL / 4
+    view.apply(write(2, 3), 0.5)
+    for revision, beat in enumerate((0.5, 1.0, 1.5, 2.0), start=10):
+        view.apply(write(OWN, revision), beat)
+    # The peer's deadline passes while our own last heartbeat is older than it: the
+    # view cannot tell a dead peer from writes that stopped landing, so it asks for
+    # a heartbeat of its own to confirm, and does not spin meanwhile.
+    assert view.expire(2.5) == []
+    assert view.awaiting_confirmation(2.5)
+    assert view.next_deadline(2.5) > 2.5
+    view.apply(write(OWN, 20), 2.51)
+    assert not view.awaiting_confirmation(2.51)
+    assert view.expire(2.51) == [down(2)]
+
+
+def test_a_late_heartbeat_of_our_own_gives_every_peer_a_ttl() -> None:
+    """Writes stall (a JetStream election) for less than a TTL: our own heartbeat
+    lands late and first, the peer's a moment later. The peer stays alive."""
+    view = view_with_two_nodes()
+    view.own_interval = TTL / 4
+    view.apply(write(2, 3), 0.5)
+    for revision, beat in enumerate((0.5, 1.0, 1.5), start=10):
+        view.apply(write(OWN, revision), beat)
+    assert view.expire(2.5) == []  # the peer's deadline: unconfirmed
+    view.apply(write(OWN, 20), 3.2)  # 1.7 s after the one before: held up
+    assert view.expire(3.2) == []
+    assert view.awaiting_confirmation(3.2) is False
+    view.apply(write(2, 21), 3.21)
+    view.apply(write(OWN, 22), 3.7)
+    assert view.expire(5.3) == []
+    assert view.alive == {OWN, 2}
 
 
 def test_a_view_whose_own_heartbeat_stopped_coming_back_declares_nobody_dead() -> None:
@@ -152,10 +188,11 @@ def test_a_graceful_leave_is_believed_even_during_a_hold() -> None:
 
 def test_a_node_declared_dead_comes_back_up_with_its_new_incarnation() -> None:
     view = view_with_two_nodes()
-    view.apply(write(OWN, 3), 1.9)
+    view.apply(write(OWN, 3), 1.0)
+    view.apply(write(OWN, 4), 2.0)
     assert view.expire(2.0) == [down(2)]
     assert view.apply(write(2, 2), 2.1) == []  # the stale write again: still dead
-    assert view.apply(write(2, 5, incarnation=2), 2.2) == [
+    assert view.apply(write(2, 6, incarnation=2), 2.2) == [
         MembershipEvent(MembershipEventKind.UP, 2, 2)
     ]
     assert view.incarnation_of(2) == 2

@@ -194,7 +194,8 @@ class Membership:
 
     ``on_down(node_id)`` is called (synchronously) before a ``DOWN`` event is
     delivered anywhere; ``on_leader_entry()`` whenever the watch saw the leader key
-    change, or reloaded.
+    change, or reloaded; ``confirm()`` when a peer's death waits for this node's own
+    heartbeat to come back (it should beat at once).
     """
 
     def __init__(
@@ -204,9 +205,12 @@ class Membership:
         heartbeat_interval: float,
         on_down: Callable[[int], None],
         on_leader_entry: Callable[[], None],
+        confirm: Callable[[], None],
     ) -> None:
         self.node_id = 0
         self.view = MembershipView()
+        self.view.own_interval = heartbeat_interval
+        self._confirm = confirm
         self._ttl = ttl
         self._heartbeat_interval = heartbeat_interval
         self._on_down = on_down
@@ -388,10 +392,14 @@ class Membership:
             await trio.sleep(self._ttl)
 
     async def expire(self) -> None:
-        """Declare nodes dead as their deadlines pass, waking whenever the view changes."""
+        """Declare nodes dead as their deadlines pass, waking whenever the view
+        changes; ask for a confirming heartbeat when a death waits for one."""
         view = self.view
         while True:
             changed = self._changed
             with trio.move_on_at(view.next_deadline(trio.current_time())):
                 await changed.wait()
-            self.publish(view.expire(trio.current_time()))
+            now = trio.current_time()
+            self.publish(view.expire(now))
+            if view.awaiting_confirmation(now):
+                self._confirm()

@@ -14,6 +14,13 @@ expiry: a node that stops refreshing is declared dead ``ttl`` seconds after the 
 refresh this view saw, at the latest. A node declared dead that refreshes again (it
 was paused, or the network was) comes back up.
 
+A silent peer is declared dead only once this node's own heartbeat has come back
+through the watch after the peer's deadline: that proves writes were landing and the
+watch was current when the peer should have refreshed. Until then the view asks for
+a confirming heartbeat (:meth:`MembershipView.awaiting_confirmation`). A heartbeat of
+this node's that comes back late (more than two intervals after the one before)
+means writes were held up, maybe everyone's, so every node gets a whole TTL.
+
 A view that may be stale declares nobody dead. It is stale while the transport is
 disconnected, and when this node's own heartbeat has not come back through the
 watch within its TTL (the watch is silent, or writes do not land). After a
@@ -114,6 +121,9 @@ class MembershipView:
         """Alive nodes whose key vanished while the view could not judge."""
         self.own_id: int | None = None
         """This node's id: its own refreshes prove the watch is current."""
+        self.own_interval = math.inf
+        """Seconds between this node's heartbeats: one that comes back more than two
+        intervals after the one before was held up."""
         self._own_seen_at = -math.inf
         self._own_ttl = math.inf
         self._disconnected = False
@@ -174,12 +184,35 @@ class MembershipView:
         """Whether the view may declare nodes dead now: not stale, and not holding."""
         return now >= self._hold_until and not self.is_stale(now)
 
+    def _confirmed(self, deadline: float) -> bool:
+        """Whether a peer silent past ``deadline`` may be declared dead: this
+        node's own heartbeat came back at or after it (or there is no own node)."""
+        return self.own_id is None or self._own_seen_at >= deadline
+
+    def awaiting_confirmation(self, now: float) -> bool:
+        """Whether a peer is past its deadline and would be declared dead once this
+        node's own heartbeat comes back after that deadline: beat now to confirm."""
+        if not self.is_trustworthy(now):
+            return False
+        return any(
+            liveness.deadline <= now and not self._confirmed(liveness.deadline)
+            for node_id, liveness in self._alive.items()
+            if node_id not in self._suspects
+        )
+
     def next_deadline(self, now: float) -> float:
         """When :meth:`expire` next has something to do (``inf`` if never, or not
         before the view changes)."""
         if self._disconnected:
             return math.inf
-        earliest = min((liveness.deadline for liveness in self._alive.values()), default=math.inf)
+        earliest = min(
+            (
+                liveness.deadline
+                for liveness in self._alive.values()
+                if liveness.deadline > now or self._confirmed(liveness.deadline)
+            ),
+            default=math.inf,
+        )
         if self._suspects:
             earliest = min(earliest, self._hold_until)
         if self.own_id is not None:
@@ -243,15 +276,16 @@ class MembershipView:
         return [self._declare_dead(node_id, None)]
 
     def expire(self, now: float) -> list[MembershipEvent]:
-        """Declare dead every node whose refresh deadline has passed, and every
-        suspect, if the view is trustworthy; otherwise nothing."""
+        """Declare dead every node whose refresh deadline has passed (confirmed by
+        this node's own heartbeat since), and every suspect, if the view is
+        trustworthy; otherwise nothing."""
         if not self.is_trustworthy(now):
             return []
         events = []
         for node_id, liveness in sorted(self._alive.items()):
             if node_id in self._suspects:
                 events.append(self._declare_dead(node_id, None))
-            elif liveness.deadline <= now:
+            elif liveness.deadline <= now and self._confirmed(liveness.deadline):
                 events.append(self._declare_dead(node_id, liveness.revision))
         return events
 
@@ -268,10 +302,11 @@ class MembershipView:
         except msgspec.MsgspecError:
             return []
         if node_id == self.own_id:
-            if self.is_stale(now) and self._own_seen_at > -math.inf:
-                # Back from a stale spell: whatever held up this node's writes (a
-                # JetStream leader election, a stalled server) may have held up
-                # everyone's, so every node gets a whole TTL to show up again.
+            held_up = self.is_stale(now) or now - self._own_seen_at > 2 * self.own_interval
+            if held_up and self._own_seen_at > -math.inf:
+                # Back from a stale spell, or late: whatever held up this node's
+                # writes (a JetStream leader election, a stalled server) may have
+                # held up everyone's, so every node gets a whole TTL to show up.
                 self.hold(now + record.ttl)
             self._own_seen_at = now
             self._own_ttl = record.ttl

@@ -117,6 +117,7 @@ class Node:
             heartbeat_interval=heartbeat_interval,
             on_down=self._on_down,
             on_leader_entry=self._on_leader_entry,
+            confirm=self._confirm_deaths,
         )
         self._requester = RequestClient(
             transport, prefix, self._requests, self._membership.view.is_alive
@@ -133,6 +134,10 @@ class Node:
 
     def _on_leader_entry(self) -> None:
         self._lease.leader_entry_seen()
+
+    def _confirm_deaths(self) -> None:
+        """A peer's death waits for this node's own heartbeat: beat now."""
+        self._heartbeat.beat_now()
 
     # ------------------------------------------------------------------ properties
 
