@@ -173,10 +173,39 @@ def test_a_suspect_that_never_comes_back_is_dead_when_the_hold_ends() -> None:
     assert view.expire(3.0) == [down(2)]
 
 
-def test_an_expiry_reported_by_the_server_is_believed_when_the_view_is_trustworthy() -> None:
+def test_an_expiry_the_server_reports_waits_for_the_deadline() -> None:
+    """A server that just took over a stream may expire a key whose refresh is on
+    its way: the expiry alone kills nobody, the deadline does."""
     view = view_with_two_nodes()
     view.apply(write(OWN, 3), 1.0)
-    assert view.apply(gone(2, 4, KVOperation.PURGE), 1.0) == [down(2)]
+    assert view.apply(gone(2, 4, KVOperation.PURGE), 1.0) == []
+    assert view.expire(1.9) == []
+    view.apply(write(OWN, 5), 2.0)
+    assert view.expire(2.0) == [down(2)]
+
+
+def test_an_expired_peer_whose_refresh_lands_after_the_expiry_stays_alive() -> None:
+    view = view_with_two_nodes()
+    view.apply(write(OWN, 3), 1.0)
+    view.apply(gone(2, 4, KVOperation.PURGE), 1.0)
+    view.apply(write(2, 5), 1.1)
+    view.apply(write(OWN, 6), 2.0)
+    assert view.expire(2.5) == []
+    assert view.alive == {OWN, 2}
+
+
+def test_a_short_snapshot_kills_nobody_before_the_deadline() -> None:
+    view = view_with_two_nodes()
+    view.apply(write(OWN, 3), 0.5)
+    view.apply(write(2, 4), 0.5)
+    # A reopened watch reads from a server still catching up: the peer's key is
+    # missing, though the peer is fine and refreshes a moment later.
+    assert view.load([write(OWN, 5)], 1.0) == []
+    assert view.alive == {OWN, 2}
+    view.apply(write(2, 6), 1.2)
+    view.apply(write(OWN, 7), 1.5)
+    assert view.expire(2.6) == []
+    assert view.alive == {OWN, 2}
 
 
 def test_a_graceful_leave_is_believed_even_during_a_hold() -> None:

@@ -6,13 +6,15 @@ directly.
 
 A node counts as alive from the moment its liveness key is seen until either
 
-* the key is deleted, purged or expires (the server reports it), or
-* no refresh of the key has been seen for the node's own TTL.
+* the key is deleted (a graceful leave, believed at once), or
+* no refresh of the key has been seen for the node's own TTL (its *deadline*).
 
-The second rule makes detection time independent of how late the server reports an
-expiry: a node that stops refreshing is declared dead ``ttl`` seconds after the last
-refresh this view saw, at the latest. A node declared dead that refreshes again (it
-was paused, or the network was) comes back up.
+Detection time is thus independent of how late the server reports an expiry, and
+an expiry the server reports (``PURGE``), or a key missing from a reloaded snapshot,
+kills nobody by itself: a server that just took over a stream, or a snapshot read
+from a server still catching up, can be wrong about a node whose refreshes are on
+their way. Such a node is dead at its deadline like any other. A node declared dead
+that refreshes again (it was paused, or the network was) comes back up.
 
 A silent peer is declared dead only once this node's own heartbeat has come back
 through the watch after the peer's deadline: that proves writes were landing and the
@@ -24,11 +26,8 @@ means writes were held up, maybe everyone's, so every node gets a whole TTL.
 A view that may be stale declares nobody dead. It is stale while the transport is
 disconnected, and when this node's own heartbeat has not come back through the
 watch within its TTL (the watch is silent, or writes do not land). After a
-reconnect it also *holds* for a grace period: every node gets that long to refresh
-or re-assert before anyone is declared dead. Meanwhile, a node whose key expired
-(``PURGE``) or is missing from a reloaded snapshot is only a *suspect*; it stays in
-the view, and is declared dead once the view is trustworthy again if it has not
-refreshed by then. A graceful leave (``DELETE``) is believed at once.
+reconnect, and when it stops being stale, it also *holds* for a TTL: every node gets
+that long to refresh or re-assert before anyone is declared dead.
 """
 
 from __future__ import annotations
@@ -117,8 +116,6 @@ class MembershipView:
         """Nodes whose refreshes stopped, with the last revision seen from them."""
         self._incarnations: dict[int, int] = {}
         """The last incarnation seen per node, dead ones included."""
-        self._suspects: set[int] = set()
-        """Alive nodes whose key vanished while the view could not judge."""
         self.own_id: int | None = None
         """This node's id: its own refreshes prove the watch is current."""
         self.own_interval = math.inf
@@ -196,8 +193,7 @@ class MembershipView:
             return False
         return any(
             liveness.deadline <= now and not self._confirmed(liveness.deadline)
-            for node_id, liveness in self._alive.items()
-            if node_id not in self._suspects
+            for liveness in self._alive.values()
         )
 
     def next_deadline(self, now: float) -> float:
@@ -213,8 +209,6 @@ class MembershipView:
             ),
             default=math.inf,
         )
-        if self._suspects:
-            earliest = min(earliest, self._hold_until)
         if self.own_id is not None:
             own_stale_at = self._own_seen_at + self._own_ttl
             if own_stale_at <= now:
@@ -227,8 +221,9 @@ class MembershipView:
     def load(self, snapshot: list[KVEntry], now: float) -> list[MembershipEvent]:
         """Replace the view with a watch snapshot; return the differences as events.
 
-        Nodes missing from the snapshot are declared dead at once only while the view
-        is trustworthy; otherwise they become suspects.
+        A node missing from the snapshot stays in the view until its deadline has
+        passed and been confirmed, as if it had stopped refreshing: a snapshot can be
+        short (read from a server that is still catching up).
         """
         events: list[MembershipEvent] = []
         present: dict[int, KVEntry] = {}
@@ -240,12 +235,6 @@ class MembershipView:
                 present[node_id] = entry
         for node_id in sorted(present):
             events.extend(self._node_written(node_id, present[node_id], now))
-        trustworthy = self.is_trustworthy(now)
-        for node_id in sorted(set(self._alive) - set(present)):
-            if trustworthy:
-                events.append(self._declare_dead(node_id, None))
-            else:
-                self._suspects.add(node_id)
         self._declared_dead = {
             node_id: revision
             for node_id, revision in self._declared_dead.items()
@@ -268,30 +257,27 @@ class MembershipView:
         if not removed:
             return self._node_written(node_id, entry, now)
         self._declared_dead.pop(node_id, None)
-        if node_id not in self._alive:
-            return []
-        if entry.operation is KVOperation.PURGE and not self.is_trustworthy(now):
-            self._suspects.add(node_id)
+        if node_id not in self._alive or entry.operation is KVOperation.PURGE:
+            # An expiry the server reports is left to the deadline: a server that
+            # just took over a stream may expire keys whose refreshes are still
+            # on their way.
             return []
         return [self._declare_dead(node_id, None)]
 
     def expire(self, now: float) -> list[MembershipEvent]:
-        """Declare dead every node whose refresh deadline has passed (confirmed by
-        this node's own heartbeat since), and every suspect, if the view is
-        trustworthy; otherwise nothing."""
+        """Declare dead every node whose refresh deadline has passed, confirmed by
+        this node's own heartbeat since, if the view is trustworthy; otherwise
+        nothing."""
         if not self.is_trustworthy(now):
             return []
-        events = []
-        for node_id, liveness in sorted(self._alive.items()):
-            if node_id in self._suspects:
-                events.append(self._declare_dead(node_id, None))
-            elif liveness.deadline <= now and self._confirmed(liveness.deadline):
-                events.append(self._declare_dead(node_id, liveness.revision))
-        return events
+        return [
+            self._declare_dead(node_id, liveness.revision)
+            for node_id, liveness in sorted(self._alive.items())
+            if liveness.deadline <= now and self._confirmed(liveness.deadline)
+        ]
 
     def _declare_dead(self, node_id: int, stale_revision: int | None) -> MembershipEvent:
         del self._alive[node_id]
-        self._suspects.discard(node_id)
         if stale_revision is not None:
             self._declared_dead[node_id] = stale_revision
         return MembershipEvent(MembershipEventKind.DOWN, node_id, self._incarnations.get(node_id))
@@ -313,7 +299,6 @@ class MembershipView:
         if self._declared_dead.get(node_id) == entry.revision:
             return []  # the same write that already went stale; still dead
         self._declared_dead.pop(node_id, None)
-        self._suspects.discard(node_id)
         self._incarnations[node_id] = max(self._incarnations.get(node_id, 0), record.incarnation)
         was_alive = node_id in self._alive
         self._alive[node_id] = _Liveness(entry.revision, now + record.ttl, record.incarnation)
