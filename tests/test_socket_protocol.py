@@ -137,7 +137,7 @@ def test_the_handshake_opens_both_sides_and_carries_identity_and_limits(codec: C
         previous_connection_id="conn-0",
         max_message_size=4096,
     )
-    assert client.state is server.state is ProtocolState.HELLO
+    assert {client.state, server.state} == {ProtocolState.HELLO}
     assert server.peer_max_message_size == 4096
 
     welcome = client.receive(
@@ -280,8 +280,8 @@ def test_a_call_and_its_result_round_trip_with_typed_payloads(codec: Codec) -> N
     call_id, message = client.call("geo.move", Point(1, 2))
     assert isinstance(message, bytes if codec is MSGPACK else str)
     call = server.receive(message, 1.0)
-    assert call == CallFrame(call_id, "geo.move", call.data if call else None)
-    assert isinstance(call, CallFrame) and isinstance(call.data, msgspec.Raw)
+    assert isinstance(call, CallFrame) and (call.id, call.name) == (call_id, "geo.move")
+    assert isinstance(call.data, msgspec.Raw)
     assert codec.decode_data(call.data, Point) == Point(1, 2)
     assert server.pending_calls == {call_id} and client.pending_calls == {call_id}
 
@@ -1083,7 +1083,7 @@ def test_error_codes_are_distinct_snake_case_strings() -> None:
     values = [code.value for code in ErrorCode]
     assert len(values) == len(set(values))
     assert all(re.fullmatch(r"[a-z_]+", value) for value in values)
-    assert ErrorCode.BAD_INPUT == "bad_input"
+    assert ErrorCode.BAD_INPUT.value == "bad_input"
 
 
 # --- The protocol page documents the wire as built ----------------------------------
