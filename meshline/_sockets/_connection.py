@@ -1,0 +1,1198 @@
+"""One client connection on the server: :class:`Connection`, and the tasks that run it.
+
+Life of a connection
+    The server accepts the WebSocket (after ``authenticate``) and hands it to
+    :meth:`ConnectionHub.run_connection`, which runs in the server's nursery
+    until the connection is over:
+
+    1. a writer task starts: the only task that writes to the WebSocket, draining
+       the connection's :class:`~meshline._sockets._outbox.Outbox`;
+    2. the ``hello`` is awaited (``handshake_timeout``: closed with 4002), the
+       client id settled (the admission's wins over the hello's; with neither,
+       the connection id) and the ``welcome`` queued;
+    3. ``on_connect(conn)`` runs; the connection is not yet visible in
+       introspection, so it can seed ``data`` and join rooms. If it raises, the
+       connection closes with 1011 and ``on_disconnect`` is not called;
+    4. the connection becomes visible, and a reader task and a heartbeat task
+       start. The reader drains trio-websocket's receive queue into the protocol
+       machine and never blocks on anything else (trio-websocket stops answering
+       WebSocket pings while its queue is full): calls and async event handlers
+       run in tasks of their own;
+    5. the connection ends through one path, :meth:`Connection._end`, whatever
+       ends it: the client closing (or vanishing), the server closing it, the
+       heartbeat reaping it, its outbox overflowing, a protocol violation, or the
+       server exiting. The first cause wins and is recorded as
+       :attr:`Connection.disconnect_reason`, with the close code sent (or
+       received) as :attr:`Connection.close_code`. Pending server-to-client
+       requests fail at once with :class:`~meshline.SocketClosedError`, running
+       calls are cancelled, the connection leaves introspection, its rooms and
+       topics;
+    6. the WebSocket is closed within ``close_timeout``: for a close the server
+       chose (``server_closed``, ``server_exit``) the writer first sends what is
+       queued; otherwise it only finishes the message it is writing. A peer that
+       does not take the close in time has its TCP connection closed;
+    7. ``on_disconnect(conn, reason)`` runs, exactly once.
+
+    trio-websocket records 1000 locally whatever code the server sent, so the
+    codes here are meshline's own record.
+
+Cancellation
+    Cancelling the task that runs a connection (the server's nursery) ends it as
+    ``server_exit``: the WebSocket is closed at once and ``on_disconnect`` still
+    runs, shielded, within ``close_timeout``.
+"""
+
+from __future__ import annotations
+
+import enum
+import inspect
+import itertools
+import logging
+import math
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from .._errors import InvalidArgumentError
+from ._codes import CloseCode, ErrorCode, close_reason
+from ._errors import CallFailedError, SocketClosedError, SocketError, SocketTimeoutError
+from ._frames import (
+    CallFrame,
+    CancelFrame,
+    Codec,
+    EventFrame,
+    FrameEncodeError,
+    HelloFrame,
+    Message,
+    PayloadDecodeError,
+    PeerLimitExceededError,
+    PingFrame,
+    ProtocolClosedError,
+    RemoteProtocolError,
+    ReplyErrorFrame,
+    ReplyFrame,
+    Side,
+    SubscribeFrame,
+    UnsubscribeFrame,
+)
+from ._outbox import Outbox, OverflowPolicy, PutOutcome
+from ._protocol import SocketProtocol
+from ._roles import MAX_NAME_BYTES, TOO_MANY_CALLS, CallSpec, EventSpec, RoleTable, check_name
+
+if TYPE_CHECKING:
+    from ._local import LocalRegistry
+
+__all__ = [
+    "Connection",
+    "ConnectionHub",
+    "ConnectionSettings",
+    "check_close_code",
+    "DisconnectReason",
+    "fan_out",
+    "node_of_connection",
+]
+
+logger = logging.getLogger("meshline.sockets")
+
+_ERROR_CODES = frozenset(code.value for code in ErrorCode)
+_MAX_REASON_BYTES = 123
+_TRIO_WEBSOCKET_TOO_BIG = "Exceeded maximum message size"
+"""How trio-websocket's own close reason starts when a message went over
+``max_message_size`` (it closes with 1009 before meshline sees the message)."""
+
+
+class DisconnectReason(enum.StrEnum):
+    """Why a connection ended: passed to ``on_disconnect`` and kept as
+    :attr:`Connection.disconnect_reason`."""
+
+    CLIENT_CLOSED = "client_closed"
+    """The client closed the WebSocket, or the connection dropped (code 1006)."""
+    SERVER_CLOSED = "server_closed"
+    """The application closed it (:meth:`Connection.close`)."""
+    REAPED = "reaped"
+    """The client missed its heartbeats (closed with 4001)."""
+    BACKPRESSURE = "backpressure"
+    """The client did not read fast enough: its outgoing queue overflowed
+    (closed with 1013)."""
+    PROTOCOL_ERROR = "protocol_error"
+    """The client broke the protocol (1002, 1003, 1009...)."""
+    SERVER_EXIT = "server_exit"
+    """The server shut down (closed with 1001, or the shutdown code)."""
+
+
+def node_of_connection(connection_id: str) -> int:
+    """The node id a connection id names.
+
+    Connection ids are ``"<node id>.<server incarnation>.<counter>"``: unique
+    across the cluster and never reused (a restarted server has a new
+    incarnation), and routable to their node without a lookup.
+
+    :raises InvalidArgumentError: not a connection id.
+    """
+    if not isinstance(connection_id, str):
+        raise InvalidArgumentError(f"not a connection id: {connection_id!r}")
+    head, dot, _ = connection_id.partition(".")
+    if not dot or not head or not head.isascii() or not head.isdigit():
+        raise InvalidArgumentError(f"not a connection id: {connection_id!r}")
+    return int(head)
+
+
+def _truncate(text: str, limit: int = _MAX_REASON_BYTES) -> str:
+    encoded = text.encode("utf-8", "replace")
+    if len(encoded) <= limit:
+        return text
+    return encoded[: limit - 3].decode("utf-8", "ignore") + "..."
+
+
+def _shown(name: str) -> str:
+    """A name for a message or a log line: repr, cut to a readable length."""
+    text = repr(name)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+@attrs.frozen(kw_only=True)
+class ConnectionSettings:
+    """What every connection of one server shares (checked by the server)."""
+
+    node_id: int
+    roles: RoleTable
+    client_requests: Mapping[str, tuple[Any, Any]] | None
+    client_events: Mapping[str, Any] | None
+    heartbeat_interval: float
+    heartbeat_max_missed: int
+    max_buffered_bytes: int
+    policy: OverflowPolicy
+    max_message_size: int
+    call_timeout: float
+    """math.inf: none."""
+    close_timeout: float
+    handshake_timeout: float
+    max_concurrent_calls: int
+    authorize_topic: Callable[[Connection, str], bool | Awaitable[bool]] | None
+    on_connect: Callable[[Connection], Awaitable[None] | None] | None
+    on_disconnect: Callable[[Connection, DisconnectReason], Awaitable[None] | None] | None
+
+
+async def _maybe_await(value: Any) -> Any:
+    if inspect.isawaitable(value):
+        return await value
+    return value
+
+
+class _RunningCall:
+    """A call (or subscribe) whose handler runs: its cancel scope, and why it was cancelled."""
+
+    __slots__ = ("cancelled_by_client", "scope", "timeout")
+
+    def __init__(self, timeout: float) -> None:
+        self.scope = trio.CancelScope()
+        self.timeout = timeout
+        if timeout < math.inf:
+            self.scope.deadline = trio.current_time() + timeout
+        self.cancelled_by_client = False
+
+
+class _PendingRequest:
+    """A server-to-client request waiting for its answer."""
+
+    __slots__ = ("answer", "closed", "done")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.answer: ReplyFrame | ReplyErrorFrame | None = None
+        self.closed: SocketClosedError | None = None
+
+
+class Connection:
+    """A client connected to this server (the server side of one WebSocket).
+
+    Created by the server; applications get it in handlers and hooks, and from
+    introspection (``server.local.connections``).
+
+    Identity: :attr:`id` (assigned by the server, unique across the cluster and
+    never reused; :func:`node_of_connection` reads the node from it),
+    :attr:`client_id` (the client's own, stable across reconnects),
+    :attr:`user_id`, :attr:`role` and :attr:`context` (from ``authenticate``).
+
+    Emitting never waits: :meth:`emit` queues the event in the connection's
+    outgoing queue (see backpressure in the Sockets docs).
+    """
+
+    def __init__(
+        self,
+        hub: ConnectionHub,
+        ws: WebSocketConnection,
+        codec: Codec,
+        *,
+        connection_id: str,
+        role: str,
+        user_id: str | None,
+        client_id: str | None,
+        context: Any,
+        remote: str,
+    ) -> None:
+        settings = hub.settings
+        self._hub = hub
+        self._ws = ws
+        self._protocol = SocketProtocol(
+            Side.SERVER, codec, max_message_size=settings.max_message_size
+        )
+        self._outbox = Outbox(settings.max_buffered_bytes, settings.policy)
+        self.id = connection_id
+        """Assigned by the server: unique across the cluster, never reused."""
+        self.role = role
+        """The name of the connection's role."""
+        self.user_id = user_id
+        """The user, as ``authenticate`` said (None: not stated)."""
+        self.client_id = client_id or ""
+        """The client's stable id: the admission's, else the hello's, else the
+        connection id. Settled by the handshake ("" before it)."""
+        self._admitted_client_id = client_id
+        self.context = context
+        """Whatever ``authenticate`` put in its admission (never sent anywhere)."""
+        self.remote = remote
+        """The peer's address, as ``host:port`` (or a description of the stream)."""
+        self.subprotocol = codec.subprotocol
+        self.connected_at = time.time()
+        """When the WebSocket was accepted, wall clock (``time.time()``)."""
+        self._clock_offset = self.connected_at - trio.current_time()
+        self.data: Any = settings.roles.by_name[role].new_data()
+        """Per-connection state: a fresh instance of the role's ``data`` class
+        (None when the role declares none)."""
+        self.ignored_events = 0
+        """Events from the client that were dropped: not declared for the role,
+        or data that did not fit (logged at debug level)."""
+        self.client_name = ""
+        self.client_version = ""
+        self.previous_connection_id = ""
+        """What the client said in its hello (free-form, and the id it had before
+        a reconnect)."""
+        self.disconnect_reason: DisconnectReason | None = None
+        """Why the connection ended (None while it is open)."""
+        self.close_code: int | None = None
+        """The close code the server sent, or the client's (None while open)."""
+        self.close_reason = ""
+        self._role_calls: Mapping[str, CallSpec] = settings.roles.calls[role]
+        self._role_events: Mapping[str, EventSpec] = settings.roles.events[role]
+        self._rooms: set[str] = set()
+        self._calls: dict[int, _RunningCall] = {}
+        self._event_tasks = 0
+        self._requests: dict[int, _PendingRequest] = {}
+        self._life = trio.CancelScope()
+        self._nursery: trio.Nursery | None = None
+        self._wakeup = trio.Event()
+        self._closing = False
+        self._drain = False
+        self._visible = False
+        self._connected = False
+        self._closed = trio.Event()
+
+    # --- Introspection ---------------------------------------------------------------
+
+    @property
+    def rooms(self) -> frozenset[str]:
+        """The rooms this connection is in."""
+        return frozenset(self._rooms)
+
+    @property
+    def topics(self) -> frozenset[str]:
+        """The topics the client subscribed to (and the server accepted)."""
+        return self._protocol.subscriptions
+
+    @property
+    def last_ping_at(self) -> float | None:
+        """When the server last sent a heartbeat ping, wall clock (None: never)."""
+        at = self._protocol.last_ping_at
+        return None if at is None else at + self._clock_offset
+
+    @property
+    def last_pong_at(self) -> float | None:
+        """When the client last answered a ping, wall clock (None: never)."""
+        at = self._protocol.last_pong_at
+        return None if at is None else at + self._clock_offset
+
+    @property
+    def last_seen_at(self) -> float | None:
+        """When the last frame (any frame) arrived from the client, wall clock."""
+        at = self._protocol.last_received_at
+        return None if at is None else at + self._clock_offset
+
+    @property
+    def round_trip_time(self) -> float | None:
+        """Seconds from the server's last ping to its pong, when that pong came."""
+        return self._protocol.round_trip_time
+
+    @property
+    def dropped(self) -> int:
+        """Frames dropped by backpressure (policies ``drop`` and ``latest``)."""
+        return self._outbox.dropped
+
+    @property
+    def coalesced(self) -> int:
+        """Keyed events replaced by a newer value while waiting (policy ``latest``)."""
+        return self._outbox.replaced
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes waiting in the connection's outgoing queue."""
+        return self._outbox.buffered_bytes
+
+    @property
+    def is_open(self) -> bool:
+        """Whether the connection is open: welcomed and not closing."""
+        return self._protocol.is_open and not self._closing
+
+    @property
+    def is_closed(self) -> bool:
+        """Whether the connection is over (``on_disconnect`` has run)."""
+        return self._closed.is_set()
+
+    async def wait_closed(self) -> None:
+        """Wait until the connection is over (its ``on_disconnect`` has run).
+
+        Cancellation: only the wait is cancelled.
+        """
+        await self._closed.wait()
+
+    def __repr__(self) -> str:
+        state = "open" if self.is_open else (self.disconnect_reason or "opening")
+        return f"<Connection {self.id} role={self.role!r} client={self.client_id!r} {state}>"
+
+    # --- Rooms -----------------------------------------------------------------------
+
+    def join(self, room: str) -> None:
+        """Put this connection in ``room`` (on this node). Joining again does nothing;
+        neither does joining after the connection closed.
+
+        :raises InvalidArgumentError: a bad room name.
+        """
+        check_name(room, "room name")
+        if self._closing or room in self._rooms:
+            return
+        self._rooms.add(room)
+        if self._visible:
+            self._hub.registry.add_to_room(room, self)
+
+    def leave(self, room: str) -> None:
+        """Take this connection out of ``room``. Leaving a room it is not in does nothing.
+
+        :raises InvalidArgumentError: a bad room name.
+        """
+        check_name(room, "room name")
+        if room not in self._rooms:
+            return
+        self._rooms.discard(room)
+        if self._visible:
+            self._hub.registry.remove_from_room(room, self)
+
+    # --- Sending ---------------------------------------------------------------------
+
+    def emit(self, event: str, data: Any = None, *, coalesce: str | None = None) -> bool:
+        """Queue the event ``event`` with ``data`` for the client; never waits.
+
+        ``coalesce`` is a coalescing key: under backpressure ``latest``, only the
+        newest waiting event per key is kept. Returns True if the event was
+        queued (or replaced an older one of its key); False if it was dropped by
+        backpressure, or the connection is not open (dropped silently: a closing
+        connection is not an error). An overflow under backpressure ``close``
+        closes the connection with 1013.
+
+        :raises InvalidArgumentError: an event name the server does not declare
+            in ``client_events``, or a bad name.
+        :raises FrameEncodeError: ``data`` cannot be encoded.
+        :raises PeerLimitExceededError: the event is bigger than the client accepts.
+        """
+        self._hub.check_event(event)
+        if coalesce is not None:
+            check_name(coalesce, "coalescing key")
+        if not self.is_open:
+            logger.debug("connection %s: event %s not sent: not open", self.id, _shown(event))
+            return False
+        message = self._protocol.emit(event, data, key=coalesce)
+        return self._deliver(message, coalesce)
+
+    async def request(self, name: str, data: Any = None, *, timeout: float | None = None) -> Any:
+        """Ask the client ``name`` with ``data``; return its reply, decoded into the
+        declared output type.
+
+        ``timeout`` is in seconds (None: the server's ``call_timeout``;
+        ``math.inf``: wait as long as the connection lasts).
+
+        Cancellation: if the caller is cancelled, the client is sent a cancel and
+        its answer is ignored.
+
+        :raises SocketTimeoutError: no answer in time (the client is sent a cancel).
+        :raises CallFailedError: the client answered with an error (its ``code``;
+            ``application`` is True for a code of the client's own), or a reply
+            that does not fit the declared output type (code ``bad_input``).
+        :raises SocketClosedError: the connection is closed, or closed while
+            waiting (at once, not at the timeout).
+        :raises InvalidArgumentError: ``name`` is not in ``client_requests``, or a
+            bad timeout.
+        :raises FrameEncodeError: ``data`` cannot be encoded.
+        """
+        output = self._hub.request_output(name)
+        if timeout is None:
+            timeout = self._hub.settings.call_timeout
+        elif isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+            raise InvalidArgumentError(f"timeout must be a positive number of seconds: {timeout!r}")
+        if not self.is_open:
+            raise self._closed_error()
+        wire_timeout = timeout if timeout < 1e9 else None
+        request_id, message = self._protocol.request(name, data, timeout=wire_timeout)
+        pending = _PendingRequest()
+        self._requests[request_id] = pending
+        try:
+            self._deliver(message, None, control=True)
+            with trio.move_on_after(timeout):
+                await pending.done.wait()
+        finally:
+            del self._requests[request_id]
+            if not pending.done.is_set() and self._protocol.is_open:
+                cancel = self._protocol.cancel_request(request_id)
+                if cancel is not None:
+                    self._deliver(cancel, None, control=True)
+        if pending.closed is not None:
+            raise pending.closed
+        answer = pending.answer
+        if answer is None:
+            raise SocketTimeoutError(f"no answer to request {_shown(name)} within {timeout:g} s")
+        codec = self._protocol.codec
+        if isinstance(answer, ReplyErrorFrame):
+            details = None
+            if answer.details is not None:
+                try:
+                    details = codec.decode_data(answer.details, Any)
+                except PayloadDecodeError:
+                    details = None
+            raise CallFailedError(
+                answer.code,
+                answer.message,
+                details,
+                application=answer.code not in _ERROR_CODES,
+            )
+        try:
+            return codec.decode_data(answer.data, output)
+        except PayloadDecodeError as exc:
+            raise CallFailedError(
+                ErrorCode.BAD_INPUT, f"the reply to {_shown(name)} did not validate: {exc}"
+            ) from None
+
+    async def close(self, code: int = CloseCode.KICKED, reason: str | None = None) -> None:
+        """Close the connection with ``code`` and wait until it is over.
+
+        The default, 4501 (kicked), is in the terminal band: the client does not
+        come back by itself. Use :attr:`CloseCode.RECONNECT <meshline.CloseCode>`
+        (or another reconnect-band code) to send it away for a moment. What is
+        already queued for the client is sent first, within ``close_timeout``.
+        ``on_disconnect`` gets ``server_closed``. Closing a closed connection does
+        nothing.
+
+        Called from one of this connection's own handlers, the handler is
+        cancelled (the connection's handlers all are).
+
+        Cancellation: only the wait is cancelled; the connection closes anyway.
+
+        :raises InvalidArgumentError: a code that cannot be sent (1005, 1006,
+            1015, or outside 1000-4999).
+        """
+        self.close_nowait(code, reason)
+        await self._closed.wait()
+
+    def close_nowait(self, code: int = CloseCode.KICKED, reason: str | None = None) -> None:
+        """Start closing the connection (see :meth:`close`) and return at once."""
+        code = check_close_code(code)
+        self._end(DisconnectReason.SERVER_CLOSED, code, reason)
+
+    # --- Internals: sending ---------------------------------------------------------------
+
+    def _deliver(self, message: Message, key: str | None, *, control: bool = False) -> bool:
+        """Put ``message`` in the outbox and wake the writer; apply the overflow policy."""
+        outcome = self._outbox.put(message, key=key, control=control)
+        if outcome is PutOutcome.QUEUED or outcome is PutOutcome.REPLACED:
+            self._wakeup.set()
+            return True
+        if outcome is PutOutcome.DROPPED:
+            dropped = self._outbox.dropped
+            if dropped & (dropped - 1) == 0:  # 1, 2, 4, 8...: logged, never flooding
+                logger.warning(
+                    "connection %s: slow client, %d frame(s) dropped so far (%d bytes queued)",
+                    self.id,
+                    dropped,
+                    self._outbox.buffered_bytes,
+                )
+            else:
+                logger.debug("connection %s: frame dropped (%d so far)", self.id, dropped)
+            return False
+        if not self._closing:
+            logger.warning(
+                "connection %s: slow client, over %d buffered bytes: closing with 1013",
+                self.id,
+                self._outbox.max_buffered_bytes,
+            )
+            self._end(DisconnectReason.BACKPRESSURE, CloseCode.TRY_AGAIN_LATER)
+        return False
+
+    def _closed_error(self) -> SocketClosedError:
+        return SocketClosedError(
+            "the connection is closed", close_code=self.close_code, reason=self.close_reason
+        )
+
+    # --- Internals: ending ------------------------------------------------------------
+
+    def _end(self, reason: DisconnectReason, code: int, text: str | None = None) -> bool:
+        """The one way a connection ends (see the module); the first cause wins.
+
+        Synchronous, callable from any task: records the reason and code, fails
+        pending requests, cancels the connection's tasks and lets the writer
+        finish. Returns False if the connection was already ending.
+        """
+        if self._closing:
+            return False
+        self._closing = True
+        self._visible_off()
+        self.disconnect_reason = reason
+        self.close_code = code
+        self.close_reason = _truncate(close_reason(code) if text is None else text)
+        self._protocol.close(code, self.close_reason)
+        self._drain = reason in (DisconnectReason.SERVER_CLOSED, DisconnectReason.SERVER_EXIT)
+        if not self._drain:
+            self._outbox.clear()
+        error = self._closed_error()
+        for pending in self._requests.values():
+            if not pending.done.is_set():
+                pending.closed = error
+                pending.done.set()
+        self._life.cancel()
+        self._wakeup.set()
+        log = logger.info if reason is not DisconnectReason.CLIENT_CLOSED else logger.debug
+        log("connection %s: %s (code %s: %s)", self.id, reason.value, code, self.close_reason)
+        return True
+
+    def _visible_off(self) -> None:
+        if self._visible:
+            self._visible = False
+            self._hub.registry.detach(self)
+
+    def _peer_gone(self, exc: ConnectionClosed) -> None:
+        """The reader or the writer found the WebSocket closed under it."""
+        reason = exc.reason
+        code = int(CloseCode.ABNORMAL if reason is None else reason.code)
+        text = "" if reason is None else (reason.reason or "")
+        if code == CloseCode.MESSAGE_TOO_BIG and text.startswith(_TRIO_WEBSOCKET_TOO_BIG):
+            logger.warning("connection %s: closed with 1009: %s", self.id, text)
+            self._end(DisconnectReason.PROTOCOL_ERROR, code, text)
+            return
+        self._protocol.peer_closed(code, text)
+        self._end(DisconnectReason.CLIENT_CLOSED, code, text)
+
+    # --- Internals: the tasks ----------------------------------------------------------------
+
+    async def _run(self, hello_timeout: float) -> None:
+        """The whole life of the connection (see the module)."""
+        writer_done = trio.Event()
+        try:
+            async with trio.open_nursery() as outer:
+                outer.start_soon(self._write_loop, writer_done)
+                with self._life:
+                    async with trio.open_nursery() as nursery:
+                        self._nursery = nursery
+                        if await self._open(hello_timeout):
+                            nursery.start_soon(self._read_loop)
+                            if self._protocol.heartbeat_interval > 0:
+                                nursery.start_soon(self._heartbeat_loop)
+                if not self._closing:  # cannot happen: the reader ends through _end
+                    self._end(DisconnectReason.SERVER_CLOSED, CloseCode.INTERNAL_ERROR)
+                await self._close_websocket(writer_done, outer.cancel_scope)
+                outer.cancel_scope.cancel()
+        finally:
+            if not self._closing:  # cancelled from outside: the server is going away
+                self._end(DisconnectReason.SERVER_EXIT, CloseCode.GOING_AWAY)
+            with trio.CancelScope(shield=True):
+                if self._ws.closed is None:
+                    await self._abort_websocket()
+                await self._disconnected()
+
+    async def _open(self, hello_timeout: float) -> bool:
+        """Handshake, ``on_connect``, visibility; False if the connection ended meanwhile."""
+        protocol = self._protocol
+        hello: HelloFrame | None = None
+        with trio.move_on_after(hello_timeout):
+            try:
+                message = await self._ws.get_message()
+            except ConnectionClosed as exc:
+                self._peer_gone(exc)
+                return False
+            try:
+                event = protocol.receive(message, trio.current_time())
+            except RemoteProtocolError as exc:
+                self._end(DisconnectReason.PROTOCOL_ERROR, exc.close_code, exc.reason)
+                return False
+            assert isinstance(event, HelloFrame)  # anything else is a protocol error
+            hello = event
+        if hello is None:
+            logger.info("connection %s: no hello within %g s", self.id, hello_timeout)
+            self._end(DisconnectReason.PROTOCOL_ERROR, CloseCode.HANDSHAKE_TIMEOUT)
+            return False
+        self.client_name = hello.client_name
+        self.client_version = hello.client_version
+        self.previous_connection_id = hello.previous_connection_id
+        client_id = self._admitted_client_id or hello.client_id or self.id
+        if len(client_id.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+            self._end(
+                DisconnectReason.PROTOCOL_ERROR,
+                CloseCode.POLICY_VIOLATION,
+                f"client id over {MAX_NAME_BYTES} bytes",
+            )
+            return False
+        self.client_id = client_id
+        settings = self._hub.settings
+        try:
+            welcome = protocol.welcome(
+                self.id,
+                settings.node_id,
+                now=trio.current_time(),
+                client_id=client_id,
+                heartbeat_interval=settings.heartbeat_interval,
+                heartbeat_max_missed=settings.heartbeat_max_missed,
+                max_buffered_bytes=settings.max_buffered_bytes,
+                call_timeout=settings.call_timeout if settings.call_timeout < 1e9 else None,
+            )
+        except FrameEncodeError:
+            self._end(DisconnectReason.PROTOCOL_ERROR, CloseCode.POLICY_VIOLATION, "bad client id")
+            return False
+        self._deliver(welcome, None, control=True)
+        if settings.on_connect is not None:
+            try:
+                await _maybe_await(settings.on_connect(self))
+            except Exception:
+                logger.exception("connection %s: on_connect failed; closing with 1011", self.id)
+                self._end(DisconnectReason.SERVER_CLOSED, CloseCode.INTERNAL_ERROR)
+                return False
+        self._connected = True
+        if self._closing:
+            return False
+        self._visible = True
+        self._hub.registry.attach(self, frozenset(self._rooms), self._protocol.subscriptions)
+        logger.debug("connection %s: open (role %r, client %r)", self.id, self.role, client_id)
+        return True
+
+    async def _write_loop(self, done: trio.Event) -> None:
+        """The only writer of the WebSocket: sends what the outbox holds, in order.
+
+        While the connection is open it waits for more; once it is closing, it
+        sends what is left (the outbox was emptied unless the close drains) and ends.
+        """
+        outbox = self._outbox
+        ws = self._ws
+        try:
+            while True:
+                message = outbox.take()
+                if message is None:
+                    if self._closing:
+                        return
+                    self._wakeup = trio.Event()
+                    await self._wakeup.wait()
+                    continue
+                await ws.send_message(message)
+        except ConnectionClosed as exc:
+            if not self._closing:
+                self._peer_gone(exc)
+        finally:
+            done.set()
+
+    async def _read_loop(self) -> None:
+        """Drain trio-websocket's queue into the protocol; blocks on nothing else."""
+        ws = self._ws
+        protocol = self._protocol
+        while True:
+            try:
+                message = await ws.get_message()
+            except ConnectionClosed as exc:
+                self._peer_gone(exc)
+                return
+            try:
+                event = protocol.receive(message, trio.current_time())
+            except RemoteProtocolError as exc:
+                self._end(DisconnectReason.PROTOCOL_ERROR, exc.close_code, exc.reason)
+                return
+            if event is None:
+                continue
+            try:
+                self._dispatch(event)
+            except Exception:  # a bug here must not take the reader down silently
+                logger.exception("connection %s: failed to handle %r", self.id, type(event))
+                self._end(DisconnectReason.SERVER_CLOSED, CloseCode.INTERNAL_ERROR)
+                return
+
+    async def _heartbeat_loop(self) -> None:
+        """Ping every interval (through the outbox); reap the client once silent too long."""
+        protocol = self._protocol
+        while True:
+            await trio.sleep_until(protocol.next_deadline())
+            now = trio.current_time()
+            if protocol.is_dead(now):
+                logger.info(
+                    "connection %s: silent for %g s: reaped",
+                    self.id,
+                    protocol.heartbeat_interval * (protocol.heartbeat_max_missed + 1),
+                )
+                self._end(DisconnectReason.REAPED, CloseCode.HEARTBEAT_MISSED)
+                return
+            if protocol.heartbeat_due(now):
+                self._deliver(protocol.ping(now), None, control=True)
+
+    async def _close_websocket(
+        self, writer_done: trio.Event, writer_scope: trio.CancelScope
+    ) -> None:
+        """Let the writer finish, then close the WebSocket, all within ``close_timeout``."""
+        with trio.move_on_after(self._hub.settings.close_timeout) as deadline:
+            deadline.shield = True
+            self._wakeup.set()
+            await writer_done.wait()
+            if self._ws.closed is None:
+                await self._ws.aclose(self.close_code or CloseCode.GOING_AWAY, self.close_reason)
+        if deadline.cancelled_caught:
+            logger.info(
+                "connection %s: the client did not take the close within %g s; dropped",
+                self.id,
+                self._hub.settings.close_timeout,
+            )
+            writer_scope.cancel()
+            await self._abort_websocket()
+
+    async def _abort_websocket(self) -> None:
+        """Close the WebSocket's stream at once (no close handshake)."""
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await self._ws.aclose(self.close_code or CloseCode.GOING_AWAY, self.close_reason)
+
+    async def _disconnected(self) -> None:
+        """Leave introspection; run ``on_disconnect`` once (shielded by the caller)."""
+        self._visible_off()
+        self._hub.serving.discard(self)
+        try:
+            on_disconnect = self._hub.settings.on_disconnect
+            if self._connected and on_disconnect is not None:
+                reason = self.disconnect_reason or DisconnectReason.SERVER_EXIT
+                with trio.move_on_after(self._hub.settings.close_timeout) as scope:
+                    try:
+                        await _maybe_await(on_disconnect(self, reason))
+                    except Exception:
+                        logger.exception("connection %s: on_disconnect failed", self.id)
+                if scope.cancelled_caught:
+                    logger.warning(
+                        "connection %s: on_disconnect did not finish within %g s",
+                        self.id,
+                        self._hub.settings.close_timeout,
+                    )
+        finally:
+            self._closed.set()
+
+    # --- Internals: what arrives --------------------------------------------------------------
+
+    def _dispatch(self, event: object) -> None:
+        if isinstance(event, CallFrame):
+            self._on_call(event)
+        elif isinstance(event, EventFrame):
+            self._on_event(event)
+        elif isinstance(event, PingFrame):
+            self._deliver(self._protocol.pong(event.seq), None, control=True)
+        elif isinstance(event, ReplyFrame | ReplyErrorFrame):
+            pending = self._requests.get(event.id)
+            if pending is not None and not pending.done.is_set():
+                pending.answer = event
+                pending.done.set()
+        elif isinstance(event, CancelFrame):
+            running = self._calls.get(event.id)
+            if running is not None:
+                running.cancelled_by_client = True
+                running.scope.cancel()
+        elif isinstance(event, SubscribeFrame):
+            self._on_subscribe(event)
+        elif isinstance(event, UnsubscribeFrame):
+            self._hub.registry.remove_from_topic(event.topic, self)
+        # PongFrame: the protocol recorded it; nothing else to do.
+
+    def _answer_error(
+        self, call_id: int, code: str, message: str = "", details: Any = None
+    ) -> None:
+        protocol = self._protocol
+        try:
+            encoded = protocol.error(call_id, code, message, details)
+        except ProtocolClosedError:
+            return
+        except (FrameEncodeError, PeerLimitExceededError) as exc:
+            logger.error(
+                "connection %s: error details for call %d not sendable (%s); sent without",
+                self.id,
+                call_id,
+                exc,
+            )
+            try:
+                encoded = protocol.error(call_id, code, _truncate(message, 1024))
+            except ProtocolClosedError:
+                return
+        self._deliver(encoded, None, control=True)
+
+    def _answer_result(self, call_id: int, name: str, value: Any) -> None:
+        protocol = self._protocol
+        try:
+            encoded = protocol.result(call_id, value)
+        except ProtocolClosedError:
+            return
+        except PeerLimitExceededError as exc:
+            self._answer_error(call_id, ErrorCode.TOO_LARGE, str(exc))
+            return
+        except FrameEncodeError as exc:
+            logger.error(
+                "connection %s: the result of call %s cannot be encoded: %s",
+                self.id,
+                _shown(name),
+                exc,
+            )
+            self._answer_error(call_id, ErrorCode.INTERNAL, "the result could not be encoded")
+            return
+        self._deliver(encoded, None, control=True)
+
+    def _start_call(self, call_id: int, timeout: float | None) -> _RunningCall | None:
+        """Account for a new call; None (and an error answer) if it may not start."""
+        if self._hub.closing:
+            self._answer_error(call_id, ErrorCode.SHUTTING_DOWN, "the server is shutting down")
+            return None
+        limit = self._hub.settings.max_concurrent_calls
+        if len(self._calls) + self._event_tasks >= limit:
+            self._answer_error(
+                call_id, TOO_MANY_CALLS, f"{limit} calls already in progress on this connection"
+            )
+            return None
+        running = _RunningCall(self._hub.settings.call_timeout if timeout is None else timeout)
+        self._calls[call_id] = running
+        return running
+
+    def _on_call(self, frame: CallFrame) -> None:
+        spec = self._role_calls.get(frame.name)
+        if spec is None:
+            if frame.name in self._hub.settings.roles.declared_calls:
+                self._answer_error(
+                    frame.id,
+                    ErrorCode.FORBIDDEN,
+                    f"role {_shown(self.role)} may not call {_shown(frame.name)}",
+                )
+            else:
+                self._answer_error(
+                    frame.id, ErrorCode.UNKNOWN_CALL, f"no call named {_shown(frame.name)}"
+                )
+            return
+        try:
+            value = self._protocol.codec.decode_data(frame.data, spec.input)
+        except PayloadDecodeError as exc:
+            self._answer_error(frame.id, ErrorCode.BAD_INPUT, str(exc))
+            return
+        running = self._start_call(frame.id, spec.timeout)
+        if running is None:
+            return
+        assert self._nursery is not None
+        self._nursery.start_soon(self._run_call, frame.id, spec, value, running)
+
+    async def _run_call(
+        self, call_id: int, spec: CallSpec, value: Any, running: _RunningCall
+    ) -> None:
+        try:
+            with running.scope:
+                try:
+                    result = await spec.handler(self, value)
+                except SocketError as exc:
+                    logger.debug(
+                        "connection %s: call %s answered error %r",
+                        self.id,
+                        _shown(spec.name),
+                        exc.code,
+                    )
+                    self._answer_error(
+                        call_id, exc.code or ErrorCode.APPLICATION_ERROR, exc.message, exc.details
+                    )
+                    return
+                except Exception:
+                    logger.exception("connection %s: call %s failed", self.id, _shown(spec.name))
+                    self._answer_error(call_id, ErrorCode.INTERNAL, "internal error")
+                    return
+                self._answer_result(call_id, spec.name, result)
+                return
+            if self._closing:
+                return
+            if running.cancelled_by_client:
+                self._answer_error(call_id, ErrorCode.CANCELLED, "cancelled by the client")
+            else:
+                logger.info(
+                    "connection %s: call %s timed out after %g s",
+                    self.id,
+                    _shown(spec.name),
+                    running.timeout,
+                )
+                self._answer_error(
+                    call_id, ErrorCode.TIMEOUT, f"no answer within {running.timeout:g} s"
+                )
+        finally:
+            self._calls.pop(call_id, None)
+
+    def _on_event(self, frame: EventFrame) -> None:
+        spec = self._role_events.get(frame.name)
+        if spec is None:
+            self.ignored_events += 1
+            logger.debug(
+                "connection %s: role %r may not send event %s: dropped",
+                self.id,
+                self.role,
+                _shown(frame.name),
+            )
+            return
+        try:
+            value = self._protocol.codec.decode_data(frame.data, spec.data_type)
+        except PayloadDecodeError as exc:
+            self.ignored_events += 1
+            logger.debug(
+                "connection %s: event %s with bad data dropped: %s",
+                self.id,
+                _shown(frame.name),
+                exc,
+            )
+            return
+        handler = spec.handler
+        if handler is None:
+            return
+        if spec.is_async:
+            if len(self._calls) + self._event_tasks >= self._hub.settings.max_concurrent_calls:
+                self.ignored_events += 1
+                logger.warning(
+                    "connection %s: event %s dropped: too many handlers running",
+                    self.id,
+                    _shown(frame.name),
+                )
+                return
+            self._event_tasks += 1
+            assert self._nursery is not None
+            self._nursery.start_soon(self._run_event, spec, value)
+            return
+        try:
+            result = handler(self, value)
+        except Exception:
+            logger.exception(
+                "connection %s: handler of event %s failed", self.id, _shown(frame.name)
+            )
+            return
+        if inspect.iscoroutine(result):  # a plain function that returned a coroutine
+            result.close()
+            logger.error(
+                "connection %s: handler of event %s returned a coroutine; declare it async",
+                self.id,
+                _shown(frame.name),
+            )
+
+    async def _run_event(self, spec: EventSpec, value: Any) -> None:
+        try:
+            assert spec.handler is not None
+            await _maybe_await(spec.handler(self, value))
+        except Exception:
+            logger.exception(
+                "connection %s: handler of event %s failed", self.id, _shown(spec.name)
+            )
+        finally:
+            self._event_tasks -= 1
+
+    def _on_subscribe(self, frame: SubscribeFrame) -> None:
+        try:
+            check_name(frame.topic, "topic")
+        except Exception as exc:
+            self._answer_error(frame.id, ErrorCode.BAD_INPUT, str(exc))
+            return
+        if self._hub.settings.authorize_topic is None:
+            self._accept_subscribe(frame.id, frame.topic)
+            return
+        running = self._start_call(frame.id, None)
+        if running is None:
+            return
+        assert self._nursery is not None
+        self._nursery.start_soon(self._run_subscribe, frame.id, frame.topic, running)
+
+    async def _run_subscribe(self, call_id: int, topic: str, running: _RunningCall) -> None:
+        authorize = self._hub.settings.authorize_topic
+        assert authorize is not None
+        try:
+            with running.scope:
+                try:
+                    allowed = await _maybe_await(authorize(self, topic))
+                except SocketError as exc:
+                    self._answer_error(
+                        call_id, exc.code or ErrorCode.FORBIDDEN, exc.message, exc.details
+                    )
+                    return
+                except Exception:
+                    logger.exception(
+                        "connection %s: authorize_topic failed for %s", self.id, _shown(topic)
+                    )
+                    self._answer_error(call_id, ErrorCode.INTERNAL, "internal error")
+                    return
+                if allowed is True:
+                    self._accept_subscribe(call_id, topic)
+                else:
+                    logger.debug(
+                        "connection %s: subscription to %s refused", self.id, _shown(topic)
+                    )
+                    self._answer_error(
+                        call_id, ErrorCode.FORBIDDEN, f"may not subscribe to {_shown(topic)}"
+                    )
+                return
+            if self._closing:
+                return
+            if running.cancelled_by_client:
+                self._answer_error(call_id, ErrorCode.CANCELLED, "cancelled by the client")
+            else:
+                self._answer_error(
+                    call_id, ErrorCode.TIMEOUT, f"no answer within {running.timeout:g} s"
+                )
+        finally:
+            self._calls.pop(call_id, None)
+
+    def _accept_subscribe(self, call_id: int, topic: str) -> None:
+        try:
+            answer = self._protocol.accept_subscribe(call_id)
+        except ProtocolClosedError:
+            return
+        if answer.subscribed and self._visible:
+            self._hub.registry.add_to_topic(topic, self)
+        self._deliver(answer.message, None, control=True)
+
+
+def check_close_code(code: object) -> int:
+    """``code``, if a server may send it.
+
+    :raises InvalidArgumentError: 1004-1006, 1015, or outside 1000-1014 and 3000-4999.
+    """
+    if isinstance(code, bool) or not isinstance(code, int):
+        raise InvalidArgumentError(f"close code must be an int: {code!r}")
+    if code in (1004, 1005, 1006, 1015) or not (1000 <= code <= 1014 or 3000 <= code <= 4999):
+        raise InvalidArgumentError(f"close code {code} cannot be sent")
+    return int(code)
+
+
+def fan_out(
+    connections: Iterable[Connection],
+    event: str,
+    data: Any,
+    *,
+    key: str | None = None,
+    topic: str | None = None,
+) -> int:
+    """Queue one event to many connections, encoded once per encoding.
+
+    Connections not open are skipped, as are those whose client accepts smaller
+    messages than the encoded event (logged). Returns how many it was queued to
+    (replacing an older value of its key counts; a drop does not).
+
+    :raises FrameEncodeError: ``data`` cannot be encoded.
+    """
+    encoded: dict[Codec, Message] = {}
+    count = 0
+    for conn in connections:
+        if not conn.is_open:
+            continue
+        protocol = conn._protocol
+        codec = protocol.codec
+        message = encoded.get(codec)
+        if message is None:
+            message = codec.encode(EventFrame(event, data, key, topic))
+            encoded[codec] = message
+        limit = protocol.peer_max_message_size
+        if limit and len(message) > limit:
+            logger.warning(
+                "connection %s: event %s of %d bytes is over the client's limit; not sent",
+                conn.id,
+                _shown(event),
+                len(message),
+            )
+            continue
+        if conn._deliver(message, key):
+            count += 1
+    return count
+
+
+class ConnectionHub:
+    """What a server's connections share: settings, the registry, ids, the shutdown flag."""
+
+    def __init__(self, settings: ConnectionSettings, registry: LocalRegistry) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.serving: set[Connection] = set()
+        """Every connection being run, visible or not yet."""
+        self.closing = False
+        """Set when the server starts shutting down: no new connections or calls."""
+        self.incarnation = secrets.token_hex(4)
+        self._ids = itertools.count(1)
+
+    def new_connection_id(self) -> str:
+        return f"{self.settings.node_id}.{self.incarnation}.{next(self._ids)}"
+
+    def check_event(self, event: str) -> None:
+        """:raises InvalidArgumentError: a bad or undeclared server-to-client event name."""
+        check_name(event, "event name")
+        events = self.settings.client_events
+        if events is not None and event not in events:
+            raise InvalidArgumentError(
+                f"event {_shown(event)} is not declared in the server's client_events"
+            )
+
+    def request_output(self, name: str) -> Any:
+        """The declared output type of the server-to-client request ``name``.
+
+        :raises InvalidArgumentError: not declared in ``client_requests``.
+        """
+        check_name(name, "request name")
+        requests = self.settings.client_requests
+        if requests is None:
+            return Any
+        spec = requests.get(name)
+        if spec is None:
+            raise InvalidArgumentError(
+                f"request {_shown(name)} is not declared in the server's client_requests"
+            )
+        return spec[1]
+
+    async def run_connection(
+        self,
+        ws: WebSocketConnection,
+        codec: Codec,
+        *,
+        role: str,
+        user_id: str | None,
+        client_id: str | None,
+        context: Any,
+        remote: str,
+    ) -> Connection:
+        """Run one accepted WebSocket as a connection until it is over; return it."""
+        conn = Connection(
+            self,
+            ws,
+            codec,
+            connection_id=self.new_connection_id(),
+            role=role,
+            user_id=user_id,
+            client_id=client_id,
+            context=context,
+            remote=remote,
+        )
+        self.serving.add(conn)
+        if self.closing:
+            conn._end(DisconnectReason.SERVER_EXIT, CloseCode.GOING_AWAY)
+        await conn._run(self.settings.handshake_timeout)
+        return conn
+
+    def end_all(self, connections: Iterable[Connection], code: int) -> None:
+        """Start closing ``connections`` as ``server_exit`` with ``code``."""
+        for conn in connections:
+            conn._end(DisconnectReason.SERVER_EXIT, code)

@@ -1,0 +1,213 @@
+"""The outgoing queue of one connection: messages waiting for its writer, counted in bytes.
+
+A plain data structure, with no I/O and no clock: the server and the client each
+put the messages they mean to send into an :class:`Outbox`, and one writer task
+per connection takes them out and writes them to the WebSocket. Putting never
+waits, so a slow peer never blocks whoever emits to it (a room emit to a thousand
+connections queues a thousand messages and returns).
+
+What counts
+    :attr:`Outbox.buffered_bytes` is the size of the messages waiting: ``len()``
+    of a binary message, the UTF-8 length of a text one. The message the writer
+    has taken and is still writing is no longer counted.
+
+Past the limit
+    ``max_buffered_bytes`` bounds the waiting bytes. A message that would take
+    the queue past it is handled by the :class:`OverflowPolicy`:
+
+    * ``close``: nothing more is queued and :meth:`Outbox.put` answers
+      :attr:`PutOutcome.OVERFLOW`; the connection is then closed with 1013
+      (``TRY_AGAIN_LATER``, reconnect band). Every later put answers ``OVERFLOW``
+      too: :attr:`Outbox.overflowed` stays set.
+    * ``drop``: the message is dropped and counted in :attr:`Outbox.dropped`
+      (:attr:`PutOutcome.DROPPED`); the queue is untouched.
+    * ``latest``: an event put with a coalescing ``key`` replaces the message of
+      the same key still waiting, *in place*: it keeps the queue position of the
+      first one, so a key updated without pause still reaches the peer as often
+      as the writer gets to it, and never waits behind everything queued since.
+      This happens whether or not the queue is past the limit (only the newest
+      value per key ever waits). A keyed message with no waiting predecessor, and
+      any message without a key, fall back to ``drop`` past the limit.
+
+Control messages
+    Messages put with ``control=True`` (answers to calls, requests, pings,
+    pongs, the welcome: whatever the peer would wait for) are never dropped or
+    coalesced, since dropping an answer would leave the peer's call hanging
+    until its timeout. Under ``drop`` and ``latest`` they may take the queue past
+    the limit, up to twice the limit; past *that* hard ceiling the outbox
+    overflows whatever the policy, so a peer that sends calls and never reads
+    the answers cannot grow the queue without bound. Under ``close`` they
+    overflow at the limit like anything else.
+
+Cancellation: there is nothing to cancel; every method returns at once.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+from collections.abc import Iterator
+
+from .._errors import InvalidArgumentError
+from ._frames import Message
+
+__all__ = ["Outbox", "OverflowPolicy", "PutOutcome", "message_size"]
+
+
+class OverflowPolicy(enum.StrEnum):
+    """What an :class:`Outbox` does with a message that would take it past its limit."""
+
+    CLOSE = "close"
+    """Overflow: the connection is closed with 1013 (the default)."""
+    DROP = "drop"
+    """The message is dropped and counted."""
+    LATEST = "latest"
+    """Keyed events keep only their newest value; other messages are dropped."""
+
+
+class PutOutcome(enum.Enum):
+    """What :meth:`Outbox.put` did with a message."""
+
+    QUEUED = "queued"
+    """The message waits at the end of the queue."""
+    REPLACED = "replaced"
+    """The message replaced the waiting message of the same key (policy ``latest``)."""
+    DROPPED = "dropped"
+    """The message was dropped (policy ``drop``, or ``latest`` without a waiting
+    predecessor); counted in :attr:`Outbox.dropped`."""
+    OVERFLOW = "overflow"
+    """Nothing was queued and the connection must close with 1013 (policy
+    ``close``, the hard ceiling, or an outbox already overflowed)."""
+
+
+def message_size(message: Message) -> int:
+    """The size of ``message`` on the wire, in bytes (UTF-8 for a text message)."""
+    if isinstance(message, bytes):
+        return len(message)
+    if message.isascii():  # O(1) in CPython: a flag of the string
+        return len(message)
+    return len(message.encode("utf-8", "surrogatepass"))
+
+
+class _Entry:
+    """One waiting message; mutable so that ``latest`` can replace it in place."""
+
+    __slots__ = ("key", "message", "size")
+
+    def __init__(self, message: Message, size: int, key: str | None) -> None:
+        self.message = message
+        self.size = size
+        self.key = key
+
+
+class Outbox:
+    """The byte-counted queue of messages waiting to be written to one connection.
+
+    ``max_buffered_bytes`` (at least 1) bounds the waiting bytes; ``policy`` says
+    what happens past it (see the module).
+
+    :raises InvalidArgumentError: ``max_buffered_bytes`` below 1, or an unknown policy.
+    """
+
+    def __init__(
+        self, max_buffered_bytes: int, policy: OverflowPolicy | str = OverflowPolicy.CLOSE
+    ) -> None:
+        if isinstance(max_buffered_bytes, bool) or not isinstance(max_buffered_bytes, int):
+            raise InvalidArgumentError(f"max_buffered_bytes must be an int: {max_buffered_bytes!r}")
+        if max_buffered_bytes < 1:
+            raise InvalidArgumentError(
+                f"max_buffered_bytes must be at least 1: {max_buffered_bytes!r}"
+            )
+        try:
+            self.policy = OverflowPolicy(policy)
+        except ValueError:
+            raise InvalidArgumentError(
+                f"policy must be one of {[p.value for p in OverflowPolicy]}: {policy!r}"
+            ) from None
+        self.max_buffered_bytes = max_buffered_bytes
+        self.buffered_bytes = 0
+        """Bytes waiting (the message being written is no longer counted)."""
+        self.dropped = 0
+        """Messages dropped under ``drop`` or ``latest``."""
+        self.replaced = 0
+        """Keyed messages replaced by a newer value under ``latest``."""
+        self.overflowed = False
+        """Set for good once a put answered :attr:`PutOutcome.OVERFLOW`."""
+        self._queue: collections.deque[_Entry] = collections.deque()
+        self._by_key: dict[str, _Entry] = {}
+
+    def __len__(self) -> int:
+        """How many messages wait."""
+        return len(self._queue)
+
+    def __bool__(self) -> bool:
+        return bool(self._queue)
+
+    def __iter__(self) -> Iterator[Message]:
+        """The waiting messages, oldest first (for tests and introspection)."""
+        return (entry.message for entry in self._queue)
+
+    @property
+    def hard_limit(self) -> int:
+        """The ceiling for control messages under ``drop`` and ``latest``: twice the limit."""
+        return 2 * self.max_buffered_bytes
+
+    def put(self, message: Message, *, key: str | None = None, control: bool = False) -> PutOutcome:
+        """Queue ``message`` (see the module for what happens past the limit).
+
+        ``key`` is the coalescing key of an event (used by ``latest`` only);
+        ``control`` marks a message that must not be dropped.
+        """
+        if self.overflowed:
+            return PutOutcome.OVERFLOW
+        size = message_size(message)
+        policy = self.policy
+        if (
+            key is not None
+            and not control
+            and policy is OverflowPolicy.LATEST
+            and (waiting := self._by_key.get(key)) is not None
+        ):
+            self.buffered_bytes += size - waiting.size
+            waiting.message = message
+            waiting.size = size
+            self.replaced += 1
+            return PutOutcome.REPLACED
+        total = self.buffered_bytes + size
+        if total > self.max_buffered_bytes:
+            if policy is OverflowPolicy.CLOSE or (control and total > self.hard_limit):
+                self.overflowed = True
+                return PutOutcome.OVERFLOW
+            if not control:
+                self.dropped += 1
+                return PutOutcome.DROPPED
+        entry = _Entry(message, size, key if policy is OverflowPolicy.LATEST else None)
+        self._queue.append(entry)
+        if entry.key is not None:
+            self._by_key[entry.key] = entry
+        self.buffered_bytes = total
+        return PutOutcome.QUEUED
+
+    def take(self) -> Message | None:
+        """The oldest waiting message, removed from the queue (None when empty)."""
+        if not self._queue:
+            return None
+        entry = self._queue.popleft()
+        if entry.key is not None:
+            del self._by_key[entry.key]
+        self.buffered_bytes -= entry.size
+        return entry.message
+
+    def clear(self) -> int:
+        """Forget every waiting message (the connection is closing); returns how many."""
+        count = len(self._queue)
+        self._queue.clear()
+        self._by_key.clear()
+        self.buffered_bytes = 0
+        return count
+
+    def __repr__(self) -> str:
+        return (
+            f"<Outbox {len(self._queue)} messages, {self.buffered_bytes}"
+            f"/{self.max_buffered_bytes} bytes, {self.policy.value}>"
+        )
