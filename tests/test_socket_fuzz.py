@@ -44,7 +44,13 @@ from meshline._sockets._frames import (
     UnsubscribeFrame,
     WelcomeFrame,
 )
-from meshline._sockets._protocol import ProtocolState, SocketProtocol
+from meshline._sockets._protocol import (
+    Event,
+    ProtocolState,
+    SocketProtocol,
+    Subscribed,
+    SubscribeRefused,
+)
 
 FUZZ_EXAMPLES = (
     10_000 if settings().max_examples >= settings.get_profile("thorough").max_examples else 300
@@ -291,25 +297,66 @@ def decode_or_documented_error(codec: Codec, message: Message) -> None:
 
 def feed(
     machine: SocketProtocol, message: Message, now: float = 5.0, *, handshake: bool = False
-) -> bool:
-    """Feed ``message``; True if the machine is still open. Only a protocol error may
-    come out, and then the machine must be closed with the error's code. Outside the
-    ``handshake``, a message that is not fatal leaves the state as it was."""
+) -> tuple[bool, Event | None]:
+    """Feed ``message``; say whether the machine is still open, and what it reported.
+
+    Only a protocol error may come out, and then the machine must be closed with the
+    error's code. Outside the ``handshake``, a message that is not fatal leaves the
+    state as it was.
+    """
     state = machine.state
     try:
-        machine.receive(message, now)
+        event = machine.receive(message, now)
     except RemoteProtocolError as exc:
         assert exc.close_code in CLOSE_CODES_FOR_VIOLATIONS
         assert len(exc.reason.encode()) <= 123
         assert machine.state is ProtocolState.CLOSED
         assert machine.close_code == exc.close_code and not machine.closed_by_peer
-        return False
+        return False, None
     if handshake:
         assert machine.state in (ProtocolState.START, ProtocolState.HELLO, ProtocolState.OPEN)
     else:
         assert machine.state is state
     assert machine.last_received_at == now
-    return True
+    return True, event
+
+
+class Expected:
+    """What a machine's tables must hold, given the events it reported: an event
+    changes exactly what it says, and a frame it ignored changes nothing."""
+
+    def __init__(self, machine: SocketProtocol) -> None:
+        self.calls = set(machine.pending_calls)
+        self.requests = set(machine.pending_requests)
+        self.topics = set(machine.subscriptions)
+
+    def apply(self, side: Side, event: Event | None) -> None:
+        if side is Side.SERVER:
+            if isinstance(event, CallFrame | SubscribeFrame):
+                assert event.id not in self.calls
+                self.calls.add(event.id)
+            elif isinstance(event, ReplyFrame | ReplyErrorFrame):
+                self.requests.remove(event.id)
+            elif isinstance(event, UnsubscribeFrame):
+                self.topics.discard(event.topic)
+            return
+        if isinstance(event, ResultFrame | ErrorFrame | SubscribeRefused):
+            self.calls.remove(event.id)
+        elif isinstance(event, Subscribed):
+            self.calls.remove(event.id)
+            self.topics.add(event.topic)
+        elif isinstance(event, RequestFrame):
+            assert event.id not in self.requests
+            self.requests.add(event.id)
+        elif isinstance(event, UnsubscribeFrame):
+            self.topics.remove(event.topic)
+        elif isinstance(event, EventFrame) and event.topic is not None:
+            assert event.topic in self.topics
+
+    def check(self, machine: SocketProtocol) -> None:
+        assert machine.pending_calls == self.calls
+        assert machine.pending_requests == self.requests
+        assert machine.subscriptions == self.topics
 
 
 def open_pair(codec: Codec) -> tuple[SocketProtocol, SocketProtocol]:
@@ -408,8 +455,7 @@ def test_a_server_survives_any_message_or_closes_with_a_code(
     codec: Codec, data: st.DataObject
 ) -> None:
     _, server = open_pair(codec)
-    message = data.draw(GARBAGE[codec] | FROM_CLIENT[codec])
-    if feed(server, message):
+    if feed(server, data.draw(GARBAGE[codec] | FROM_CLIENT[codec]))[0]:
         server_still_works(codec, server)
 
 
@@ -419,33 +465,32 @@ def test_a_client_survives_any_message_or_closes_with_a_code(
     codec: Codec, data: st.DataObject
 ) -> None:
     client, _ = open_pair(codec)
-    message = data.draw(GARBAGE[codec] | FROM_SERVER[codec])
-    if feed(client, message):
+    if feed(client, data.draw(GARBAGE[codec] | FROM_SERVER[codec]))[0]:
         client_still_works(codec, client)
 
 
 @fuzz
-@given(codecs, st.data())
-def test_a_server_survives_a_sequence_of_frames(codec: Codec, data: st.DataObject) -> None:
+@given(codecs, st.sampled_from([Side.CLIENT, Side.SERVER]), st.data())
+def test_a_sequence_of_frames_changes_only_what_its_events_say(
+    codec: Codec, side: Side, data: st.DataObject
+) -> None:
     """Well-formed frames with colliding ids, in any order, with some garbage: each is
-    handled or closes the machine, and an open machine still works at the end."""
-    _, server = open_pair(codec)
-    messages = data.draw(st.lists(FROM_CLIENT[codec] | GARBAGE[codec], min_size=1, max_size=8))
-    for message in messages:
-        if not feed(server, message):
+    handled or closes the machine; while open, the machine's pending ids and topics
+    are exactly what the events it reported imply, and at the end it still works."""
+    client, server = open_pair(codec)
+    machine = server if side is Side.SERVER else client
+    expected = Expected(machine)
+    frames = FROM_CLIENT[codec] if side is Side.SERVER else FROM_SERVER[codec]
+    for message in data.draw(st.lists(frames | GARBAGE[codec], min_size=1, max_size=8)):
+        still_open, event = feed(machine, message)
+        if not still_open:
             return
-    server_still_works(codec, server)
-
-
-@fuzz
-@given(codecs, st.data())
-def test_a_client_survives_a_sequence_of_frames(codec: Codec, data: st.DataObject) -> None:
-    client, _ = open_pair(codec)
-    messages = data.draw(st.lists(FROM_SERVER[codec] | GARBAGE[codec], min_size=1, max_size=8))
-    for message in messages:
-        if not feed(client, message):
-            return
-    client_still_works(codec, client)
+        expected.apply(side, event)
+        expected.check(machine)
+    if side is Side.SERVER:
+        server_still_works(codec, server)
+    else:
+        client_still_works(codec, client)
 
 
 @fuzz

@@ -426,10 +426,16 @@ def test_a_late_reply_after_the_server_cancelled_is_ignored(codec: Codec) -> Non
 
 
 def test_a_duplicate_call_id_in_progress_is_a_violation(codec: Codec) -> None:
-    _client, server = open_pair(codec)
-    server.receive(codec.encode(CallFrame(1, "a")), 1.0)
-    error = reject(server, codec.encode(SubscribeFrame(1, "t")))
-    assert "already in progress" in str(error)
+    for first, second in (
+        (CallFrame(1, "a"), CallFrame(1, "b")),
+        (CallFrame(1, "a"), SubscribeFrame(1, "t")),
+        (SubscribeFrame(1, "t"), CallFrame(1, "a")),
+        (SubscribeFrame(1, "t"), SubscribeFrame(1, "t")),
+    ):
+        _client, server = open_pair(codec)
+        server.receive(codec.encode(first), 1.0)
+        error = reject(server, codec.encode(second))
+        assert "already in progress" in str(error)
 
 
 def test_a_call_id_may_come_again_once_answered(codec: Codec) -> None:

@@ -244,6 +244,7 @@ class SocketProtocol:
 
     def __init__(self, side: Side | str, codec: Codec, *, max_message_size: int = 0) -> None:
         self.side = Side(side)
+        self._peer = self.side.peer
         self.codec = codec
         if not 0 <= max_message_size <= MAX_ID:
             raise ValueError(f"max_message_size must be between 0 and 2**53-1: {max_message_size}")
@@ -547,10 +548,6 @@ class SocketProtocol:
         else:
             receivers = {}
         self._receivers = receivers
-
-    @property
-    def _peer(self) -> Side:
-        return self.side.peer
 
     @property
     def _hello_version(self) -> int:
