@@ -1105,9 +1105,12 @@ purged key leaves nothing behind in the stream. Watchers see the marker as it is
 written; one that fell further behind than this would miss it (a replica reloads
 its snapshot after a reconnect, which settles that)."""
 
-SNAPSHOT_STALL_TIMEOUT = 10.0
+SNAPSHOT_STALL_TIMEOUT = 30.0
 """Seconds a watch's snapshot may go without a single new entry before opening the
-watch fails. A large snapshot may take as long as it needs while entries flow."""
+watch fails. A large snapshot may take as long as it needs while entries flow. (With
+10 s, one fresh open of a bucket of a million clients, right after a million more
+had left, failed once in a benchmark run, while the server was expiring their
+removal markers.)"""
 
 WATCH_INACTIVE_THRESHOLD = 300.0
 """Seconds after which the server drops a watch's consumer that lost its subscriber."""
@@ -1487,8 +1490,11 @@ class _NatsKeyValue(KeyValue):
         except BaseException:
             await subscription.unsubscribe()
             raise
-        if info.num_pending == 0 and subscription._sub._received == 0:
-            feed.finish_snapshot()  # nothing to load
+        delivered = info.delivered.consumer_seq if info.delivered is not None else 0
+        if info.num_pending == 0 and not delivered and subscription._sub._received == 0:
+            # Nothing to load. (Messages the server delivered but this side has not
+            # read yet are no longer pending: the last of them ends the snapshot.)
+            feed.finish_snapshot()
         return subscription
 
     async def _wait_for_snapshot(self, feed: _WatchFeed, pattern: str) -> None:
