@@ -86,6 +86,7 @@ from ._roles import MAX_NAME_BYTES, TOO_MANY_CALLS, CallSpec, EventSpec, RoleTab
 
 if TYPE_CHECKING:
     from ._local import LocalRegistry
+    from ._server import SocketServer
 
 __all__ = [
     "Connection",
@@ -293,6 +294,13 @@ class Connection:
         self._closed = trio.Event()
 
     # --- Introspection ---------------------------------------------------------------
+
+    @property
+    def server(self) -> SocketServer:
+        """The server this connection is on (for rooms, topics and introspection
+        from a handler)."""
+        server: SocketServer = self._hub.server
+        return server
 
     @property
     def rooms(self) -> frozenset[str]:
@@ -1132,6 +1140,8 @@ class ConnectionHub:
         """Every connection being run, visible or not yet."""
         self.closing = False
         """Set when the server starts shutting down: no new connections or calls."""
+        self.server: Any = None
+        """The :class:`SocketServer` (set by it)."""
         self.incarnation = secrets.token_hex(4)
         self._ids = itertools.count(1)
 

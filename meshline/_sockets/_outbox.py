@@ -26,8 +26,9 @@ Past the limit
       first one, so a key updated without pause still reaches the peer as often
       as the writer gets to it, and never waits behind everything queued since.
       This happens whether or not the queue is past the limit (only the newest
-      value per key ever waits). A keyed message with no waiting predecessor, and
-      any message without a key, fall back to ``drop`` past the limit.
+      value per key ever waits), as long as the queue stays under the hard
+      ceiling (below). A keyed message with no waiting predecessor, and any
+      message without a key, fall back to ``drop`` past the limit.
 
 Control messages
     Messages put with ``control=True`` (answers to calls, requests, pings,
@@ -37,7 +38,10 @@ Control messages
     the limit, up to twice the limit; past *that* hard ceiling the outbox
     overflows whatever the policy, so a peer that sends calls and never reads
     the answers cannot grow the queue without bound. Under ``close`` they
-    overflow at the limit like anything else.
+    overflow at the limit like anything else. (A ``latest`` replacement by a
+    bigger value may take the queue past the limit too, up to the same
+    ceiling.) So :attr:`Outbox.buffered_bytes` never exceeds twice
+    ``max_buffered_bytes``.
 
 Cancellation: there is nothing to cancel; every method returns at once.
 """
@@ -168,6 +172,9 @@ class Outbox:
             and policy is OverflowPolicy.LATEST
             and (waiting := self._by_key.get(key)) is not None
         ):
+            if self.buffered_bytes + size - waiting.size > self.hard_limit:
+                self.overflowed = True
+                return PutOutcome.OVERFLOW
             self.buffered_bytes += size - waiting.size
             waiting.message = message
             waiting.size = size
@@ -181,7 +188,9 @@ class Outbox:
             if not control:
                 self.dropped += 1
                 return PutOutcome.DROPPED
-        entry = _Entry(message, size, key if policy is OverflowPolicy.LATEST else None)
+        entry = _Entry(
+            message, size, key if policy is OverflowPolicy.LATEST and not control else None
+        )
         self._queue.append(entry)
         if entry.key is not None:
             self._by_key[entry.key] = entry

@@ -342,6 +342,7 @@ class SocketServer:
         )
         self._registry = LocalRegistry(self._check_event)
         self._hub = ConnectionHub(settings, self._registry)
+        self._hub.server = self
         self.local = LocalView(self._registry)
         """Synchronous introspection of this node's connections, rooms and topics."""
         self._listeners: list[trio.SocketListener] | list[trio.SSLListener[trio.SocketStream]] = []
@@ -527,7 +528,8 @@ class SocketServer:
             self._listeners = listeners
             logger.info("socket server: node %d listening on %s", self.node_id, self.url)
             task_status.started()
-            await trio.serve_listeners(self.serve_stream, listeners, handler_nursery=nursery)
+            streams: list[trio.abc.Listener[trio.abc.Stream]] = list(listeners)
+            await trio.serve_listeners(self.serve_stream, streams, handler_nursery=nursery)
 
     async def shutdown(self, code: int | None = None) -> None:
         """Stop listening and close every connection, in batches (see the module).
