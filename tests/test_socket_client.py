@@ -35,6 +35,7 @@ from meshline._sockets._client import (
     open_socket_client,
 )
 from meshline._sockets._codes import CloseCode, ErrorCode
+from meshline._sockets._connection import Connection, DisconnectReason
 from meshline._sockets._errors import (
     CallFailedError,
     ConnectionRejectedError,
@@ -58,6 +59,8 @@ from meshline._sockets._frames import (
     select_codec,
 )
 from meshline._sockets._protocol import SocketProtocol
+from meshline._sockets._roles import Role
+from meshline._sockets._server import Admission, Rejection, SocketRequest, open_socket_server
 
 FAST = ReconnectOptions(base=0.01, cap=0.05)
 """Reconnects within a few tens of milliseconds on the real clock."""
@@ -1070,3 +1073,296 @@ async def test_logs_name_the_failure(caplog: pytest.LogCaptureFixture) -> None:
         await server.last.close(CloseCode.KICKED, "bye")
         await changes.wait_for(ClientState.FAILED)
     assert "stopped for good" in caplog.text
+
+
+# --- Against meshline's own server -----------------------------------------------------
+
+
+@attrs.define(eq=False)
+class Backend:
+    """What the real server's handlers and hooks saw."""
+
+    server: Any = None
+    refuse_with: int | None = None
+    connected: list[Connection] = attrs.Factory(list)
+    disconnected: list[tuple[Connection, DisconnectReason]] = attrs.Factory(list)
+    typing: list[Any] = attrs.Factory(list)
+    cancelled: list[str] = attrs.Factory(list)
+    changed: Pulse = attrs.Factory(Pulse)
+
+    async def wait_for(self, predicate: Callable[[], bool]) -> None:
+        await self.changed.wait_for(predicate)
+
+    @property
+    def last(self) -> Connection:
+        return self.connected[-1]
+
+
+def backend_roles(backend: Backend, extra_calls: tuple[str, ...]) -> Role:
+    user = Role("user")
+
+    @user.call("echo")
+    async def echo_call(conn: Connection, data: Any) -> Any:
+        return data
+
+    @user.call("swap", input=Point, output=Point)
+    async def swap(conn: Connection, point: Point) -> Point:
+        return Point(point.y, point.x)
+
+    @user.call("refuse")
+    async def refuse_call(conn: Connection, data: Any) -> Any:
+        raise SocketError("not_found", "no such thing", {"id": data})
+
+    @user.call("hang")
+    async def hang_call(conn: Connection, data: Any) -> Any:
+        try:
+            await trio.sleep_forever()
+        finally:
+            backend.cancelled.append("hang")
+            backend.changed.pulse()
+
+    @user.on("typing")
+    def typing(conn: Connection, data: Any) -> None:
+        backend.typing.append(data)
+        backend.changed.pulse()
+
+    for name in extra_calls:
+        user.call(name)(echo_call)
+        user.on(name)(typing)
+    return user
+
+
+@asynccontextmanager
+async def real_server(
+    backend: Backend, *, extra_calls: tuple[str, ...] = (), **options: Any
+) -> AsyncIterator[Any]:
+    def authenticate(request: SocketRequest) -> Admission:
+        if backend.refuse_with is not None:
+            raise Rejection(backend.refuse_with, "not you")
+        if request.headers.get("authorization") == "Bearer crash":
+            raise RuntimeError("authenticate bug")
+        return Admission("user", user_id=request.query.get("user"))
+
+    def on_connect(conn: Connection) -> None:
+        backend.connected.append(conn)
+        backend.changed.pulse()
+
+    def on_disconnect(conn: Connection, reason: DisconnectReason) -> None:
+        backend.disconnected.append((conn, reason))
+        backend.changed.pulse()
+
+    options.setdefault("authorize_topic", lambda conn, topic: topic != "secret")
+    async with open_socket_server(
+        roles=[backend_roles(backend, extra_calls)],
+        authenticate=authenticate,
+        on_connect=on_connect,
+        on_disconnect=on_disconnect,
+        **options,
+    ) as server:
+        backend.server = server
+        yield server
+
+
+@pytest.mark.parametrize("encoding", ["msgpack", "json"])
+async def test_real_server_calls_events_and_requests(encoding: Any) -> None:
+    backend = Backend()
+    async with (
+        real_server(backend) as server,
+        open_socket_client(
+            server.url + "ws?user=u1", client_id="client-1", encoding=encoding
+        ) as client,
+    ):
+        conn = backend.last
+        assert (conn.id, conn.client_id, conn.user_id) == (client.connection_id, "client-1", "u1")
+        assert client.node_id == server.node_id
+        assert await client.call("echo", {"a": [1, "b"]}) == {"a": [1, "b"]}
+        assert await client.call("swap", Point(1, 2), result_type=Point) == Point(2, 1)
+        with pytest.raises(CallFailedError) as caught:
+            await client.call("refuse", 3)
+        assert (caught.value.code, caught.value.details, caught.value.application) == (
+            "not_found",
+            {"id": 3},
+            True,
+        )
+        for name, data, code in [
+            ("nothing", None, ErrorCode.UNKNOWN_CALL),
+            ("swap", {"x": "one"}, ErrorCode.BAD_INPUT),
+        ]:
+            with pytest.raises(CallFailedError) as caught:
+                await client.call(name, data)
+            assert caught.value.code == code and not caught.value.application
+
+        client.emit("typing", {"on": True})
+        await backend.wait_for(lambda: backend.typing == [{"on": True}])
+        heard: list[Any] = []
+        client.on("news", heard.append)
+        conn.emit("news", "extra")
+        await until(lambda: heard == ["extra"])
+
+        def confirm(data: Any) -> Any:
+            if data == "no":
+                raise SocketError("refused", "said no")
+            if data == "crash":
+                raise RuntimeError("client bug")
+            return {"ok": data}
+
+        client.implement("confirm", confirm)
+        assert await conn.request("confirm", "yes") == {"ok": "yes"}
+        with pytest.raises(CallFailedError) as caught:
+            await conn.request("confirm", "no")
+        assert (caught.value.code, caught.value.application) == ("refused", True)
+        with pytest.raises(CallFailedError) as caught:
+            await conn.request("confirm", "crash")
+        assert caught.value.code == ErrorCode.INTERNAL
+
+
+async def test_real_server_timeout_and_cancellation_reach_the_handler() -> None:
+    backend = Backend()
+    async with (
+        real_server(backend) as server,
+        open_socket_client(server.url, client_id="c") as client,
+    ):
+        with pytest.raises(SocketTimeoutError):
+            await client.call("hang", timeout=0.05)
+        await backend.wait_for(lambda: backend.cancelled == ["hang"])
+        with trio.move_on_after(0.05):
+            await client.call("hang")
+        await backend.wait_for(lambda: backend.cancelled == ["hang", "hang"])
+        assert await client.call("echo", "fine") == "fine"
+
+
+async def test_real_server_topics_survive_a_reconnect() -> None:
+    backend = Backend()
+    reconnects: list[str | None] = []
+    async with (
+        real_server(backend) as server,
+        open_socket_client(
+            server.url,
+            client_id="client-1",
+            reconnect=FAST,
+            on_reconnect=lambda client: reconnects.append(client.connection_id),
+        ) as client,
+        watched(client) as changes,
+    ):
+        heard: list[Any] = []
+        client.on("tick", heard.append, topic="prices")
+        await client.subscribe("prices")
+        with pytest.raises(CallFailedError) as caught:
+            await client.subscribe("secret")
+        assert caught.value.code == ErrorCode.FORBIDDEN
+        assert server.topic("prices").publish("tick", 1) == 1
+        await until(lambda: heard == [1])
+        first = backend.last
+        first.close_nowait(CloseCode.SERVICE_RESTART)
+        lost = await changes.wait_for(ClientState.RECONNECTING)
+        assert lost.close_code == CloseCode.SERVICE_RESTART
+        await changes.wait_for(ClientState.CONNECTED)
+        second = backend.last
+        assert second is not first
+        assert (second.client_id, second.previous_connection_id) == ("client-1", first.id)
+        await until(lambda: server.topic("prices").size == 1)
+        assert server.topic("prices").publish("tick", 2) == 1
+        await until(lambda: heard == [1, 2])
+        await until(lambda: reconnects == [second.id])
+
+
+async def test_real_server_call_in_flight_fails_at_once_when_the_server_closes() -> None:
+    backend = Backend()
+    async with (
+        real_server(backend) as server,
+        open_socket_client(
+            server.url, client_id="c", reconnect=FAST, call_timeout=math.inf
+        ) as client,
+    ):
+        failure: list[SocketClosedError] = []
+
+        async def caller() -> None:
+            with pytest.raises(SocketClosedError) as caught:
+                await client.call("hang")
+            failure.append(caught.value)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(caller)
+            await backend.wait_for(lambda: backend.last.is_open)
+            await trio.testing.wait_all_tasks_blocked()
+            backend.last.close_nowait(CloseCode.GOING_AWAY)
+        assert failure[0].close_code == CloseCode.GOING_AWAY
+        assert await client.call("echo", "again") == "again"  # waited for the reconnect
+
+
+async def test_real_server_kick_is_terminal() -> None:
+    backend = Backend()
+    async with (
+        real_server(backend) as server,
+        open_socket_client(server.url, client_id="c", reconnect=FAST) as client,
+        watched(client) as changes,
+    ):
+        await backend.last.close()  # kicked (4501)
+        failed = await changes.wait_for(ClientState.FAILED)
+        assert failed.close_code == CloseCode.KICKED
+        with pytest.raises(SocketClosedError):
+            await client.call("echo")
+    assert len(backend.connected) == 1
+
+
+@pytest.mark.parametrize("status", [401, 403])
+async def test_real_server_refusals(status: int) -> None:
+    backend = Backend()
+    async with real_server(backend) as server:
+        backend.refuse_with = status
+        with pytest.raises(ConnectionRejectedError) as caught:
+            async with open_socket_client(server.url, client_id="c"):
+                pytest.fail("admitted")
+        assert (caught.value.status, caught.value.reason) == (status, "not you")
+        backend.refuse_with = None
+        async with open_socket_client(server.url, client_id="c", reconnect=FAST) as client:
+            async with watched(client) as changes:
+                backend.refuse_with = status
+                backend.last.close_nowait(CloseCode.GOING_AWAY)
+                failed = await changes.wait_for(ClientState.FAILED)
+                assert isinstance(failed.error, ConnectionRejectedError)
+                assert failed.error.status == status
+    assert len(backend.connected) == 1
+
+
+async def test_real_server_crashing_authenticate_is_a_500() -> None:
+    backend = Backend()
+    async with real_server(backend) as server:
+        with pytest.raises(ConnectionRejectedError) as caught:
+            async with open_socket_client(
+                server.url, client_id="c", headers={"Authorization": "Bearer crash"}
+            ):
+                pytest.fail("admitted")
+        assert caught.value.status == 500
+
+
+async def test_real_server_sees_a_normal_close_when_the_block_ends() -> None:
+    backend = Backend()
+    async with real_server(backend) as server:
+        async with open_socket_client(server.url, client_id="c") as client:
+            client.emit("typing", "bye")
+        await backend.wait_for(lambda: len(backend.disconnected) == 1)
+        conn, reason = backend.disconnected[0]
+        assert (reason, conn.close_code) == (DisconnectReason.CLIENT_CLOSED, CloseCode.NORMAL)
+        assert backend.typing == ["bye"]
+
+
+async def test_real_server_names_of_any_content() -> None:
+    backend = Backend()
+    names = [name for name in WEIRD_NAMES if name not in ("echo", "typing")]
+    async with real_server(backend, extra_calls=tuple(names)) as server:
+        for name in names:
+            async with open_socket_client(server.url, client_id=name) as client:
+                assert backend.last.client_id == name
+        async with open_socket_client(server.url, client_id="c") as client:
+            heard: list[tuple[str, Any]] = []
+            for name in names:
+                assert await client.call(name, name) == name
+                client.emit(name, name)
+                await client.subscribe(name)
+                client.on(name, lambda data, name=name: heard.append((name, data)), topic=name)
+                assert server.topic(name).publish(name, name) == 1
+            await backend.wait_for(lambda: len(backend.typing) == len(names))
+            assert backend.typing == names
+            await until(lambda: len(heard) == len(names))
+            assert heard == [(name, name) for name in names]

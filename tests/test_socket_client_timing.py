@@ -28,8 +28,9 @@ from meshline._sockets._client import (
 )
 from meshline._sockets._codes import CloseCode
 from meshline._sockets._errors import ConnectionRejectedError, SocketClosedError
+from meshline._sockets._server import HeartbeatOptions
 
-from .test_socket_client import Changes, FakeServer
+from .test_socket_client import Backend, Changes, FakeServer, real_server
 
 URL = "ws://memory.test/sockets"
 
@@ -306,3 +307,42 @@ async def test_cancelling_the_block_still_closes_within_the_bound(
         await server.wait_for(lambda: conn.close_code is not None)
         assert conn.close_code == CloseCode.NORMAL
         outer.cancel_scope.cancel()
+
+
+# --- Against meshline's own server, over memory streams ------------------------------------------
+
+
+async def test_real_server_heartbeat_keeps_an_answering_client(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    backend = Backend()
+    async with trio.open_nursery() as nursery:
+        async with real_server(
+            backend, listen=False, heartbeat=HeartbeatOptions(interval=5.0, max_missed=2)
+        ) as server:
+
+            async def open_stream(url: str) -> trio.abc.Stream:
+                client_end, server_end = trio.testing.memory_stream_pair()
+                nursery.start_soon(server.serve_stream, server_end)
+                return client_end
+
+            async with open_socket_client(
+                URL, client_id="c", open_stream=open_stream, reconnect=ReconnectOptions(base=1.0)
+            ) as client:
+                changes = Changes()
+                nursery.start_soon(changes.collect, client)
+                await trio.sleep(3600)  # a virtual hour of pings and pongs
+                conn = backend.last
+                assert conn.is_open and backend.disconnected == []
+                assert conn.last_pong_at is not None
+                assert changes.seen == []
+                # The server shuts down: a reconnect-band close, then 503s, retried.
+                async with trio.open_nursery() as shutting:
+                    shutting.start_soon(server.shutdown)
+                    lost = await changes.wait_for(ClientState.RECONNECTING)
+                    assert lost.close_code == CloseCode.GOING_AWAY
+                    retry = await changes.wait_for(ClientState.RECONNECTING, 2)
+                    assert isinstance(retry.error, ConnectionRejectedError)
+                    assert retry.error.status == 503
+                assert client.state is ClientState.RECONNECTING
+        nursery.cancel_scope.cancel()
