@@ -57,6 +57,9 @@ FUZZ_EXAMPLES = (
 )
 """A few hundred in CI, 10,000 under the thorough profile."""
 
+pytestmark = pytest.mark.timeout(120 if FUZZ_EXAMPLES < 10_000 else 1800)
+"""10,000 examples of a machine test take a few minutes on 2 cores."""
+
 fuzz = settings(
     max_examples=FUZZ_EXAMPLES,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
