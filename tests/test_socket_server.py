@@ -160,6 +160,7 @@ async def connect(
         server.url.rstrip("/") + path,
         subprotocols=[subprotocol],
         extra_headers=headers,
+        connect_timeout=10,
         disconnect_timeout=5,
     ) as ws:
         client = RawClient(ws)
@@ -321,7 +322,7 @@ def test_node_of_connection_refuses_what_is_not_a_connection_id() -> None:
 async def test_no_supported_subprotocol_is_refused_with_400() -> None:
     async with running() as server:
         with pytest.raises(ConnectionRejected) as caught:
-            async with open_websocket_url(server.url, subprotocols=["chat.v2"]):
+            async with open_websocket_url(server.url, subprotocols=["chat.v2"], connect_timeout=10):
                 pass
         assert caught.value.status_code == 400
         assert caught.value.body is not None and b"meshline.v1.msgpack" in caught.value.body
@@ -803,12 +804,12 @@ async def test_on_disconnect_server_closed_with_the_code_sent() -> None:
             assert client.welcome is not None
             conn = server.connection(client.welcome.connection_id)
             assert conn is not None
+            # What was queued before the close still arrives, then the close.
             conn.emit("last words", "bye")
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(conn.close)
-                # What was queued before the close still arrives, then the close.
-                assert (await client.next_of(EventFrame)).name == "last words"
-                assert await client.closed() == CloseCode.KICKED
+            conn.close_nowait()
+            assert (await client.next_of(EventFrame)).name == "last words"
+            assert await client.closed() == CloseCode.KICKED
+            await conn.wait_closed()
         assert not should_reconnect(CloseCode.KICKED)
         assert hooks.disconnected == [(conn.id, DisconnectReason.SERVER_CLOSED, 4501)]
         await conn.close()  # closing again does nothing

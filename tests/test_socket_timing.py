@@ -111,7 +111,9 @@ async def memory_server(**options: Any) -> AsyncIterator[tuple[SocketServer, Rec
                     await client.hello(client_id)
                 return client
 
-            yield server, recorder, connect
+            # On the MockClock a hang fails at once, in virtual time.
+            with trio.fail_after(100_000):
+                yield server, recorder, connect
             nursery.cancel_scope.cancel()
 
 

@@ -83,7 +83,7 @@ MiB = 1024 * 1024
 
 
 def _positive_number(what: str, *, allow_inf: bool = False) -> Callable[[Any, Any, Any], None]:
-    def check(_instance: Any, _attribute: Any, value: Any) -> None:
+    def check(instance: Any, attribute: Any, value: Any) -> None:
         if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
             raise InvalidArgumentError(f"{what} must be a number: {value!r}")
         if value <= 0 or (value == math.inf and not allow_inf) or (value > 1e9 and not allow_inf):
@@ -93,7 +93,7 @@ def _positive_number(what: str, *, allow_inf: bool = False) -> Callable[[Any, An
 
 
 def _int_at_least(what: str, low: int, high: int = MAX_ID) -> Callable[[Any, Any, Any], None]:
-    def check(_instance: Any, _attribute: Any, value: Any) -> None:
+    def check(instance: Any, attribute: Any, value: Any) -> None:
         if isinstance(value, bool) or not isinstance(value, int):
             raise InvalidArgumentError(f"{what} must be an int: {value!r}")
         if not low <= value <= high:
@@ -157,12 +157,12 @@ class ShutdownOptions:
     code: int = attrs.field(default=CloseCode.GOING_AWAY)
 
     @batch_interval.validator
-    def _check_interval(self, _attribute: Any, value: Any) -> None:
+    def _check_interval(self, attribute: Any, value: Any) -> None:
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1e9:
             raise InvalidArgumentError(f"batch_interval must be a number of seconds: {value!r}")
 
     @code.validator
-    def _check_code(self, _attribute: Any, value: Any) -> None:
+    def _check_code(self, attribute: Any, value: Any) -> None:
         check_close_code(value)
 
 
