@@ -284,6 +284,8 @@ class FakeServer:
         self.handlers: dict[str, CallHandler] = {"echo": echo, "refuse": refuse, "hang": hang}
         self.reject_with: int | None = None
         """Refuse upgrades with this HTTP status."""
+        self.close_before_welcome: int | None = None
+        """Close the WebSocket with this code instead of welcoming the hello."""
         self.hold: trio.Event | None = None
         """While set to an unset event, upgrades wait for it."""
         self.upgrades: list[Upgrade] = []
@@ -337,6 +339,9 @@ class FakeServer:
         protocol = SocketProtocol(Side.SERVER, codec)
         hello = protocol.receive(await ws.get_message(), trio.current_time())
         assert isinstance(hello, HelloFrame)
+        if self.close_before_welcome is not None:
+            await ws.aclose(self.close_before_welcome, "not now")
+            return
         connection_id = f"conn-{len(self.connections) + 1}"
         welcomed_at = trio.current_time()
         await ws.send_message(

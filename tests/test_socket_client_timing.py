@@ -221,6 +221,41 @@ async def test_a_kicked_client_never_comes_back(autojump_clock: trio.abc.Clock) 
         assert len(server.upgrades) == 1
 
 
+async def test_a_terminal_close_before_the_welcome_stops_the_client(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    server = FakeServer()
+    async with memory_client(server) as (_client, changes):
+        server.close_before_welcome = CloseCode.UNAUTHORIZED
+        await server.last.close(CloseCode.GOING_AWAY)
+        failed = await changes.wait_for(ClientState.FAILED)
+        assert (failed.close_code, failed.close_reason) == (CloseCode.UNAUTHORIZED, "not now")
+        await trio.sleep(24 * 3600)
+        assert len(server.upgrades) == 2
+    async with trio.open_nursery() as nursery:
+        with pytest.raises(SocketConnectError) as caught:
+            async with open_socket_client(
+                URL, client_id="c", open_stream=server.memory_opener(nursery)
+            ):
+                pytest.fail("welcomed")
+        assert caught.value.close_code == CloseCode.UNAUTHORIZED
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_reconnect_band_close_before_the_welcome_is_retried(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    server = FakeServer()
+    async with memory_client(server) as (_client, changes):
+        server.close_before_welcome = CloseCode.TRY_AGAIN_LATER
+        await server.last.close(CloseCode.GOING_AWAY)
+        retry = await changes.wait_for(ClientState.RECONNECTING, 2)
+        assert isinstance(retry.error, SocketConnectError)
+        assert retry.error.close_code == CloseCode.TRY_AGAIN_LATER
+        server.close_before_welcome = None
+        await changes.wait_for(ClientState.CONNECTED)
+
+
 # --- Heartbeat ------------------------------------------------------------------------
 
 

@@ -139,7 +139,17 @@ class SocketConnectError(MeshlineError):
     """A connection attempt failed before the server's welcome: the server could
     not be reached, the WebSocket upgrade or the handshake failed, or the server
     closed first. (A refusal with an HTTP status is
-    :class:`~meshline.ConnectionRejectedError` instead.)"""
+    :class:`~meshline.ConnectionRejectedError` instead.)
+
+    ``close_code`` and ``reason`` say how the WebSocket closed when it was open
+    already (None otherwise); a terminal-band code stops the client for good,
+    as after a welcome.
+    """
+
+    def __init__(self, message: str, close_code: int | None = None, reason: str = "") -> None:
+        super().__init__(message)
+        self.close_code = close_code
+        self.reason = reason
 
 
 class SocketConnectTimeoutError(SocketConnectError, TimeoutError):
@@ -223,12 +233,7 @@ def _leaves(error: BaseException) -> list[BaseException]:
     return [error]
 
 
-_CONNECT_FAILURES = (
-    OSError,
-    trio_websocket.HandshakeError,
-    trio.BrokenResourceError,
-    RemoteProtocolError,
-)
+_CONNECT_FAILURES = (OSError, trio_websocket.HandshakeError, trio.BrokenResourceError)
 
 
 def _connect_error(error: BaseException, url: str) -> BaseException:
@@ -245,9 +250,16 @@ def _connect_error(error: BaseException, url: str) -> BaseException:
     if isinstance(leaf, trio.TooSlowError):
         return SocketConnectTimeoutError(f"no welcome from {url} within the connect timeout")
     if isinstance(leaf, trio_websocket.ConnectionClosed):
-        reason = leaf.reason
-        code = reason.code if reason is not None else None
-        return SocketConnectError(f"{url} closed the connection before its welcome (code {code})")
+        close = leaf.reason
+        code = close.code if close is not None else None
+        reason = (close.reason or "") if close is not None else ""
+        return SocketConnectError(
+            f"{url} closed the connection before its welcome (code {code})", code, reason
+        )
+    if isinstance(leaf, RemoteProtocolError):
+        return SocketConnectError(
+            f"handshake with {url} failed: {leaf}", leaf.close_code, leaf.reason
+        )
     if isinstance(leaf, _CONNECT_FAILURES):
         return SocketConnectError(f"cannot connect to {url}: {leaf!r}")
     return error
@@ -895,15 +907,33 @@ class SocketClient:
                     if isinstance(exc, ConnectionRejectedError) and exc.status in _REFUSED_STATUSES
                     else None
                 )
+                terminal = (
+                    exc
+                    if isinstance(exc, SocketConnectError) and not should_reconnect(exc.close_code)
+                    else None
+                )
                 if not started:
                     first_tries += 1
                     logger.warning("socket client %r: %s", self.client_id, exc)
-                    if refusal is not None or first_tries >= len(self._targets):
+                    if refusal or terminal or first_tries >= len(self._targets):
                         raise
                     continue  # the first connect tries every URL once
                 if refusal is not None:
                     self._fail(
                         functools.partial(ConnectionRejectedError, refusal.status, refusal.reason)
+                    )
+                    return
+                if terminal is not None:
+                    code, reason = terminal.close_code, terminal.reason
+                    self._fail(
+                        functools.partial(
+                            SocketClosedError,
+                            f"closed for good with {code} ({reason})",
+                            code,
+                            reason,
+                        ),
+                        close_code=code,
+                        close_reason=reason,
                     )
                     return
                 logger.info("socket client %r: attempt failed: %s", self.client_id, exc)
