@@ -195,7 +195,9 @@ class Membership:
     ``on_down(node_id)`` is called (synchronously) before a ``DOWN`` event is
     delivered anywhere; ``on_leader_entry()`` whenever the watch saw the leader key
     change, or reloaded; ``confirm()`` when a peer's death waits for this node's own
-    heartbeat to come back (it should beat at once).
+    heartbeat to come back (it should beat at once). ``connected()`` is the
+    transport's connection state right now: a view is never trusted while it is
+    False, even before the ``DISCONNECTED`` event has reached the view.
     """
 
     def __init__(
@@ -206,11 +208,13 @@ class Membership:
         on_down: Callable[[int], None],
         on_leader_entry: Callable[[], None],
         confirm: Callable[[], None],
+        connected: Callable[[], bool],
     ) -> None:
         self.node_id = 0
         self.view = MembershipView()
         self.view.own_interval = heartbeat_interval
         self._confirm = confirm
+        self._connected = connected
         self._ttl = ttl
         self._heartbeat_interval = heartbeat_interval
         self._on_down = on_down
@@ -230,11 +234,11 @@ class Membership:
     # ------------------------------------------------------------------ queries
 
     def is_trustworthy(self) -> bool:
-        return self.view.is_trustworthy(trio.current_time())
+        return self._connected() and self.view.is_trustworthy(trio.current_time())
 
     async def wait_for_trustworthy(self) -> None:
         """Return once the view is trustworthy. Cancellable."""
-        while not self.view.is_trustworthy(trio.current_time()):
+        while not self.is_trustworthy():
             changed = self._changed
             with trio.move_on_after(self._heartbeat_interval):
                 await changed.wait()
@@ -397,8 +401,14 @@ class Membership:
         view = self.view
         while True:
             changed = self._changed
-            with trio.move_on_at(view.next_deadline(trio.current_time())):
+            if self._connected():
+                wake_at = view.next_deadline(trio.current_time())
+            else:  # the DISCONNECTED event is on its way, or the reconnect
+                wake_at = trio.current_time() + self._heartbeat_interval
+            with trio.move_on_at(wake_at):
                 await changed.wait()
+            if not self._connected():
+                continue
             now = trio.current_time()
             self.publish(view.expire(now))
             if view.awaiting_confirmation(now):

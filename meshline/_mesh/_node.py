@@ -118,6 +118,7 @@ class Node:
             on_down=self._on_down,
             on_leader_entry=self._on_leader_entry,
             confirm=self._confirm_deaths,
+            connected=lambda: transport.connected,
         )
         self._requester = RequestClient(
             transport, prefix, self._requests, self._membership.view.is_alive
@@ -189,7 +190,7 @@ class Node:
         The transport's own connection state counts at once, before the
         ``DISCONNECTED`` event has reached the view.
         """
-        return self._transport.connected and self._membership.is_trustworthy()
+        return self._membership.is_trustworthy()
 
     async def wait_for_trustworthy_view(self) -> None:
         """Return once :attr:`view_is_trustworthy` holds. Cancellable."""
