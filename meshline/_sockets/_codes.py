@@ -20,7 +20,7 @@ Close codes
     sorted into the bands by :func:`should_reconnect` too.
 
 Error codes
-    :class:`ErrorCode` names the ``code`` strings that meshline itself puts in
+    :class:`SocketErrorCode` names the ``code`` strings that meshline itself puts in
     ``error`` and ``reply_error`` frames (and in the typed errors the client
     raises). An application error (a handler raising ``SocketError(code,
     message)``) carries whatever code the application chose: codes are plain
@@ -40,6 +40,7 @@ __all__ = [
     "TERMINAL_BAND",
     "CloseCode",
     "ErrorCode",
+    "SocketErrorCode",
     "close_reason",
     "should_reconnect",
 ]
@@ -191,7 +192,7 @@ def close_reason(code: int) -> str:
         return f"code {code}"
 
 
-class ErrorCode(enum.StrEnum):
+class SocketErrorCode(enum.StrEnum):
     """The ``code`` strings meshline itself uses in ``error`` and ``reply_error`` frames.
 
     Applications use any other string for their own errors; a client tells
@@ -228,3 +229,7 @@ class ErrorCode(enum.StrEnum):
     """The answer is larger than the receiver's ``max_message_size``."""
     SHUTTING_DOWN = "shutting_down"
     """The server is closing and no longer starts handlers."""
+
+
+ErrorCode = SocketErrorCode
+"""The name the socket modules use for :class:`SocketErrorCode`."""
