@@ -233,6 +233,16 @@ def make_roles() -> tuple[Role, Role]:
         finally:
             conn.data.seen.append("cancelled")
 
+    @user.call("slow_unwind", timeout=math.inf)
+    async def slow_unwind(conn: Connection, data: Any) -> None:
+        conn.data.seen.append("sleeping")
+        try:
+            await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.sleep(0.05)  # cleanup that takes a while
+            conn.data.seen.append("cancelled")
+
     @user.call("quick_timeout", timeout=0.01)
     async def quick_timeout(conn: Connection, data: Any) -> None:
         await trio.sleep_forever()
@@ -796,6 +806,23 @@ async def test_on_disconnect_client_closed() -> None:
         assert hooks.disconnected == [(conn.id, DisconnectReason.CLIENT_CLOSED, 4321)]
         assert conn.disconnect_reason is DisconnectReason.CLIENT_CLOSED
         assert conn.id not in server.local.connections
+
+
+async def test_on_disconnect_runs_after_the_running_handlers_unwound() -> None:
+    seen_at_disconnect: list[list[Any]] = []
+
+    def on_disconnect(conn: Connection, reason: DisconnectReason) -> None:
+        seen_at_disconnect.append(list(conn.data.seen))
+
+    async with running(on_disconnect=on_disconnect) as server:
+        async with connect(server) as client:
+            assert client.welcome is not None
+            conn = server.connection(client.welcome.connection_id)
+            assert conn is not None
+            await client.send(client.protocol.call("slow_unwind")[1])
+            await wait_for(lambda: conn.data.seen == ["sleeping"])
+        await conn.wait_closed()
+    assert seen_at_disconnect == [["sleeping", "cancelled"]]
 
 
 async def test_on_disconnect_server_closed_with_the_code_sent() -> None:

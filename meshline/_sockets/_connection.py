@@ -13,11 +13,12 @@ Life of a connection
     3. ``on_connect(conn)`` runs; the connection is not yet visible in
        introspection, so it can seed ``data`` and join rooms. If it raises, the
        connection closes with 1011 and ``on_disconnect`` is not called;
-    4. the connection becomes visible, and a reader task and a heartbeat task
-       start. The reader drains trio-websocket's receive queue into the protocol
-       machine and never blocks on anything else (trio-websocket stops answering
-       WebSocket pings while its queue is full): calls and async event handlers
-       run in tasks of their own;
+    4. the connection becomes visible, and its task becomes the reader: it
+       drains trio-websocket's receive queue into the protocol machine and never
+       blocks on anything else (trio-websocket stops answering WebSocket pings
+       while its queue is full): calls and async event handlers run in tasks of
+       their own. The reader also keeps the heartbeat: it stops waiting at each
+       of the protocol's deadlines to queue a ping, or to reap a silent client;
     5. the connection ends through one path, :meth:`Connection._end`, whatever
        ends it: the client closing (or vanishing), the server closing it, the
        heartbeat reaping it, its outbox overflowing, a protocol violation, or the
@@ -31,7 +32,12 @@ Life of a connection
        chose (``server_closed``, ``server_exit``) the writer first sends what is
        queued; otherwise it only finishes the message it is writing. A peer that
        does not take the close in time has its TCP connection closed;
-    7. ``on_disconnect(conn, reason)`` runs, exactly once.
+    7. the cancelled handlers are given ``close_timeout`` to unwind, then
+       ``on_disconnect(conn, reason)`` runs, exactly once.
+
+    Per connection that is three tasks (trio-websocket's reader, the writer,
+    and the connection's own) and no nursery beyond the stream's: every idle
+    connection pays for each in memory.
 
     trio-websocket records 1000 locally whatever code the server sent, so the
     codes here are meshline's own record.
@@ -224,6 +230,48 @@ class Connection:
     outgoing queue (see backpressure in the Sockets docs).
     """
 
+    __slots__ = (
+        "_admitted_client_id",
+        "_calls",
+        "_clock_offset",
+        "_closed",
+        "_closing",
+        "_connected",
+        "_drain",
+        "_event_scopes",
+        "_hub",
+        "_idle",
+        "_life",
+        "_nursery",
+        "_outbox",
+        "_protocol",
+        "_requests",
+        "_role_calls",
+        "_role_events",
+        "_rooms",
+        "_visible",
+        "_wakeup",
+        "_writer_done",
+        "_writer_scope",
+        "_ws",
+        "client_id",
+        "client_name",
+        "client_version",
+        "close_code",
+        "close_reason",
+        "connected_at",
+        "context",
+        "data",
+        "disconnect_reason",
+        "id",
+        "ignored_events",
+        "previous_connection_id",
+        "remote",
+        "role",
+        "subprotocol",
+        "user_id",
+    )
+
     def __init__(
         self,
         hub: ConnectionHub,
@@ -282,9 +330,12 @@ class Connection:
         self._role_events: Mapping[str, EventSpec] = settings.roles.events[role]
         self._rooms: set[str] = set()
         self._calls: dict[int, _RunningCall] = {}
-        self._event_tasks = 0
+        self._event_scopes: set[trio.CancelScope] = set()
+        self._idle: trio.Event | None = None
         self._requests: dict[int, _PendingRequest] = {}
         self._life = trio.CancelScope()
+        self._writer_scope = trio.CancelScope()
+        self._writer_done = False
         self._nursery: trio.Nursery | None = None
         self._wakeup = trio.Event()
         self._closing = False
@@ -577,6 +628,10 @@ class Connection:
                 pending.closed = error
                 pending.done.set()
         self._life.cancel()
+        for running in self._calls.values():
+            running.scope.cancel()
+        for scope in self._event_scopes:
+            scope.cancel()
         self._wakeup.set()
         log = logger.info if reason is not DisconnectReason.CLIENT_CLOSED else logger.debug
         log("connection %s: %s (code %s: %s)", self.id, reason.value, code, self.close_reason)
@@ -601,30 +656,54 @@ class Connection:
 
     # --- Internals: the tasks ----------------------------------------------------------------
 
-    async def _run(self, hello_timeout: float) -> None:
-        """The whole life of the connection (see the module)."""
-        writer_done = trio.Event()
+    async def _run(self, hello_timeout: float, nursery: trio.Nursery) -> None:
+        """The whole life of the connection (see the module).
+
+        This task is the reader. The writer and the handlers run in ``nursery``
+        (the stream's own), each in a cancel scope the connection's end cancels:
+        no nursery or task of the connection's own, since every idle connection
+        pays for them in memory.
+        """
+        self._nursery = nursery
         try:
-            async with trio.open_nursery() as outer:
-                outer.start_soon(self._write_loop, writer_done)
-                with self._life:
-                    async with trio.open_nursery() as nursery:
-                        self._nursery = nursery
-                        if await self._open(hello_timeout):
-                            nursery.start_soon(self._read_loop)
-                            if self._protocol.heartbeat_interval > 0:
-                                nursery.start_soon(self._heartbeat_loop)
-                if not self._closing:  # cannot happen: the reader ends through _end
-                    self._end(DisconnectReason.SERVER_CLOSED, CloseCode.INTERNAL_ERROR)
-                await self._close_websocket(writer_done, outer.cancel_scope)
-                outer.cancel_scope.cancel()
+            nursery.start_soon(self._write_loop)
+            with self._life:
+                if await self._open(hello_timeout):
+                    await self._read_loop()
+            if not self._closing:  # cannot happen: the reader ends through _end
+                self._end(DisconnectReason.SERVER_CLOSED, CloseCode.INTERNAL_ERROR)
+            await self._close_websocket()
         finally:
             if not self._closing:  # cancelled from outside: the server is going away
                 self._end(DisconnectReason.SERVER_EXIT, CloseCode.GOING_AWAY)
             with trio.CancelScope(shield=True):
                 if self._ws.closed is None:
                     await self._abort_websocket()
+                await self._handlers_finished()
                 await self._disconnected()
+
+    def _running_handlers(self) -> int:
+        return len(self._calls) + len(self._event_scopes)
+
+    def _handler_done(self) -> None:
+        if self._idle is not None and not self._running_handlers():
+            self._idle.set()
+
+    async def _handlers_finished(self) -> None:
+        """Wait (within ``close_timeout``) for the cancelled handlers to unwind, so
+        that ``on_disconnect`` runs after them."""
+        if not self._running_handlers():
+            return
+        self._idle = trio.Event()
+        with trio.move_on_after(self._hub.settings.close_timeout) as scope:
+            await self._idle.wait()
+        if scope.cancelled_caught:
+            logger.warning(
+                "connection %s: %d handler(s) still running %g s after the close",
+                self.id,
+                self._running_handlers(),
+                self._hub.settings.close_timeout,
+            )
 
     async def _open(self, hello_timeout: float) -> bool:
         """Handshake, ``on_connect``, visibility; False if the connection ended meanwhile."""
@@ -690,7 +769,7 @@ class Connection:
         logger.debug("connection %s: open (role %r, client %r)", self.id, self.role, client_id)
         return True
 
-    async def _write_loop(self, done: trio.Event) -> None:
+    async def _write_loop(self) -> None:
         """The only writer of the WebSocket: sends what the outbox holds, in order.
 
         While the connection is open it waits for more; once it is closing, it
@@ -699,28 +778,45 @@ class Connection:
         outbox = self._outbox
         ws = self._ws
         try:
-            while True:
-                message = outbox.take()
-                if message is None:
-                    if self._closing:
-                        return
-                    self._wakeup = trio.Event()
-                    await self._wakeup.wait()
-                    continue
-                await ws.send_message(message)
+            with self._writer_scope:
+                while True:
+                    message = outbox.take()
+                    if message is None:
+                        if self._closing:
+                            return
+                        self._wakeup = trio.Event()
+                        await self._wakeup.wait()
+                        continue
+                    await ws.send_message(message)
         except ConnectionClosed as exc:
             if not self._closing:
                 self._peer_gone(exc)
         finally:
-            done.set()
+            self._writer_done = True
+            self._wakeup.set()
 
     async def _read_loop(self) -> None:
-        """Drain trio-websocket's queue into the protocol; blocks on nothing else."""
+        """Drain trio-websocket's queue into the protocol; blocks on nothing else.
+
+        It also keeps the heartbeat: at each of the protocol's deadlines it stops
+        waiting, queues a ping when one is due, and reaps a client silent too long
+        (a task of its own would cost memory on every idle connection).
+        """
         ws = self._ws
         protocol = self._protocol
+        heartbeat = protocol.heartbeat_interval > 0
         while True:
             try:
-                message = await ws.get_message()
+                if heartbeat:
+                    message: Message | None = None
+                    with trio.move_on_at(protocol.next_deadline()):
+                        message = await ws.get_message()
+                    if message is None:
+                        if self._beat():
+                            continue
+                        return
+                else:
+                    message = await ws.get_message()
             except ConnectionClosed as exc:
                 self._peer_gone(exc)
                 return
@@ -738,31 +834,31 @@ class Connection:
                 self._end(DisconnectReason.SERVER_CLOSED, CloseCode.INTERNAL_ERROR)
                 return
 
-    async def _heartbeat_loop(self) -> None:
-        """Ping every interval (through the outbox); reap the client once silent too long."""
+    def _beat(self) -> bool:
+        """A heartbeat deadline passed: ping (through the outbox) when one is due,
+        reap the client when it has been silent too long. False once reaped."""
         protocol = self._protocol
-        while True:
-            await trio.sleep_until(protocol.next_deadline())
-            now = trio.current_time()
-            if protocol.is_dead(now):
-                logger.info(
-                    "connection %s: silent for %g s: reaped",
-                    self.id,
-                    protocol.heartbeat_interval * (protocol.heartbeat_max_missed + 1),
-                )
-                self._end(DisconnectReason.REAPED, CloseCode.HEARTBEAT_MISSED)
-                return
-            if protocol.heartbeat_due(now):
-                self._deliver(protocol.ping(now), None, control=True)
+        now = trio.current_time()
+        if protocol.is_dead(now):
+            logger.info(
+                "connection %s: silent for %g s: reaped",
+                self.id,
+                protocol.heartbeat_interval * (protocol.heartbeat_max_missed + 1),
+            )
+            self._end(DisconnectReason.REAPED, CloseCode.HEARTBEAT_MISSED)
+            return False
+        if protocol.heartbeat_due(now):
+            self._deliver(protocol.ping(now), None, control=True)
+        return True
 
-    async def _close_websocket(
-        self, writer_done: trio.Event, writer_scope: trio.CancelScope
-    ) -> None:
+    async def _close_websocket(self) -> None:
         """Let the writer finish, then close the WebSocket, all within ``close_timeout``."""
         with trio.move_on_after(self._hub.settings.close_timeout) as deadline:
             deadline.shield = True
-            self._wakeup.set()
-            await writer_done.wait()
+            while not self._writer_done:
+                self._wakeup.set()
+                self._wakeup = trio.Event()
+                await self._wakeup.wait()
             if self._ws.closed is None:
                 await self._ws.aclose(self.close_code or CloseCode.GOING_AWAY, self.close_reason)
         if deadline.cancelled_caught:
@@ -771,7 +867,7 @@ class Connection:
                 self.id,
                 self._hub.settings.close_timeout,
             )
-            writer_scope.cancel()
+            self._writer_scope.cancel()
             await self._abort_websocket()
 
     async def _abort_websocket(self) -> None:
@@ -870,11 +966,13 @@ class Connection:
 
     def _start_call(self, call_id: int, timeout: float | None) -> _RunningCall | None:
         """Account for a new call; None (and an error answer) if it may not start."""
+        if self._closing:
+            return None
         if self._hub.closing:
             self._answer_error(call_id, ErrorCode.SHUTTING_DOWN, "the server is shutting down")
             return None
         limit = self._hub.settings.max_concurrent_calls
-        if len(self._calls) + self._event_tasks >= limit:
+        if self._running_handlers() >= limit:
             self._answer_error(
                 call_id, TOO_MANY_CALLS, f"{limit} calls already in progress on this connection"
             )
@@ -948,6 +1046,7 @@ class Connection:
                 )
         finally:
             self._calls.pop(call_id, None)
+            self._handler_done()
 
     def _on_event(self, frame: EventFrame) -> None:
         spec = self._role_events.get(frame.name)
@@ -975,7 +1074,9 @@ class Connection:
         if handler is None:
             return
         if spec.is_async:
-            if len(self._calls) + self._event_tasks >= self._hub.settings.max_concurrent_calls:
+            if self._closing:
+                return
+            if self._running_handlers() >= self._hub.settings.max_concurrent_calls:
                 self.ignored_events += 1
                 logger.warning(
                     "connection %s: event %s dropped: too many handlers running",
@@ -983,9 +1084,10 @@ class Connection:
                     _shown(frame.name),
                 )
                 return
-            self._event_tasks += 1
+            scope = trio.CancelScope()
+            self._event_scopes.add(scope)
             assert self._nursery is not None
-            self._nursery.start_soon(self._run_event, spec, value)
+            self._nursery.start_soon(self._run_event, spec, value, scope)
             return
         try:
             result = handler(self, value)
@@ -1002,16 +1104,18 @@ class Connection:
                 _shown(frame.name),
             )
 
-    async def _run_event(self, spec: EventSpec, value: Any) -> None:
+    async def _run_event(self, spec: EventSpec, value: Any, scope: trio.CancelScope) -> None:
         try:
-            assert spec.handler is not None
-            await _maybe_await(spec.handler(self, value))
+            with scope:
+                assert spec.handler is not None
+                await _maybe_await(spec.handler(self, value))
         except Exception:
             logger.exception(
                 "connection %s: handler of event %s failed", self.id, _shown(spec.name)
             )
         finally:
-            self._event_tasks -= 1
+            self._event_scopes.discard(scope)
+            self._handler_done()
 
     def _on_subscribe(self, frame: SubscribeFrame) -> None:
         try:
@@ -1066,6 +1170,7 @@ class Connection:
                 )
         finally:
             self._calls.pop(call_id, None)
+            self._handler_done()
 
     def _accept_subscribe(self, call_id: int, topic: str) -> None:
         try:
@@ -1183,8 +1288,11 @@ class ConnectionHub:
         client_id: str | None,
         context: Any,
         remote: str,
+        nursery: trio.Nursery,
     ) -> Connection:
-        """Run one accepted WebSocket as a connection until it is over; return it."""
+        """Run one accepted WebSocket as a connection until it is over; return it.
+
+        ``nursery`` runs the connection's writer (it must outlive the call)."""
         conn = Connection(
             self,
             ws,
@@ -1199,7 +1307,7 @@ class ConnectionHub:
         self.serving.add(conn)
         if self.closing:
             conn._end(DisconnectReason.SERVER_EXIT, CloseCode.GOING_AWAY)
-        await conn._run(self.settings.handshake_timeout)
+        await conn._run(self.settings.handshake_timeout, nursery)
         return conn
 
     def end_all(self, connections: Iterable[Connection], code: int) -> None:

@@ -113,6 +113,17 @@ class Outbox:
     :raises InvalidArgumentError: ``max_buffered_bytes`` below 1, or an unknown policy.
     """
 
+    __slots__ = (
+        "_by_key",
+        "_queue",
+        "buffered_bytes",
+        "dropped",
+        "max_buffered_bytes",
+        "overflowed",
+        "policy",
+        "replaced",
+    )
+
     def __init__(
         self, max_buffered_bytes: int, policy: OverflowPolicy | str = OverflowPolicy.CLOSE
     ) -> None:

@@ -446,6 +446,7 @@ class SocketServer:
             client_id=admission.client_id,
             context=admission.context,
             remote=remote,
+            nursery=nursery,
         )
 
     async def _admit(
