@@ -85,6 +85,14 @@ def test_latest_policy_replaces_in_place_and_drops_others_past_the_limit() -> No
     assert drain(outbox) == [b"cursor=3"]
 
 
+def test_a_bigger_replacement_stops_at_twice_the_limit() -> None:
+    outbox = Outbox(10, "latest")
+    assert outbox.put(b"k=1", key="k") is PutOutcome.QUEUED
+    assert outbox.put(b"k=" + b"x" * 15, key="k") is PutOutcome.REPLACED  # 17: past the limit
+    assert outbox.put(b"k=" + b"x" * 19, key="k") is PutOutcome.OVERFLOW  # 21: past 20
+    assert outbox.overflowed
+
+
 def test_control_messages_are_never_coalesced() -> None:
     outbox = Outbox(100, "latest")
     outbox.put(b"a", key="k")
