@@ -615,10 +615,6 @@ def _check_declarations(
     return dict(declared)
 
 
-def _make_server(**options: Any) -> SocketServer:
-    return SocketServer(**options)
-
-
 @asynccontextmanager
 async def open_socket_server(
     *,
@@ -669,7 +665,7 @@ async def open_socket_server(
     :raises InvalidArgumentError: a bad option (before anything starts).
     :raises OSError: the address cannot be bound.
     """
-    server = _make_server(
+    server = SocketServer(
         roles=roles,
         authenticate=authenticate,
         host=host,
