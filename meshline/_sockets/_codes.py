@@ -229,6 +229,8 @@ class SocketErrorCode(enum.StrEnum):
     """The answer is larger than the receiver's ``max_message_size``."""
     SHUTTING_DOWN = "shutting_down"
     """The server is closing and no longer starts handlers."""
+    TOO_MANY_CALLS = "too_many_calls"
+    """The connection already has as many calls in progress as the server allows."""
 
 
 ErrorCode = SocketErrorCode

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import attrs
 
 from .._errors import InvalidArgumentError
+from ._codes import ErrorCode
 
 if TYPE_CHECKING:
     from ._connection import Connection
@@ -54,7 +55,7 @@ MAX_NAME_BYTES = 1024
 Names are otherwise arbitrary: dots, ``*``, ``>``, spaces, newlines, any script.
 They never go into a NATS subject as they are (the cluster layer encodes them)."""
 
-TOO_MANY_CALLS = "too_many_calls"
+TOO_MANY_CALLS = ErrorCode.TOO_MANY_CALLS
 """The error code of a call refused because the connection already has
 ``max_concurrent_calls`` handlers running."""
 
