@@ -17,6 +17,8 @@ run under py-spy ends and writes its profile).
 Server (first line ``{"port": P, "rss": bytes}``, the RSS after a ``gc.collect()``
 with the server listening and no connection yet); commands:
 
+* ``stats``: answer ``{"cpu_s": process CPU seconds so far, "gc_s": seconds in the
+  garbage collector since the last ``stats``, "gc_by_generation": [n0, n1, n2]}``;
 * ``wait N``: wait until N connections are open (meshline: visible in
   ``server.local``; baseline: accepted), answer ``{"connections": n, ...}``;
 * ``fanout EVENTS``: emit ``EVENTS`` events to every connection, one emit per
@@ -26,11 +28,13 @@ with the server listening and no connection yet); commands:
   ``{"t0": monotonic time of the first emit, "emit_s": ..., "queued": ...}``;
 * ``idle N TIMEOUT``: with N connections open, wait (meshline) until every one
   has answered a heartbeat ping, up to TIMEOUT s; then ``gc.collect()`` and answer
-  ``{"rss": bytes, "connections": n, "ponged": n, ...}``.
+  ``{"rss": bytes, "connections": n, "ponged": n, "gc_objects": n, ...}``.
 
 Clients (OPTIONS: ``count``, and per scenario ``warmup``/``duration`` or
-``events``/``stall``): ``call`` prints one line ``{"rate": round trips/s, ...}``
-after ``count`` clients each called in a loop (warm-up, then a measured window);
+``events``/``stall``): ``call`` makes ``count`` clients each call in a loop, prints
+``{"window": "open"}`` when the measured window opens after the warm-up (so that
+the driver can read the server's CPU time then) and ``{"rate": round trips/s,
+"cpu_s": this process's CPU seconds in the window, ...}`` when it closes;
 ``fanout`` prints ``{"connected": count}`` once connected, then ``{"received": n,
 "first": t, "last": t, ...}`` once every client received ``events`` events (or
 nothing came for ``stall`` seconds); ``idle`` prints ``{"connected": count}`` and
@@ -103,6 +107,31 @@ def settled_rss() -> int:
     return rss_bytes()
 
 
+class GcClock:
+    """Time spent in the cyclic garbage collector, by generation (``gc.callbacks``)."""
+
+    def __init__(self) -> None:
+        self.seconds = [0.0, 0.0, 0.0]
+        self.collections = [0, 0, 0]
+        self._began = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._began = time.perf_counter()
+        else:
+            generation = info["generation"]
+            self.seconds[generation] += time.perf_counter() - self._began
+            self.collections[generation] += 1
+
+    def take(self) -> dict[str, Any]:
+        """What was counted since the last take, and start again."""
+        taken = {"gc_s": sum(self.seconds), "gc_by_generation": list(self.collections)}
+        self.seconds = [0.0, 0.0, 0.0]
+        self.collections = [0, 0, 0]
+        return taken
+
+
 def say(obj: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(obj) + "\n")
     sys.stdout.flush()
@@ -158,6 +187,7 @@ class ServerSide:
 async def command_loop(side: ServerSide, port: int) -> None:
     commands = Commands()
     say({"port": port, "rss": settled_rss()})
+    gc_clock = GcClock()
     while True:
         words = await commands.next()
         if not words:
@@ -175,6 +205,8 @@ async def command_loop(side: ServerSide, port: int) -> None:
                     **side.extra(),
                 }
             )
+        elif words[0] == "stats":
+            say({"cpu_s": time.process_time(), **gc_clock.take()})
         elif words[0] == "fanout":
             say({**await side.fanout(int(words[1])), **side.extra()})
         elif words[0] == "idle":
@@ -189,6 +221,7 @@ async def command_loop(side: ServerSide, port: int) -> None:
                     "connections": side.open_count(),
                     "ponged": side.heartbeat_answered(),
                     "held_s": held,
+                    "gc_objects": len(gc.get_objects()),
                     **side.extra(),
                 }
             )
@@ -361,18 +394,22 @@ async def clients(impl: str, scenario: str, url: str, options: dict[str, Any]) -
     async with trio.open_nursery() as nursery:
         connector = Connector(nursery)
         handles = await connector.open_all(count, opener)
+        gc_clock = GcClock()
         if scenario == "call":
-            say(await run_calls(impl, handles, options))
+            say(await run_calls(impl, handles, options, gc_clock))
         elif scenario == "fanout":
             say({"connected": len(handles)})
-            say(await receive_events(impl, handles, options))
+            gc_clock.take()
+            say({**await receive_events(impl, handles, options), **gc_clock.take()})
         else:
             say({"connected": len(handles)})
         await Commands().next()  # hold everything until stdin closes
         nursery.cancel_scope.cancel()
 
 
-async def run_calls(impl: str, handles: list[Any], options: dict[str, Any]) -> dict[str, Any]:
+async def run_calls(
+    impl: str, handles: list[Any], options: dict[str, Any], gc_clock: GcClock
+) -> dict[str, Any]:
     warmup, duration = float(options["warmup"]), float(options["duration"])
     done = 0
     errors: list[str] = []
@@ -406,14 +443,19 @@ async def run_calls(impl: str, handles: list[Any], options: dict[str, Any]) -> d
         for handle in handles:
             nursery.start_soon(guarded, handle)
         await trio.sleep(warmup)
-        before, began = done, time.monotonic()
+        say({"window": "open"})
+        before, began, cpu = done, time.monotonic(), time.process_time()
+        gc_clock.take()
         await trio.sleep(duration)
-        after, ended = done, time.monotonic()
+        after, ended, cpu = done, time.monotonic(), time.process_time() - cpu
+        collected = gc_clock.take()
         nursery.cancel_scope.cancel()
     return {
         "rate": (after - before) / (ended - began),
         "calls": after - before,
         "seconds": ended - began,
+        "cpu_s": cpu,
+        **collected,
         "clients": len(handles),
         "errors": len(errors),
         "first_error": errors[0] if errors else None,

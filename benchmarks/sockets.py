@@ -59,8 +59,10 @@ from private modules; the names it uses are ``open_socket_server``,
 (``meshline._sockets._connection``) and ``open_socket_client``
 (``meshline._sockets._client``).
 
+``--sections call,fanout,idle`` runs a subset (a section left out reads ``nan``).
+
 Usage: ``python benchmarks/sockets.py [--quick | --tiny] [--rounds N] [--json FILE]
-[--profile DIR]``
+[--profile DIR] [--sections LIST]``
 """
 
 from __future__ import annotations
@@ -207,7 +209,8 @@ class Worker:
     def _pump(self) -> None:
         assert self.process.stdout is not None
         for line in self.process.stdout:
-            self._lines.put(line)
+            if line.strip() and not line.startswith("py-spy>"):  # py-spy's, under --profile
+                self._lines.put(line)
         self._lines.put(None)
 
     def read(self, timeout: float) -> dict[str, Any]:
@@ -229,6 +232,15 @@ class Worker:
         except json.JSONDecodeError:
             raise WorkerFailed(f"{self.name}: printed {line.strip()!r}") from None
         return result
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the worker's Python process used so far."""
+        pid = self.process.pid
+        if Worker.profile_dir is not None:  # the worker is py-spy's child
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            pid = int(children[0]) if children else pid
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def send(self, command: str) -> None:
         assert self.process.stdin is not None
@@ -322,14 +334,32 @@ def measure_calls(profile: Profile, impl: str, tag: str) -> dict[str, Any]:
         )
         workers.append(clients)
         limit = START_LIMIT + connect_limit(profile.call_clients) + profile.call_warmup
-        result = clients.read(limit + profile.call_duration)
+        clients.read(limit)  # the window opens
+        server_cpu = server.cpu_seconds()
+        server.send("stats")
+        server.read(10)
+        result = clients.read(profile.call_duration + 30)
+        server_cpu = server.cpu_seconds() - server_cpu
+        server.send("stats")
+        collector = server.read(10)
         if result["errors"]:
             raise WorkerFailed(
                 f"{result['errors']} caller(s) failed; first: {result['first_error']}"
             )
         server.send("wait 0 0")
         check_no_disconnects(server.read(10), "call")
-        return {"rate": result["rate"], "calls": result["calls"], "seconds": result["seconds"]}
+        calls = result["calls"]
+        return {
+            "rate": result["rate"],
+            "calls": calls,
+            "seconds": result["seconds"],
+            "server_us": 1e6 * server_cpu / calls if calls else math.nan,
+            "client_us": 1e6 * result["cpu_s"] / calls if calls else math.nan,
+            "server_gc_us": 1e6 * collector["gc_s"] / calls if calls else math.nan,
+            "server_gc_collections": collector["gc_by_generation"],
+            "client_gc_us": 1e6 * result["gc_s"] / calls if calls else math.nan,
+            "client_gc_collections": result["gc_by_generation"],
+        }
 
     return run_measurement(f"call round trips, {impl}", body)
 
@@ -357,9 +387,21 @@ def measure_fanout(profile: Profile, impl: str, tag: str) -> dict[str, Any]:
         ready = server.read(40)
         if not ready["reached"]:
             raise WorkerFailed(f"only {ready['connections']} connections reached the server")
+        server.send("stats")
+        server.read(10)
+        cpu = [worker.cpu_seconds() for worker in (server, *clients)]
         server.send(f"fanout {profile.fanout_events}")
         emitted = server.read(600)
+        expected = profile.fanout_connections * profile.fanout_events
+        if emitted["queued"] != expected:
+            raise WorkerFailed(f"the server queued {emitted['queued']} of {expected} deliveries")
         results = [worker.read(600) for worker in clients]
+        cpu = [
+            worker.cpu_seconds() - before
+            for worker, before in zip((server, *clients), cpu, strict=True)
+        ]
+        server.send("stats")
+        collector = server.read(10)
         received = sum(result["received"] for result in results)
         expected = sum(result["expected"] for result in results)
         last = max(result["last"] for result in results)
@@ -372,6 +414,13 @@ def measure_fanout(profile: Profile, impl: str, tag: str) -> dict[str, Any]:
             "emit_s": emitted["emit_s"],
             "queued": emitted["queued"],
             "client_dropped": sum(result["client_dropped"] for result in results),
+            "server_us": 1e6 * cpu[0] / received if received else math.nan,
+            "client_us": 1e6 * sum(cpu[1:]) / received if received else math.nan,
+            "server_gc_us": 1e6 * collector["gc_s"] / received if received else math.nan,
+            "server_gc_collections": collector["gc_by_generation"],
+            "client_gc_us": 1e6 * sum(r["gc_s"] for r in results) / received
+            if received
+            else math.nan,
         }
         check_no_disconnects(emitted, "fanout")
         if received != expected:
@@ -427,6 +476,7 @@ def measure_idle(profile: Profile, impl: str, tag: str) -> dict[str, Any]:
             "ponged": answer["ponged"],
             "connect_s": connected_s,
             "held_s": answer["held_s"],
+            "gc_objects_per_conn": answer["gc_objects"] / total,
         }
 
     return run_measurement(f"idle connections, {impl}", body)
@@ -439,12 +489,15 @@ SECTIONS: dict[str, Callable[[Profile, str, str], dict[str, Any]]] = {
 }
 
 
-def run_benchmark(profile: Profile) -> dict[str, dict[str, list[dict[str, Any]]]]:
+def run_benchmark(
+    profile: Profile, sections: list[str]
+) -> dict[str, dict[str, list[dict[str, Any]]]]:
     results: dict[str, dict[str, list[dict[str, Any]]]] = {
         section: {impl: [] for impl in IMPLS} for section in SECTIONS
     }
     for round_number in range(profile.rounds):
-        for section, measure in SECTIONS.items():
+        for section in sections:
+            measure = SECTIONS[section]
             for impl in IMPLS:
                 results[section][impl].append(measure(profile, impl, f"-r{round_number}"))
     return results
@@ -488,6 +541,10 @@ def in_bytes(value: float) -> str:
     return "-" if not math.isfinite(value) else f"{value:,.0f} B"
 
 
+def micros(value: float) -> str:
+    return "-" if not math.isfinite(value) else f"{value:,.1f} us"
+
+
 def seconds(value: float) -> str:
     return "-" if not math.isfinite(value) else f"{value:.2f} s"
 
@@ -523,6 +580,10 @@ def summarize(
     call_ratio = section(
         f"call round trips ({profile.call_clients} clients)", "call", "rate", per_second
     )
+    section("  server CPU per round trip", "call", "server_us", micros)
+    section("    of which in the garbage collector", "call", "server_gc_us", micros)
+    section("  client CPU per round trip", "call", "client_us", micros)
+    section("    of which in the garbage collector", "call", "client_gc_us", micros)
     fanout_ratio = section(
         f"room emit deliveries ({profile.fanout_connections:,} connections, "
         f"{profile.fanout_events} events)",
@@ -530,12 +591,22 @@ def summarize(
         "rate",
         per_second,
     )
+    section("  server CPU per delivery", "fanout", "server_us", micros)
+    section("    of which in the garbage collector", "fanout", "server_gc_us", micros)
+    section("  clients' CPU per delivery", "fanout", "client_us", micros)
+    section("    of which in the garbage collector", "fanout", "client_gc_us", micros)
     section(
         f"idle: server RSS per connection ({profile.idle_connections:,}, heartbeat "
         f"{profile.heartbeat:g} s)",
         "idle",
         "bytes_per_conn",
         in_bytes,
+    )
+    section(
+        "  objects the garbage collector tracks, per connection",
+        "idle",
+        "gc_objects_per_conn",
+        lambda v: "-" if not math.isfinite(v) else f"{v:,.0f}",
     )
     section("  time to connect them all", "idle", "connect_s", seconds)
 
@@ -562,7 +633,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None, help="rounds per figure")
     parser.add_argument("--json", type=Path, help="write every run's figures to this file")
     parser.add_argument("--profile", type=Path, help="run the workers under py-spy, into DIR")
+    parser.add_argument(
+        "--sections", default=",".join(SECTIONS), help="comma-separated subset of call,fanout,idle"
+    )
     args = parser.parse_args()
+    sections = [name for name in args.sections.split(",") if name]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        parser.error(f"unknown sections {unknown}")
 
     profile = TINY if args.tiny else QUICK if args.quick else FULL
     if args.rounds:
@@ -580,7 +658,7 @@ def main() -> None:
         "rounds": profile.rounds,
     }
     began = time.monotonic()
-    results = run_benchmark(profile)
+    results = run_benchmark(profile, sections)
     print(
         f"profile {profile.name}, {profile.rounds} round(s), meshline sources "
         f"{meta['meshline_sources']}, {meta['machine']}, {time.monotonic() - began:.0f} s; "
