@@ -24,11 +24,13 @@ with the server listening and no connection yet); commands:
 * ``fanout EVENTS``: emit ``EVENTS`` events to every connection, one emit per
   scheduling turn (meshline: ``server.room(ROOM).emit``, every connection joined
   the room in ``on_connect``; baseline: one task encodes each event once and
-  ``await ws.send_message``\\ s it to each connection in turn); answer
+  awaits ``ws.send_message`` to each connection in turn); answer
   ``{"t0": monotonic time of the first emit, "emit_s": ..., "queued": ...}``;
 * ``idle N TIMEOUT``: with N connections open, wait (meshline) until every one
-  has answered a heartbeat ping, up to TIMEOUT s; then ``gc.collect()`` and answer
-  ``{"rss": bytes, "connections": n, "ponged": n, "gc_objects": n, ...}``.
+  has answered a heartbeat ping, up to TIMEOUT s; measure the CPU share the
+  server uses for :data:`IDLE_SAMPLE` s, then ``gc.collect()`` and answer
+  ``{"rss": bytes, "connections": n, "ponged": n, "gc_objects": n, "idle_cpu":
+  share of one core, ...}``.
 
 Clients (OPTIONS: ``count``, and per scenario ``warmup``/``duration`` or
 ``events``/``stall``): ``call`` makes ``count`` clients each call in a loop, prints
@@ -82,6 +84,8 @@ EVENT = "tick"
 CALL = "echo"
 CONNECTING = 64
 """Connection attempts in flight at once, per client process."""
+IDLE_SAMPLE = 2.0
+"""Seconds over which an idle server's CPU use is measured."""
 FIRST_EVENT_LIMIT = 120.0
 """Seconds a fanout client waits for its first event (the others are connecting)."""
 
@@ -214,6 +218,9 @@ async def command_loop(side: ServerSide, port: int) -> None:
             began = time.monotonic()
             await until(lambda n=wanted: side.heartbeat_answered() >= n, timeout, 0.1)
             held = time.monotonic() - began
+            cpu, wall = time.process_time(), time.monotonic()
+            await trio.sleep(IDLE_SAMPLE)
+            busy = (time.process_time() - cpu) / (time.monotonic() - wall)
             rss = settled_rss()
             say(
                 {
@@ -221,6 +228,7 @@ async def command_loop(side: ServerSide, port: int) -> None:
                     "connections": side.open_count(),
                     "ponged": side.heartbeat_answered(),
                     "held_s": held,
+                    "idle_cpu": busy,
                     "gc_objects": len(gc.get_objects()),
                     **side.extra(),
                 }

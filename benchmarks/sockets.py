@@ -10,42 +10,57 @@ measures meshline's protocol and machinery, not the encoder.
   loop (the next call as soon as the answer came); after a warm-up, the round
   trips completed in a measured window, per second. meshline:
   ``SocketClient.call`` against a role whose handler returns its input (decoded as
-  ``Any``). Baseline: each client sends the msgpack-encoded payload and waits for
-  the answer; the server decodes each message and sends it back re-encoded.
-  ``call_ratio`` = meshline calls/s / baseline round trips/s.
-* **Room emit** on one node to 1,000 connections, held by client processes: the
-  server emits N events (about 170 bytes of data each), one emit per scheduling
-  turn, and every client counts what it receives; deliveries per second = events
-  received by all clients / (last arrival - first emit), both read from
-  ``time.monotonic()`` (one clock for every process). meshline:
+  ``Any``), server options at their defaults. Baseline: each client sends the
+  msgpack-encoded payload and waits for the answer; the server decodes each
+  message and sends it back re-encoded. ``call_ratio`` = meshline calls/s /
+  baseline round trips/s.
+* **Room emit** on one node to 1,000 connections, held by 2 client processes: the
+  server emits N events (about 170 bytes of data each; 100 by default), one emit
+  per scheduling turn, and every client counts what it receives; deliveries per
+  second = events received by all clients / (last arrival - first emit), both
+  read from ``time.monotonic()`` (one clock for every process). meshline:
   ``server.room(name).emit`` to a room every connection joined in ``on_connect``
   (encoded once per emit, queued to each member's outbox, sent by each
   connection's writer task), received by ``SocketClient.on`` handlers. Baseline:
-  one task encodes each event once and ``await``\\ s ``send_message`` to each
+  one task encodes each event once and awaits ``send_message`` to each
   connection in turn; clients decode every message. ``fanout_ratio`` = meshline
   deliveries/s / baseline deliveries/s. A delivery that never arrives fails the
   run.
-* **Idle connections**: 10,000 connections from 4 client processes, with the
-  server's heartbeat on (a ping every 5 s here, so that every connection has
-  answered one before it is counted). Server memory per connection = (server RSS
-  with every connection open and every one having answered a ping, after
+* **Idle connections**: 10,000 connections from 4 client processes (at most 64
+  connection attempts in flight per process), with the server's heartbeat on at
+  its default interval of 25 s. Server memory per connection = (server RSS with
+  every connection open and every one having answered a heartbeat ping, after
   ``gc.collect()``) - (RSS listening with none, after ``gc.collect()``), divided
   by the connections. Baseline, for context: as many bare trio-websocket
   connections (no heartbeat: trio-websocket has none at the protocol level).
-  ``bytes_per_conn`` = meshline's. Also shown: how long the clients took to
-  connect (at most 64 connection attempts in flight per client process).
+  ``bytes_per_conn`` = meshline's. Also shown: the objects the garbage collector
+  tracks per connection, the server's CPU share while they idle (2 s) and how
+  long the clients took to connect.
+
+Alongside the rates, the table shows the CPU time each side spent per round trip
+or per delivery (user + system, read from ``/proc`` for the server and by each
+client process for itself, over the measured window), and how much of it went to
+Python's cyclic garbage collector (``gc.callbacks``): the ratios are end-to-end,
+and these say where the difference comes from.
 
 Each figure is the median over rounds (3 by default); each round runs baseline
-and meshline back to back. ``--quick`` runs one round with 2,000 idle connections
-from 2 processes and shorter windows (under a minute); ``--tiny`` runs every path
-in seconds (for ``tests/test_sockets_benchmark.py``). A measurement that fails
-(a call error, a lost delivery, a connection that dropped or never connected, a
+and meshline back to back; each ratio is the median of meshline's runs over the
+median of the baseline's. ``--quick`` runs one round, with 2,000 idle connections
+from 2 processes (heartbeat every 2 s, so that every one answers a ping soon),
+50 events and shorter windows, in under a minute; ``--tiny`` runs every path in
+seconds (for ``tests/test_sockets_benchmark.py``). A measurement that fails (a
+call error, a lost delivery, a connection that dropped or never connected, a
 crashed worker) prints ``FAILED``, and one over its time limit ``> N s``, with
 details on stderr; never a blank.
 
 ``--profile DIR`` runs every worker under ``py-spy record -f raw`` and leaves one
 profile per process in DIR (figures taken this way are slower, and not for
-quoting). ``--json FILE`` writes every run's figures.
+quoting; py-spy charges garbage collection to whatever Python line allocated).
+``--json FILE`` writes every run's figures. ``--sections call,fanout,idle`` runs
+a subset (a section left out reads ``nan``). ``--lock FILE`` is for a shared
+machine: each measurement (one side of one section in one round) waits until FILE
+does not exist and no pytest runs, creates FILE, and removes it when done, so
+that other work runs between measurements, never during one.
 
 The last line is ``call_ratio=<float> fanout_ratio=<float> bytes_per_conn=<int>``:
 a ratio is ``nan`` when either side failed or was not measured, ``bytes_per_conn``
@@ -59,15 +74,14 @@ from private modules; the names it uses are ``open_socket_server``,
 (``meshline._sockets._connection``) and ``open_socket_client``
 (``meshline._sockets._client``).
 
-``--sections call,fanout,idle`` runs a subset (a section left out reads ``nan``).
-
 Usage: ``python benchmarks/sockets.py [--quick | --tiny] [--rounds N] [--json FILE]
-[--profile DIR] [--sections LIST]``
+[--profile DIR] [--sections LIST] [--lock FILE]``
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import hashlib
 import json
@@ -75,13 +89,14 @@ import math
 import os
 import platform
 import queue
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -117,10 +132,10 @@ FULL = Profile(
     call_duration=5.0,
     fanout_connections=1_000,
     fanout_processes=2,
-    fanout_events=200,
+    fanout_events=100,
     idle_connections=10_000,
     idle_processes=4,
-    heartbeat=5.0,
+    heartbeat=25.0,
 )
 QUICK = Profile(
     "quick",
@@ -272,13 +287,43 @@ class Worker:
         return [line for line in text.strip().splitlines() if line.strip()][-lines:]
 
 
+LOCK: Path | None = None
+"""``--lock``: the file measurements take in turn (None: no locking)."""
+
+
+@contextlib.contextmanager
+def turn() -> Iterator[None]:
+    """Hold :data:`LOCK` for one measurement: wait until no one else holds it and no
+    pytest runs, create it, and remove it afterwards (whatever happens)."""
+    if LOCK is None:
+        yield
+        return
+    waited = False
+    while LOCK.exists() or others_testing():
+        if not waited:
+            print(f"waiting for {LOCK} (or a pytest run) to go away ...", file=sys.stderr)
+            waited = True
+        time.sleep(5)
+    LOCK.touch()
+    try:
+        yield
+    finally:
+        LOCK.unlink(missing_ok=True)
+
+
+def others_testing() -> bool:
+    found = subprocess.run(["pgrep", "-f", "pytest"], capture_output=True, text=True).stdout
+    return any(int(pid) != os.getpid() for pid in found.split())
+
+
 def run_measurement(label: str, body: Callable[[list[Worker]], dict[str, Any]]) -> dict[str, Any]:
     """Run ``body`` with a list it fills with the workers it starts; stop them all
     afterwards. A failure becomes ``{"error": ...}`` (or ``{"timeout": s}``) and is
     reported on stderr with the workers' last lines."""
     workers: list[Worker] = []
     try:
-        return body(workers)
+        with turn():
+            return body(workers)
     except WorkerFailed as exc:
         report(f"{label}: {'over its time limit' if exc.timeout else 'FAILED'}: {exc}", workers)
         if exc.timeout is not None:
@@ -477,6 +522,7 @@ def measure_idle(profile: Profile, impl: str, tag: str) -> dict[str, Any]:
             "connect_s": connected_s,
             "held_s": answer["held_s"],
             "gc_objects_per_conn": answer["gc_objects"] / total,
+            "idle_cpu_percent": 100 * answer["idle_cpu"],
         }
 
     return run_measurement(f"idle connections, {impl}", body)
@@ -608,6 +654,12 @@ def summarize(
         "gc_objects_per_conn",
         lambda v: "-" if not math.isfinite(v) else f"{v:,.0f}",
     )
+    section(
+        "  server CPU while they idle",
+        "idle",
+        "idle_cpu_percent",
+        lambda v: "-" if not math.isfinite(v) else f"{v:.1f}%",
+    )
     section("  time to connect them all", "idle", "connect_s", seconds)
 
     width = max(len(row[0]) for row in rows)
@@ -634,6 +686,11 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write every run's figures to this file")
     parser.add_argument("--profile", type=Path, help="run the workers under py-spy, into DIR")
     parser.add_argument(
+        "--lock",
+        type=Path,
+        help="take this file for each measurement in turn (wait while it exists or pytest runs)",
+    )
+    parser.add_argument(
         "--sections", default=",".join(SECTIONS), help="comma-separated subset of call,fanout,idle"
     )
     args = parser.parse_args()
@@ -642,6 +699,10 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown sections {unknown}")
 
+    global LOCK
+    LOCK = args.lock
+    if LOCK is not None:  # so that a terminated run still removes the lock
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     profile = TINY if args.tiny else QUICK if args.quick else FULL
     if args.rounds:
         profile = attrs.evolve(profile, rounds=args.rounds)
