@@ -46,11 +46,10 @@ holds its connections until stdin closes. Clients connect at most
 Times are ``time.monotonic()``, which is one clock for every process on the
 machine (CLOCK_MONOTONIC on Linux), so the driver can compare them.
 
-Only private meshline modules are imported (the socket layer is not exported yet):
-``meshline._sockets._server`` (open_socket_server, HeartbeatOptions),
-``meshline._sockets._roles`` (Role), ``meshline._sockets._connection``
-(Connection, DisconnectReason) and ``meshline._sockets._client``
-(open_socket_client).
+meshline is used through its public names only: ``open_socket_server``,
+``HeartbeatOptions``, ``Role``, ``Connection``, ``DisconnectReason`` and
+``open_socket_client`` (imported inside the functions that need them, so that the
+baseline's processes never import meshline).
 """
 
 from __future__ import annotations
@@ -238,9 +237,13 @@ async def command_loop(side: ServerSide, port: int) -> None:
 
 
 async def meshline_server(scenario: str, options: dict[str, Any]) -> None:
-    from meshline._sockets._connection import Connection, DisconnectReason
-    from meshline._sockets._roles import Role
-    from meshline._sockets._server import HeartbeatOptions, open_socket_server
+    from meshline import (
+        Connection,
+        DisconnectReason,
+        HeartbeatOptions,
+        Role,
+        open_socket_server,
+    )
 
     role = Role("bench")
 
@@ -375,7 +378,7 @@ class Connector:
 
 
 def meshline_opener(url: str) -> Callable[[int, trio.TaskStatus[Any]], Awaitable[None]]:
-    from meshline._sockets._client import open_socket_client
+    from meshline import open_socket_client
 
     async def open_one(index: int, task_status: trio.TaskStatus[Any]) -> None:
         async with open_socket_client(

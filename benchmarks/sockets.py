@@ -67,12 +67,9 @@ a ratio is ``nan`` when either side failed or was not measured, ``bytes_per_conn
 -1. Targets (issue 11): call_ratio >= 0.8, fanout_ratio >= 0.8,
 bytes_per_conn <= 30,000.
 
-The socket layer is not exported from ``meshline`` yet, so the worker imports it
-from private modules; the names it uses are ``open_socket_server``,
-``HeartbeatOptions`` (``meshline._sockets._server``), ``Role``
-(``meshline._sockets._roles``), ``Connection``, ``DisconnectReason``
-(``meshline._sockets._connection``) and ``open_socket_client``
-(``meshline._sockets._client``).
+The worker uses meshline's public names only: ``open_socket_server``,
+``HeartbeatOptions``, ``Role``, ``Connection``, ``DisconnectReason`` and
+``open_socket_client``.
 
 Usage: ``python benchmarks/sockets.py [--quick | --tiny] [--rounds N] [--json FILE]
 [--profile DIR] [--sections LIST] [--lock FILE]``
