@@ -26,11 +26,12 @@ with the server listening and no connection yet); commands:
   the room in ``on_connect``; baseline: one task encodes each event once and
   awaits ``ws.send_message`` to each connection in turn); answer
   ``{"t0": monotonic time of the first emit, "emit_s": ..., "queued": ...}``;
-* ``idle N TIMEOUT``: with N connections open, wait (meshline) until every one
-  has answered a heartbeat ping, up to TIMEOUT s; measure the CPU share the
-  server uses for :data:`IDLE_SAMPLE` s, then ``gc.collect()`` and answer
-  ``{"rss": bytes, "connections": n, "ponged": n, "gc_objects": n, "idle_cpu":
-  share of one core, ...}``.
+* ``idle N TIMEOUT SAMPLE``: with N connections open, wait (meshline) until every
+  one has answered a heartbeat ping, up to TIMEOUT s; then measure the server's
+  CPU time over SAMPLE s and the heartbeat pings it sent meanwhile (connections
+  whose ``last_ping_at`` falls in the sample); then ``gc.collect()`` and answer
+  ``{"rss": bytes, "connections": n, "ponged": n, "gc_objects": n,
+  "sample_cpu_s": s, "sample_s": s, "sample_pings": n, "sample_gc_s": s, ...}``.
 
 Clients (OPTIONS: ``count``, and per scenario ``warmup``/``duration`` or
 ``events``/``stall``): ``call`` makes ``count`` clients each call in a loop, prints
@@ -83,8 +84,6 @@ EVENT = "tick"
 CALL = "echo"
 CONNECTING = 64
 """Connection attempts in flight at once, per client process."""
-IDLE_SAMPLE = 2.0
-"""Seconds over which an idle server's CPU use is measured."""
 FIRST_EVENT_LIMIT = 120.0
 """Seconds a fanout client waits for its first event (the others are connecting)."""
 
@@ -183,6 +182,10 @@ class ServerSide:
     def heartbeat_answered(self) -> int:
         return 0
 
+    def pings_between(self, start: float, end: float) -> int:
+        """Connections whose last heartbeat ping went out between these wall times."""
+        return 0
+
     def extra(self) -> dict[str, Any]:
         return {}
 
@@ -213,13 +216,16 @@ async def command_loop(side: ServerSide, port: int) -> None:
         elif words[0] == "fanout":
             say({**await side.fanout(int(words[1])), **side.extra()})
         elif words[0] == "idle":
-            wanted, timeout = int(words[1]), float(words[2])
+            wanted, timeout, sample = int(words[1]), float(words[2]), float(words[3])
             began = time.monotonic()
             await until(lambda n=wanted: side.heartbeat_answered() >= n, timeout, 0.1)
             held = time.monotonic() - began
-            cpu, wall = time.process_time(), time.monotonic()
-            await trio.sleep(IDLE_SAMPLE)
-            busy = (time.process_time() - cpu) / (time.monotonic() - wall)
+            cpu, wall, clock = time.process_time(), time.monotonic(), time.time()
+            gc_clock.take()
+            await trio.sleep(sample)
+            collected = gc_clock.take()
+            cpu, wall = time.process_time() - cpu, time.monotonic() - wall
+            pings = side.pings_between(clock, time.time())
             rss = settled_rss()
             say(
                 {
@@ -227,7 +233,10 @@ async def command_loop(side: ServerSide, port: int) -> None:
                     "connections": side.open_count(),
                     "ponged": side.heartbeat_answered(),
                     "held_s": held,
-                    "idle_cpu": busy,
+                    "sample_cpu_s": cpu,
+                    "sample_s": wall,
+                    "sample_pings": pings,
+                    "sample_gc_s": collected["gc_s"],
                     "gc_objects": len(gc.get_objects()),
                     **side.extra(),
                 }
@@ -286,6 +295,12 @@ async def meshline_server(scenario: str, options: dict[str, Any]) -> None:
             def heartbeat_answered(self) -> int:
                 return sum(
                     conn.last_pong_at is not None for conn in server.local.connections.values()
+                )
+
+            def pings_between(self, start: float, end: float) -> int:
+                return sum(
+                    start <= (conn.last_ping_at or 0.0) <= end
+                    for conn in server.local.connections.values()
                 )
 
             def extra(self) -> dict[str, Any]:

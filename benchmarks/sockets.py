@@ -34,8 +34,9 @@ measures meshline's protocol and machinery, not the encoder.
   by the connections. Baseline, for context: as many bare trio-websocket
   connections (no heartbeat: trio-websocket has none at the protocol level).
   ``bytes_per_conn`` = meshline's. Also shown: the objects the garbage collector
-  tracks per connection, the server's CPU share while they idle (2 s) and how
-  long the clients took to connect.
+  tracks per connection, the server's CPU share while they idle and its CPU time
+  per heartbeat ping sent (over 5 s, or one interval if shorter), and how long
+  the clients took to connect.
 
 Alongside the rates, the table shows the CPU time each side spent per round trip
 or per delivery (user + system, read from ``/proc`` for the server and by each
@@ -162,6 +163,9 @@ TINY = Profile(
 )
 """For ``tests/test_sockets_benchmark.py``: every code path, in seconds."""
 
+IDLE_SAMPLE = 5.0
+"""Seconds over which the idle server's CPU time and heartbeat pings are counted
+(at most one heartbeat interval)."""
 STALL = 10.0
 """Seconds a fanout client waits for the next event before giving up on the rest."""
 START_LIMIT = 60.0
@@ -503,8 +507,9 @@ def measure_idle(profile: Profile, impl: str, tag: str) -> dict[str, Any]:
             raise WorkerFailed(f"only {ready['connections']} of {total} connections are open")
         # meshline: hold until every connection answered a ping (or 3 intervals).
         hold = 3 * profile.heartbeat + 5 if impl == "meshline" else 0
-        server.send(f"idle {total} {hold}")
-        answer = server.read(hold + 60)
+        sample = min(profile.heartbeat, IDLE_SAMPLE)
+        server.send(f"idle {total} {hold} {sample}")
+        answer = server.read(hold + sample + 60)
         check_no_disconnects(answer, "idle")
         if answer["connections"] != total:
             raise WorkerFailed(f"{answer['connections']} of {total} connections still open")
@@ -519,7 +524,14 @@ def measure_idle(profile: Profile, impl: str, tag: str) -> dict[str, Any]:
             "connect_s": connected_s,
             "held_s": answer["held_s"],
             "gc_objects_per_conn": answer["gc_objects"] / total,
-            "idle_cpu_percent": 100 * answer["idle_cpu"],
+            "idle_cpu_percent": 100 * answer["sample_cpu_s"] / answer["sample_s"],
+            "pings_in_sample": answer["sample_pings"],
+            "server_us_per_ping": 1e6 * answer["sample_cpu_s"] / answer["sample_pings"]
+            if answer["sample_pings"]
+            else math.nan,
+            "server_gc_us_per_ping": 1e6 * answer["sample_gc_s"] / answer["sample_pings"]
+            if answer["sample_pings"]
+            else math.nan,
         }
 
     return run_measurement(f"idle connections, {impl}", body)
@@ -657,6 +669,8 @@ def summarize(
         "idle_cpu_percent",
         lambda v: "-" if not math.isfinite(v) else f"{v:.1f}%",
     )
+    section("  server CPU per heartbeat (ping out, pong in)", "idle", "server_us_per_ping", micros)
+    section("    of which in the garbage collector", "idle", "server_gc_us_per_ping", micros)
     section("  time to connect them all", "idle", "connect_s", seconds)
 
     width = max(len(row[0]) for row in rows)
