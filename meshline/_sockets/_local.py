@@ -113,11 +113,9 @@ class LocalRegistry:
             del index[name]
 
 
-class Room:
-    """The members of one room on this node, and a way to emit to them all.
-
-    A view: it reads the registry at each access, so keeping one around is fine.
-    """
+class _Members:
+    """What rooms and topics share: a live view of some connections on this node,
+    read from the registry at each access."""
 
     __slots__ = ("_registry", "name")
 
@@ -126,30 +124,42 @@ class Room:
         self.name = name
 
     def _members(self) -> dict[str, Connection]:
-        return self._registry.rooms.get(self.name, {})
+        raise NotImplementedError
 
     @property
     def connections(self) -> tuple[Connection, ...]:
-        """The room's connections on this node, in the order they joined."""
+        """The member connections on this node, in the order they joined."""
         return tuple(self._members().values())
 
     @property
     def ids(self) -> frozenset[str]:
-        """The ids of the room's connections on this node."""
+        """The ids of the member connections on this node."""
         return frozenset(self._members())
 
     @property
     def size(self) -> int:
-        """How many connections are in the room on this node."""
+        """How many member connections there are on this node."""
         return len(self._members())
 
     def __len__(self) -> int:
         return self.size
 
     def __contains__(self, conn: object) -> bool:
-        """Whether a connection (or a connection id) is in the room."""
+        """Whether a connection (or a connection id) is a member."""
         conn_id = conn if isinstance(conn, str) else getattr(conn, "id", None)
         return conn_id in self._members()
+
+
+class Room(_Members):
+    """The members of one room on this node, and a way to emit to them all.
+
+    A view: it reads the registry at each access, so keeping one around is fine.
+    """
+
+    __slots__ = ()
+
+    def _members(self) -> dict[str, Connection]:
+        return self._registry.rooms.get(self.name, {})
 
     def emit(
         self,
@@ -180,40 +190,16 @@ class Room:
         return f"<Room {self.name!r} size={self.size}>"
 
 
-class Topic:
+class Topic(_Members):
     """The subscribers of one topic on this node, and a way to publish to them.
 
     A view: it reads the registry at each access.
     """
 
-    __slots__ = ("_registry", "name")
-
-    def __init__(self, registry: LocalRegistry, name: str) -> None:
-        self._registry = registry
-        self.name = name
+    __slots__ = ()
 
     def _members(self) -> dict[str, Connection]:
         return self._registry.topics.get(self.name, {})
-
-    @property
-    def connections(self) -> tuple[Connection, ...]:
-        """The topic's subscribers on this node."""
-        return tuple(self._members().values())
-
-    @property
-    def ids(self) -> frozenset[str]:
-        return frozenset(self._members())
-
-    @property
-    def size(self) -> int:
-        return len(self._members())
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __contains__(self, conn: object) -> bool:
-        conn_id = conn if isinstance(conn, str) else getattr(conn, "id", None)
-        return conn_id in self._members()
 
     def publish(self, event: str, data: Any = None, *, coalesce: str | None = None) -> int:
         """Queue the event ``event`` to every subscriber (marked with this topic);
