@@ -11,6 +11,8 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import socket
+import struct
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -343,6 +345,43 @@ async def test_a_client_that_sends_anything_but_hello_first_is_closed_with_1002(
         async with connect(server, client_id=None) as client:
             await client.send(client.codec.encode(PingFrame(1)))
             assert await client.closed() == CloseCode.PROTOCOL_ERROR
+
+
+UPGRADE_REQUEST = (
+    b"GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+    b"Sec-WebSocket-Protocol: meshline.v1.msgpack\r\n\r\n"
+)
+
+
+async def send_upgrade_then_reset(port: int) -> None:
+    """Ask for an upgrade and vanish at once: the server reads the request from a
+    socket already reset (SO_LINGER 0 turns the close into a TCP RST)."""
+    sock = trio.socket.socket()
+    await sock.connect(("127.0.0.1", port))
+    await sock.send(UPGRADE_REQUEST)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+async def test_a_client_that_vanishes_mid_upgrade_is_dropped_with_an_info_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, "meshline.sockets")
+
+    def gone() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if "went away during the upgrade" in r.getMessage()]
+
+    def failures() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+    async with running() as server:
+        for _ in range(3):
+            await send_upgrade_then_reset(server.port)
+        await wait_for(lambda: len(gone()) + len(failures()) >= 3)
+        assert failures() == []
+        async with connect(server, client_id=None) as client:
+            assert isinstance(await client.hello("after"), WelcomeFrame)
 
 
 # --- Authentication --------------------------------------------------------------------

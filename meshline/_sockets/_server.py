@@ -49,7 +49,12 @@ from typing import Any
 
 import attrs
 import trio
-from trio_websocket import WebSocketConnection, WebSocketRequest, wrap_server_stream
+from trio_websocket import (
+    ConnectionClosed,
+    WebSocketConnection,
+    WebSocketRequest,
+    wrap_server_stream,
+)
 
 from .._errors import InvalidArgumentError, MeshlineError
 from ._codes import CloseCode
@@ -212,16 +217,26 @@ class Rejection(MeshlineError):
         self.reason = reason
 
 
-def _remote_of(endpoint: object) -> str:
-    address = getattr(endpoint, "address", None)
-    port = getattr(endpoint, "port", None)
-    if address is None or port is None:
-        return str(endpoint)
-    text = str(address)
-    return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
+def _peer_of(stream: trio.abc.Stream) -> str:
+    """The peer's address as ``host:port``, read once when the stream is accepted
+    (a peer that has already reset the connection has none: ``"unknown peer"``);
+    a description of the stream when it is not a socket."""
+    inner: object = stream
+    while isinstance(inner, trio.SSLStream):
+        inner = inner.transport_stream
+    if not isinstance(inner, trio.SocketStream):
+        return repr(stream)
+    try:
+        peer = inner.socket.getpeername()
+    except OSError:
+        return "unknown peer"
+    if not isinstance(peer, tuple) or len(peer) < 2:
+        return str(peer)
+    host, port = str(peer[0]), peer[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _request_info(request: WebSocketRequest, codec: Codec) -> SocketRequest:
+def _request_info(request: WebSocketRequest, codec: Codec, remote: str) -> SocketRequest:
     target = request.path
     path, _, query = target.partition("?")
     headers: dict[str, str] = {}
@@ -233,7 +248,7 @@ def _request_info(request: WebSocketRequest, codec: Codec) -> SocketRequest:
         path=urllib.parse.unquote(path),
         query=dict(urllib.parse.parse_qsl(query, keep_blank_values=True)),
         headers=headers,
-        remote=_remote_of(request.remote),
+        remote=remote,
         subprotocol=codec.subprotocol,
         raw_query=query,
     )
@@ -424,12 +439,21 @@ class SocketServer:
             await trio.aclose_forcefully(stream)
 
     async def _serve_stream(self, nursery: trio.Nursery, stream: trio.abc.Stream) -> None:
-        admitted: tuple[WebSocketConnection, Codec, Admission, str] | None = None
+        remote = _peer_of(stream)
+        admitted: tuple[WebSocketConnection, Codec, Admission] | None = None
         with trio.move_on_after(self._handshake_timeout) as scope:
-            request = await wrap_server_stream(
-                nursery, stream, max_message_size=self._max_message_size
-            )
-            admitted = await self._admit(request)
+            try:
+                request = await wrap_server_stream(
+                    nursery, stream, max_message_size=self._max_message_size
+                )
+                admitted = await self._admit(request, remote)
+            except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                logger.info(
+                    "socket server: %s went away during the upgrade (%s)",
+                    remote,
+                    type(exc).__name__,
+                )
+                return
         if scope.cancelled_caught:
             logger.info(
                 "socket server: upgrade not done within %g s; dropped", self._handshake_timeout
@@ -437,7 +461,7 @@ class SocketServer:
             return
         if admitted is None:
             return
-        ws, codec, admission, remote = admitted
+        ws, codec, admission = admitted
         await self._hub.run_connection(
             ws,
             codec,
@@ -450,10 +474,12 @@ class SocketServer:
         )
 
     async def _admit(
-        self, request: WebSocketRequest
-    ) -> tuple[WebSocketConnection, Codec, Admission, str] | None:
-        """Subprotocol, authentication; the accepted WebSocket, or None if refused."""
-        remote = _remote_of(request.remote)
+        self, request: WebSocketRequest, remote: str
+    ) -> tuple[WebSocketConnection, Codec, Admission] | None:
+        """Subprotocol, authentication; the accepted WebSocket, or None if refused.
+
+        :raises ConnectionClosed: the peer went away before the answer was sent.
+        """
         codec = select_codec(request.proposed_subprotocols)
         if codec is None:
             logger.info(
@@ -470,13 +496,13 @@ class SocketServer:
         if self._hub.closing:
             await _reject(request, 503, "the server is shutting down")
             return None
-        info = _request_info(request, codec)
+        info = _request_info(request, codec, remote)
         admission = await self._authenticate_request(info)
         if isinstance(admission, Rejection):
             await _reject(request, admission.status, admission.reason)
             return None
         ws = await request.accept(subprotocol=codec.subprotocol)
-        return ws, codec, admission, remote
+        return ws, codec, admission
 
     async def _authenticate_request(self, info: SocketRequest) -> Admission | Rejection:
         authenticate = self._authenticate
