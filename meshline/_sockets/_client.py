@@ -85,6 +85,7 @@ from ._frames import (
     WelcomeFrame,
     codec_for_subprotocol,
 )
+from ._inbound import Signal, deliver_directly
 from ._outbox import Outbox, OverflowPolicy, PutOutcome
 from ._protocol import Event, SocketProtocol, Subscribed, SubscribeRefused
 
@@ -271,11 +272,6 @@ async def _maybe_await(result: object) -> Any:
     return result
 
 
-def _pulse(event: trio.Event) -> trio.Event:
-    event.set()
-    return trio.Event()
-
-
 @attrs.frozen
 class _Target:
     """Where to connect: one URL, split for trio-websocket."""
@@ -348,14 +344,15 @@ class _Sender:
     def __init__(self, limit: int) -> None:
         self.outbox = Outbox(limit, OverflowPolicy.LATEST)
         self.closed = False
-        self._changed = trio.Event()
+        self._queued = Signal()
+        self._room: trio.Event | None = None
 
     def put(self, message: Message, *, key: str | None = None, control: bool = False) -> PutOutcome:
         if self.closed:
             return PutOutcome.DROPPED
         outcome = self.outbox.put(message, key=key, control=control)
         if outcome is PutOutcome.QUEUED:
-            self._changed = _pulse(self._changed)
+            self._queued.set()
         return outcome
 
     async def get(self) -> Message:
@@ -363,27 +360,35 @@ class _Sender:
 
         :raises trio.EndOfChannel: closed and empty.
         """
+        outbox = self.outbox
         while True:
-            message = self.outbox.take()
+            message = outbox.take()
             if message is not None:
-                self._changed = _pulse(self._changed)
+                if self._room is not None and outbox.buffered_bytes < outbox.max_buffered_bytes:
+                    self._room.set()
+                    self._room = None
                 return message
             if self.closed:
                 raise trio.EndOfChannel
-            await self._changed.wait()
+            await self._queued.wait()
 
     async def wait_for_room(self) -> None:
         """Wait until fewer than ``max_buffered_bytes`` wait (or the queue closes)."""
         outbox = self.outbox
         while not self.closed and outbox.buffered_bytes >= outbox.max_buffered_bytes:
-            await self._changed.wait()
+            if self._room is None:
+                self._room = trio.Event()
+            await self._room.wait()
 
     def close(self, *, discard: bool) -> None:
         """No more messages; ``discard`` drops those still waiting."""
         self.closed = True
         if discard:
             self.outbox.clear()
-        self._changed = _pulse(self._changed)
+        self._queued.set()
+        if self._room is not None:
+            self._room.set()
+            self._room = None
 
 
 class _Pending:
@@ -477,10 +482,11 @@ class _Session:
         try:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
-                nursery.start_soon(self._read)
                 nursery.start_soon(self._write)
                 nursery.start_soon(self._watch_heartbeat)
                 opened(self)
+                if not deliver_directly(self.ws, self._on_message, self._on_inbound_closed):
+                    nursery.start_soon(self._read)
                 await self.ended.wait()
                 assert self.end is not None
                 if self.end.kind is _EndKind.APPLICATION:
@@ -522,30 +528,49 @@ class _Session:
     # --- Tasks ---------------------------------------------------------------------
 
     async def _read(self) -> None:
-        ws, protocol = self.ws, self.protocol
-        while True:
+        """Read with ``get_message``, when trio-websocket's channel cannot be
+        replaced (see :func:`~meshline._sockets._inbound.deliver_directly`)."""
+        while self.end is None:
             try:
-                message = await ws.get_message()
-            except trio_websocket.ConnectionClosed as exc:
-                close = exc.reason
-                code = close.code if close is not None else None
-                reason = (close.reason or "") if close is not None else ""
-                logger.info(
-                    "socket client %r: connection closed by the server or lost (%s %s)",
-                    self.client.client_id,
-                    code,
-                    reason,
-                )
-                self.finish(_EndKind.PEER, code, reason)
+                message = await self.ws.get_message()
+            except trio_websocket.ConnectionClosed:
+                self._on_inbound_closed()
                 return
-            try:
-                event = protocol.receive(message, trio.current_time())
-            except RemoteProtocolError as exc:
-                # The machine logged the violation and is closed.
-                self.finish(_EndKind.LOCAL, exc.close_code, exc.reason)
-                return
-            if event is not None:
-                self._handle(event)
+            self._on_message(message)
+
+    def _on_message(self, message: Message) -> None:
+        """One message from the server, in trio-websocket's reader task: into the
+        protocol, then to whoever waits for it. Never waits, never raises."""
+        if self.end is not None:
+            return
+        try:
+            event = self.protocol.receive(message, trio.current_time())
+        except RemoteProtocolError as exc:
+            # The machine logged the violation and is closed.
+            self.finish(_EndKind.LOCAL, exc.close_code, exc.reason)
+            return
+        if event is None:
+            return
+        try:
+            self._handle(event)
+        except Exception:  # a bug here must not take trio-websocket's reader down
+            logger.exception("socket client: failed to handle %r", type(event))
+            self.finish(_EndKind.LOCAL, CloseCode.INTERNAL_ERROR, "client error")
+
+    def _on_inbound_closed(self) -> None:
+        """trio-websocket says the WebSocket closed."""
+        if self.end is not None:
+            return
+        close = self.ws.closed
+        code = close.code if close is not None else None
+        reason = (close.reason or "") if close is not None else ""
+        logger.info(
+            "socket client %r: connection closed by the server or lost (%s %s)",
+            self.client.client_id,
+            code,
+            reason,
+        )
+        self.finish(_EndKind.PEER, code, reason)
 
     def _handle(self, event: Event) -> None:
         match event:
@@ -855,7 +880,8 @@ class SocketClient:
                 watcher.close()
         if state.is_final:
             self._watchers.clear()
-        self._changed = _pulse(self._changed)
+        self._changed.set()
+        self._changed = trio.Event()
 
     def _fail(self, make_error: Callable[[], BaseException], **details: Any) -> None:
         self._failure = make_error

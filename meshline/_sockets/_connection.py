@@ -51,6 +51,7 @@ Cancellation
 from __future__ import annotations
 
 import enum
+import heapq
 import inspect
 import itertools
 import logging
@@ -86,6 +87,7 @@ from ._frames import (
     SubscribeFrame,
     UnsubscribeFrame,
 )
+from ._inbound import Signal, deliver_directly
 from ._outbox import Outbox, OverflowPolicy, PutOutcome
 from ._protocol import SocketProtocol
 from ._roles import MAX_NAME_BYTES, TOO_MANY_CALLS, CallSpec, EventSpec, RoleTable, check_name
@@ -249,9 +251,11 @@ class Connection:
         "_role_calls",
         "_role_events",
         "_rooms",
+        "_send_scope",
+        "_sending",
+        "_sent_all",
         "_visible",
         "_wakeup",
-        "_writer_done",
         "_writer_scope",
         "_ws",
         "client_id",
@@ -334,10 +338,12 @@ class Connection:
         self._idle: trio.Event | None = None
         self._requests: dict[int, _PendingRequest] = {}
         self._life = trio.CancelScope()
+        self._sending = False
         self._writer_scope = trio.CancelScope()
-        self._writer_done = False
+        self._send_scope: trio.CancelScope | None = None
+        self._sent_all: trio.Event | None = None
         self._nursery: trio.Nursery | None = None
-        self._wakeup = trio.Event()
+        self._wakeup = Signal()
         self._closing = False
         self._drain = False
         self._visible = False
@@ -571,10 +577,12 @@ class Connection:
     # --- Internals: sending ---------------------------------------------------------------
 
     def _deliver(self, message: Message, key: str | None, *, control: bool = False) -> bool:
-        """Put ``message`` in the outbox and wake the writer; apply the overflow policy."""
+        """Put ``message`` in the outbox and wake the writer (unless a task is
+        writing already: it takes the message too); apply the overflow policy."""
         outcome = self._outbox.put(message, key=key, control=control)
         if outcome is PutOutcome.QUEUED or outcome is PutOutcome.REPLACED:
-            self._wakeup.set()
+            if not self._sending:
+                self._wakeup.set()
             return True
         if outcome is PutOutcome.DROPPED:
             dropped = self._outbox.dropped
@@ -669,7 +677,11 @@ class Connection:
             nursery.start_soon(self._write_loop)
             with self._life:
                 if await self._open(hello_timeout):
-                    await self._read_loop()
+                    self._hub.heartbeats.watch(self)
+                    if deliver_directly(self._ws, self._on_message, self._on_inbound_closed):
+                        await trio.sleep_forever()
+                    else:
+                        await self._read_loop()
             if not self._closing:  # cannot happen: the reader ends through _end
                 self._end(DisconnectReason.SERVER_CLOSED, CloseCode.INTERNAL_ERROR)
             await self._close_websocket()
@@ -770,75 +782,106 @@ class Connection:
         return True
 
     async def _write_loop(self) -> None:
-        """The only writer of the WebSocket: sends what the outbox holds, in order.
+        """The connection's writer: whenever messages wait and no task is writing,
+        it writes them (see :meth:`_send_queued`). Ends when the connection closes;
+        the close writes what is left."""
+        with self._writer_scope:
+            while not self._closing:
+                if self._outbox and not self._sending:
+                    await self._send_queued(self._writer_scope)
+                else:
+                    await self._wakeup.wait()
 
-        While the connection is open it waits for more; once it is closing, it
-        sends what is left (the outbox was emptied unless the close drains) and ends.
+    async def _send_queued(self, scope: trio.CancelScope | None = None) -> None:
+        """Write what the outbox holds, in order, from the calling task, until it is
+        empty. One task at a time writes (:attr:`_sending`): the writer, a call
+        task sending its own answer (which saves waking the writer), or the close.
+
+        Cancellation: only :meth:`_close_websocket` cancels a write, through
+        ``scope`` (the writer's own; a new one by default), when the client does
+        not take the close in time; the stream is aborted then: a message cut in
+        the middle leaves nothing to save.
         """
-        outbox = self._outbox
-        ws = self._ws
+        self._sending = True
+        outbox, ws = self._outbox, self._ws
         try:
-            with self._writer_scope:
-                while True:
-                    message = outbox.take()
-                    if message is None:
-                        if self._closing:
-                            return
-                        self._wakeup = trio.Event()
-                        await self._wakeup.wait()
-                        continue
+            if scope is None:  # a task of its own: allocating a scope only here
+                with trio.CancelScope() as self._send_scope:
+                    while (message := outbox.take()) is not None:
+                        await ws.send_message(message)
+            else:  # the writer, already in its scope
+                self._send_scope = scope
+                while (message := outbox.take()) is not None:
                     await ws.send_message(message)
         except ConnectionClosed as exc:
             if not self._closing:
                 self._peer_gone(exc)
         finally:
-            self._writer_done = True
-            self._wakeup.set()
+            self._sending = False
+            self._send_scope = None
+            if self._sent_all is not None:
+                self._sent_all.set()
+
+    async def _send_answer(self, message: Message | None) -> None:
+        """Queue a call task's answer; write it from this task when no other task writes."""
+        if message is None or not self._deliver_quietly(message):
+            return
+        if not self._sending and not self._closing:
+            await self._send_queued()
+
+    def _deliver_quietly(self, message: Message) -> bool:
+        """:meth:`_deliver` for a control message, without waking the writer (the
+        caller writes it, or whoever writes already does)."""
+        sending, self._sending = self._sending, True
+        try:
+            return self._deliver(message, None, control=True)
+        finally:
+            self._sending = sending
+
+    def _on_message(self, message: Message) -> None:
+        """One message from the client, straight from trio-websocket's reader task
+        (see :mod:`~meshline._sockets._inbound`): into the protocol, then to its
+        handler. Never waits, never raises: what must wait runs in a task."""
+        if self._closing:
+            return
+        try:
+            event = self._protocol.receive(message, trio.current_time())
+        except RemoteProtocolError as exc:
+            self._end(DisconnectReason.PROTOCOL_ERROR, exc.close_code, exc.reason)
+            return
+        if event is None:
+            return
+        try:
+            self._dispatch(event)
+        except Exception:  # a bug here must not take trio-websocket's reader down
+            logger.exception("connection %s: failed to handle %r", self.id, type(event))
+            self._end(DisconnectReason.SERVER_CLOSED, CloseCode.INTERNAL_ERROR)
+
+    def _on_inbound_closed(self) -> None:
+        """trio-websocket says the WebSocket closed (the client's close, a dropped
+        stream, its own 1009, or the server's close coming back)."""
+        if not self._closing:
+            self._peer_gone(ConnectionClosed(self._ws.closed))
 
     async def _read_loop(self) -> None:
-        """Drain trio-websocket's queue into the protocol; blocks on nothing else.
-
-        It also keeps the heartbeat: at each of the protocol's deadlines it stops
-        waiting, queues a ping when one is due, and reaps a client silent too long
-        (a task of its own would cost memory on every idle connection).
-        """
+        """Read with ``get_message``, when trio-websocket's channel cannot be
+        replaced (see :func:`~meshline._sockets._inbound.deliver_directly`)."""
         ws = self._ws
-        protocol = self._protocol
-        heartbeat = protocol.heartbeat_interval > 0
-        while True:
+        while not self._closing:
             try:
-                if heartbeat:
-                    message: Message | None = None
-                    with trio.move_on_at(protocol.next_deadline()):
-                        message = await ws.get_message()
-                    if message is None:
-                        if self._beat():
-                            continue
-                        return
-                else:
-                    message = await ws.get_message()
+                message = await ws.get_message()
             except ConnectionClosed as exc:
                 self._peer_gone(exc)
                 return
-            try:
-                event = protocol.receive(message, trio.current_time())
-            except RemoteProtocolError as exc:
-                self._end(DisconnectReason.PROTOCOL_ERROR, exc.close_code, exc.reason)
-                return
-            if event is None:
-                continue
-            try:
-                self._dispatch(event)
-            except Exception:  # a bug here must not take the reader down silently
-                logger.exception("connection %s: failed to handle %r", self.id, type(event))
-                self._end(DisconnectReason.SERVER_CLOSED, CloseCode.INTERNAL_ERROR)
-                return
+            self._on_message(message)
 
-    def _beat(self) -> bool:
-        """A heartbeat deadline passed: ping (through the outbox) when one is due,
-        reap the client when it has been silent too long. False once reaped."""
+    def _beat(self, now: float) -> float | None:
+        """A heartbeat deadline may have passed (the server's heartbeat task asks):
+        reap a client silent too long, queue a ping when one is due (through the
+        outbox). The next deadline to look again at, or None: no more beats."""
+        if self._closing:
+            return None
         protocol = self._protocol
-        now = trio.current_time()
         if protocol.is_dead(now):
             logger.info(
                 "connection %s: silent for %g s: reaped",
@@ -846,19 +889,24 @@ class Connection:
                 protocol.heartbeat_interval * (protocol.heartbeat_max_missed + 1),
             )
             self._end(DisconnectReason.REAPED, CloseCode.HEARTBEAT_MISSED)
-            return False
+            return None
         if protocol.heartbeat_due(now):
             self._deliver(protocol.ping(now), None, control=True)
-        return True
+        deadline = protocol.next_deadline()
+        return None if deadline == math.inf else deadline
 
     async def _close_websocket(self) -> None:
-        """Let the writer finish, then close the WebSocket, all within ``close_timeout``."""
+        """Let the task writing finish, write what is left (the outbox was emptied
+        unless the close drains), then close the WebSocket, all within
+        ``close_timeout``."""
+        self._wakeup.set()  # the writer sees the close and ends
         with trio.move_on_after(self._hub.settings.close_timeout) as deadline:
             deadline.shield = True
-            while not self._writer_done:
-                self._wakeup.set()
-                self._wakeup = trio.Event()
-                await self._wakeup.wait()
+            while self._sending:
+                self._sent_all = trio.Event()
+                await self._sent_all.wait()
+            if self._outbox:
+                await self._send_queued()
             if self._ws.closed is None:
                 await self._ws.aclose(self.close_code or CloseCode.GOING_AWAY, self.close_reason)
         if deadline.cancelled_caught:
@@ -867,7 +915,8 @@ class Connection:
                 self.id,
                 self._hub.settings.close_timeout,
             )
-            self._writer_scope.cancel()
+            if self._send_scope is not None:
+                self._send_scope.cancel()
             await self._abort_websocket()
 
     async def _abort_websocket(self) -> None:
@@ -926,11 +975,19 @@ class Connection:
     def _answer_error(
         self, call_id: int, code: str, message: str = "", details: Any = None
     ) -> None:
+        answer = self._error_message(call_id, code, message, details)
+        if answer is not None:
+            self._deliver(answer, None, control=True)
+
+    def _error_message(
+        self, call_id: int, code: str, message: str = "", details: Any = None
+    ) -> Message | None:
+        """The error answer to call ``call_id`` (None: the connection is closed)."""
         protocol = self._protocol
         try:
-            encoded = protocol.error(call_id, code, message, details)
+            return protocol.error(call_id, code, message, details)
         except ProtocolClosedError:
-            return
+            return None
         except (FrameEncodeError, PeerLimitExceededError) as exc:
             logger.error(
                 "connection %s: error details for call %d not sendable (%s); sent without",
@@ -939,20 +996,19 @@ class Connection:
                 exc,
             )
             try:
-                encoded = protocol.error(call_id, code, _truncate(message, 1024))
+                return protocol.error(call_id, code, _truncate(message, 1024))
             except ProtocolClosedError:
-                return
-        self._deliver(encoded, None, control=True)
+                return None
 
-    def _answer_result(self, call_id: int, name: str, value: Any) -> None:
-        protocol = self._protocol
+    def _result_message(self, call_id: int, name: str, value: Any) -> Message | None:
+        """The answer to call ``call_id``: its result, or the error that it cannot
+        be sent (None: the connection is closed)."""
         try:
-            encoded = protocol.result(call_id, value)
+            return self._protocol.result(call_id, value)
         except ProtocolClosedError:
-            return
+            return None
         except PeerLimitExceededError as exc:
-            self._answer_error(call_id, ErrorCode.TOO_LARGE, str(exc))
-            return
+            return self._error_message(call_id, ErrorCode.TOO_LARGE, str(exc))
         except FrameEncodeError as exc:
             logger.error(
                 "connection %s: the result of call %s cannot be encoded: %s",
@@ -960,9 +1016,9 @@ class Connection:
                 _shown(name),
                 exc,
             )
-            self._answer_error(call_id, ErrorCode.INTERNAL, "the result could not be encoded")
-            return
-        self._deliver(encoded, None, control=True)
+            return self._error_message(
+                call_id, ErrorCode.INTERNAL, "the result could not be encoded"
+            )
 
     def _start_call(self, call_id: int, timeout: float | None) -> _RunningCall | None:
         """Account for a new call; None (and an error answer) if it may not start."""
@@ -1010,43 +1066,46 @@ class Connection:
         self, call_id: int, spec: CallSpec, value: Any, running: _RunningCall
     ) -> None:
         try:
-            with running.scope:
-                try:
-                    result = await spec.handler(self, value)
-                except SocketError as exc:
-                    logger.debug(
-                        "connection %s: call %s answered error %r",
-                        self.id,
-                        _shown(spec.name),
-                        exc.code,
-                    )
-                    self._answer_error(
-                        call_id, exc.code or ErrorCode.APPLICATION_ERROR, exc.message, exc.details
-                    )
-                    return
-                except Exception:
-                    logger.exception("connection %s: call %s failed", self.id, _shown(spec.name))
-                    self._answer_error(call_id, ErrorCode.INTERNAL, "internal error")
-                    return
-                self._answer_result(call_id, spec.name, result)
-                return
-            if self._closing:
-                return
-            if running.cancelled_by_client:
-                self._answer_error(call_id, ErrorCode.CANCELLED, "cancelled by the client")
-            else:
-                logger.info(
-                    "connection %s: call %s timed out after %g s",
-                    self.id,
-                    _shown(spec.name),
-                    running.timeout,
-                )
-                self._answer_error(
-                    call_id, ErrorCode.TIMEOUT, f"no answer within {running.timeout:g} s"
-                )
+            answer = await self._call_answer(call_id, spec, value, running)
         finally:
             self._calls.pop(call_id, None)
             self._handler_done()
+        await self._send_answer(answer)
+
+    async def _call_answer(
+        self, call_id: int, spec: CallSpec, value: Any, running: _RunningCall
+    ) -> Message | None:
+        """Run the handler; the answer to send (None: the connection is closing)."""
+        with running.scope:
+            try:
+                result = await spec.handler(self, value)
+            except SocketError as exc:
+                logger.debug(
+                    "connection %s: call %s answered error %r",
+                    self.id,
+                    _shown(spec.name),
+                    exc.code,
+                )
+                return self._error_message(
+                    call_id, exc.code or ErrorCode.APPLICATION_ERROR, exc.message, exc.details
+                )
+            except Exception:
+                logger.exception("connection %s: call %s failed", self.id, _shown(spec.name))
+                return self._error_message(call_id, ErrorCode.INTERNAL, "internal error")
+            return self._result_message(call_id, spec.name, result)
+        if self._closing:
+            return None
+        if running.cancelled_by_client:
+            return self._error_message(call_id, ErrorCode.CANCELLED, "cancelled by the client")
+        logger.info(
+            "connection %s: call %s timed out after %g s",
+            self.id,
+            _shown(spec.name),
+            running.timeout,
+        )
+        return self._error_message(
+            call_id, ErrorCode.TIMEOUT, f"no answer within {running.timeout:g} s"
+        )
 
     def _on_event(self, frame: EventFrame) -> None:
         spec = self._role_events.get(frame.name)
@@ -1235,8 +1294,64 @@ def fan_out(
     return count
 
 
+class HeartbeatSchedule:
+    """Every connection's next heartbeat deadline, kept by one task per server.
+
+    A task per connection (or a deadline in a per-connection reader) would cost
+    every idle connection memory and every message a cancel scope; here a
+    connection is one heap entry. At each deadline the task asks the connection
+    (:meth:`Connection._beat`), which pings or reaps it and says when to look
+    again. Frames that arrive meanwhile only move the connection's own deadline
+    later; the entry is then early, and simply re-filed.
+    """
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Connection]] = []
+        self._order = itertools.count()
+        self._sleep: trio.CancelScope | None = None
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def watch(self, conn: Connection) -> None:
+        """Start keeping ``conn``'s heartbeat (nothing if it has none)."""
+        deadline = conn._protocol.next_deadline()
+        if deadline < math.inf:
+            self._file(deadline, conn)
+
+    def _file(self, deadline: float, conn: Connection) -> None:
+        heapq.heappush(self._heap, (deadline, next(self._order), conn))
+        sleep = self._sleep
+        if sleep is not None and deadline < sleep.deadline:
+            sleep.deadline = deadline
+
+    async def run(self) -> None:
+        """Ping and reap until cancelled.
+
+        Cancellation: stops; the connections are the server's to end.
+        """
+        heap = self._heap
+        while True:
+            with trio.CancelScope(deadline=heap[0][0] if heap else math.inf) as sleep:
+                self._sleep = sleep
+                await trio.sleep_forever()
+            self._sleep = None
+            now = trio.current_time()
+            while heap and heap[0][0] <= now:
+                _, _, conn = heapq.heappop(heap)
+                try:
+                    deadline = conn._beat(now)
+                except Exception:
+                    logger.exception("connection %s: heartbeat failed; closing", conn.id)
+                    conn._end(DisconnectReason.SERVER_CLOSED, CloseCode.INTERNAL_ERROR)
+                    continue
+                if deadline is not None:
+                    heapq.heappush(heap, (deadline, next(self._order), conn))
+
+
 class ConnectionHub:
-    """What a server's connections share: settings, the registry, ids, the shutdown flag."""
+    """What a server's connections share: settings, the registry, ids, the shutdown
+    flag, the heartbeat schedule."""
 
     def __init__(self, settings: ConnectionSettings, registry: LocalRegistry) -> None:
         self.settings = settings
@@ -1249,6 +1364,8 @@ class ConnectionHub:
         """The :class:`SocketServer` (set by it)."""
         self.incarnation = secrets.token_hex(4)
         self._ids = itertools.count(1)
+        self.heartbeats = HeartbeatSchedule()
+        """Pings and reaps every open connection (its task runs in the server's nursery)."""
 
     def new_connection_id(self) -> str:
         return f"{self.settings.node_id}.{self.incarnation}.{next(self._ids)}"

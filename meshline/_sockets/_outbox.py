@@ -94,11 +94,14 @@ def message_size(message: Message) -> int:
 
 
 class _Entry:
-    """One waiting message; mutable so that ``latest`` can replace it in place."""
+    """A waiting message with a coalescing key, mutable so that ``latest`` can
+    replace it in place. Messages without a key wait as they are: nothing is
+    allocated per message (a room emit queues one message to every member, and
+    whatever a queue holds the garbage collector must scan)."""
 
     __slots__ = ("key", "message", "size")
 
-    def __init__(self, message: Message, size: int, key: str | None) -> None:
+    def __init__(self, message: Message, size: int, key: str) -> None:
         self.message = message
         self.size = size
         self.key = key
@@ -148,7 +151,7 @@ class Outbox:
         """Keyed messages replaced by a newer value under ``latest``."""
         self.overflowed = False
         """Set for good once a put answered :attr:`PutOutcome.OVERFLOW`."""
-        self._queue: collections.deque[_Entry] = collections.deque()
+        self._queue: collections.deque[Message | _Entry] = collections.deque()
         self._by_key: dict[str, _Entry] = {}
 
     def __len__(self) -> int:
@@ -160,7 +163,7 @@ class Outbox:
 
     def __iter__(self) -> Iterator[Message]:
         """The waiting messages, oldest first (for tests and introspection)."""
-        return (entry.message for entry in self._queue)
+        return (entry.message if isinstance(entry, _Entry) else entry for entry in self._queue)
 
     @property
     def hard_limit(self) -> int:
@@ -199,12 +202,12 @@ class Outbox:
             if not control:
                 self.dropped += 1
                 return PutOutcome.DROPPED
-        entry = _Entry(
-            message, size, key if policy is OverflowPolicy.LATEST and not control else None
-        )
-        self._queue.append(entry)
-        if entry.key is not None:
-            self._by_key[entry.key] = entry
+        if key is not None and policy is OverflowPolicy.LATEST and not control:
+            entry = _Entry(message, size, key)
+            self._queue.append(entry)
+            self._by_key[key] = entry
+        else:
+            self._queue.append(message)
         self.buffered_bytes = total
         return PutOutcome.QUEUED
 
@@ -213,10 +216,12 @@ class Outbox:
         if not self._queue:
             return None
         entry = self._queue.popleft()
-        if entry.key is not None:
+        if isinstance(entry, _Entry):
             del self._by_key[entry.key]
-        self.buffered_bytes -= entry.size
-        return entry.message
+            self.buffered_bytes -= entry.size
+            return entry.message
+        self.buffered_bytes -= message_size(entry)
+        return entry
 
     def clear(self) -> int:
         """Forget every waiting message (the connection is closing); returns how many."""
