@@ -87,3 +87,19 @@ def open_transport(transport_kind: str, request: pytest.FixtureRequest) -> OpenT
 async def transport(open_transport: OpenTransport) -> AsyncIterator[meshline.Transport]:
     async with open_transport() as opened:
         yield opened
+
+
+@pytest.fixture(params=["direct", "get_message"])
+def reading_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a socket test twice: with messages handed over in trio-websocket's
+    reader task (the default), and read with ``get_message`` (what happens with a
+    trio-websocket whose internals are not the expected ones)."""
+    if request.param == "get_message":
+        from meshline._sockets import _client, _connection
+
+        def refuse(*args: object) -> bool:
+            return False
+
+        monkeypatch.setattr(_connection, "deliver_directly", refuse)
+        monkeypatch.setattr(_client, "deliver_directly", refuse)
+    return str(request.param)

@@ -62,6 +62,8 @@ from meshline._sockets._protocol import SocketProtocol
 from meshline._sockets._roles import Role
 from meshline._sockets._server import Admission, Rejection, SocketRequest, open_socket_server
 
+pytestmark = pytest.mark.usefixtures("reading_path")
+
 FAST = ReconnectOptions(base=0.01, cap=0.05)
 """Reconnects within a few tens of milliseconds on the real clock."""
 

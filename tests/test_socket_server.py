@@ -69,6 +69,8 @@ from meshline._sockets._server import (
     serve_sockets,
 )
 
+pytestmark = pytest.mark.usefixtures("reading_path")
+
 SUBPROTOCOLS = [MSGPACK_SUBPROTOCOL, JSON_SUBPROTOCOL]
 
 
