@@ -850,6 +850,50 @@ async def test_topics_are_subscribed_again_after_a_reconnect_and_on_reconnect_ru
         await second.emit("tick", 1, topic="a.b")  # the server accepted it again
 
 
+async def test_auth_gives_a_fresh_token_for_every_connection() -> None:
+    tokens = iter(["t1", "t2"])
+
+    async def auth() -> str:
+        return next(tokens)
+
+    async with (
+        tcp_server() as server,
+        open_socket_client(server.url, client_id="c", reconnect=FAST, auth=auth),
+    ):
+        await server.last.drop()
+        await server.wait_connections(2)
+    assert [upgrade.headers["authorization"] for upgrade in server.upgrades] == [
+        "Bearer t1",
+        "Bearer t2",
+    ]
+
+
+@pytest.mark.parametrize("auth", [KeyError("vault down"), 42, "two\nlines"])
+async def test_an_auth_that_fails_fails_the_connect_clearly(auth: object) -> None:
+    def give() -> Any:
+        if isinstance(auth, Exception):
+            raise auth
+        return auth
+
+    async with tcp_server() as server:
+        with pytest.raises(SocketConnectError) as caught:
+            async with open_socket_client(server.url, client_id="c", auth=give):
+                pass
+        assert "auth" in str(caught.value)
+        assert server.upgrades == []
+
+
+async def test_auth_options_are_checked_before_connecting() -> None:
+    for options in [
+        {"auth": 42},
+        {"auth": ""},
+        {"auth": "t", "headers": {"Authorization": "Bearer x"}},
+    ]:
+        with pytest.raises(InvalidArgumentError):
+            async with open_socket_client("ws://127.0.0.1:1/", client_id="c", **options):
+                pass
+
+
 async def test_a_refused_resubscribe_drops_the_topic() -> None:
     async with (
         tcp_server() as server,

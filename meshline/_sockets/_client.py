@@ -763,6 +763,7 @@ class SocketClient:
         *,
         client_id: str,
         headers: list[tuple[bytes, bytes]],
+        auth: str | Callable[[], str | Awaitable[str]] | None,
         codec: Codec,
         connect_timeout: float,
         call_timeout: float,
@@ -788,6 +789,7 @@ class SocketClient:
         self._targets = list(targets)
         self._next_target = 0
         self._headers = headers
+        self._auth = auth
         self._on_reconnect = on_reconnect
         self._backoff = Backoff(reconnect or ReconnectOptions())
         self._state = ClientState.CONNECTING
@@ -1023,6 +1025,7 @@ class SocketClient:
     async def _handshake(
         self, ws_nursery: trio.Nursery, target: _Target, streams: list[trio.abc.Stream]
     ) -> _Session:
+        headers = self._headers + await self._auth_headers()
         stream = await target.connect()
         streams.append(stream)
         ws = await trio_websocket.wrap_client_stream(
@@ -1031,7 +1034,7 @@ class SocketClient:
             target.host_header,
             target.resource,
             subprotocols=[self.codec.subprotocol],
-            extra_headers=self._headers,
+            extra_headers=headers,
             max_message_size=self.max_message_size,
         )
         try:
@@ -1051,6 +1054,26 @@ class SocketClient:
             raise
         assert isinstance(event, WelcomeFrame)  # the machine accepts nothing else
         return _Session(self, ws, protocol, event)
+
+    async def _auth_headers(self) -> list[tuple[bytes, bytes]]:
+        """``Authorization: Bearer <token>`` from ``auth``, asked afresh for every
+        connection attempt (nothing without ``auth``).
+
+        :raises SocketConnectError: ``auth`` raised, or gave no usable token.
+        """
+        auth = self._auth
+        if auth is None:
+            return []
+        try:
+            token = auth if isinstance(auth, str) else await _maybe_await(auth())
+        except Exception as exc:
+            logger.warning("socket client %r: auth failed", self.client_id, exc_info=True)
+            raise SocketConnectError(f"auth failed: {exc!r}") from exc
+        try:
+            return [(b"authorization", b"Bearer " + _checked_token(token).encode("latin-1"))]
+        except InvalidArgumentError as exc:
+            logger.warning("socket client %r: %s", self.client_id, exc)
+            raise SocketConnectError(str(exc)) from None
 
     def _opened(self, session: _Session) -> None:
         welcome = session.welcome
@@ -1429,6 +1452,15 @@ class SocketClient:
         self._topics.discard(topic)
 
 
+def _checked_token(token: object) -> str:
+    """:raises InvalidArgumentError: not a string that fits in an HTTP header."""
+    if not isinstance(token, str):
+        raise InvalidArgumentError(f"auth must give a string token, not {type(token).__name__}")
+    if not token or not token.isprintable() or not token.isascii():
+        raise InvalidArgumentError("an auth token must be printable ASCII, and not empty")
+    return token
+
+
 def _header_list(headers: Mapping[str, str] | None) -> list[tuple[bytes, bytes]]:
     result = []
     for name, value in (headers or {}).items():
@@ -1444,6 +1476,7 @@ async def open_socket_client(
     url_or_urls: str | Sequence[str],
     *,
     client_id: str,
+    auth: str | Callable[[], str | Awaitable[str]] | None = None,
     headers: Mapping[str, str] | None = None,
     query: Mapping[str, str] | None = None,
     encoding: Literal["msgpack", "json"] = "msgpack",
@@ -1463,8 +1496,13 @@ async def open_socket_client(
     :param url_or_urls: ``ws://`` or ``wss://`` URL, or several (the nodes of one
         service): each attempt takes the next one, round robin.
     :param client_id: this client's stable id, sent in every hello (any string).
-    :param headers: HTTP headers for the upgrade request (``Authorization``...),
-        which the server's ``authenticate`` hook sees.
+    :param auth: a token sent as ``Authorization: Bearer <token>`` with every
+        upgrade request, or a function (plain or async) that returns one: it is
+        called before every connection attempt, so a reconnect presents a fresh
+        token. If it raises, that attempt fails (:class:`SocketConnectError`; a
+        reconnect is retried with backoff).
+    :param headers: HTTP headers for the upgrade request, which the server's
+        ``authenticate`` hook sees (not ``Authorization`` together with ``auth``).
     :param query: query parameters added to the URL.
     :param encoding: ``"msgpack"`` (binary frames, the default) or ``"json"``.
     :param ssl_context: for ``wss://`` URLs (the system's default context otherwise).
@@ -1537,11 +1575,19 @@ async def open_socket_client(
     ):
         if count < 1:
             raise InvalidArgumentError(f"{name} must be at least 1: {count!r}")
+    if auth is not None:
+        if isinstance(auth, str):
+            _checked_token(auth)
+        elif not callable(auth):
+            raise InvalidArgumentError(f"auth must be a token or a function: {auth!r}")
+        if any(name.lower() == "authorization" for name in headers or {}):
+            raise InvalidArgumentError("give auth or an Authorization header, not both")
     targets = [_Target.parse(url, query, ssl_context, open_stream) for url in urls]
     client = SocketClient(
         targets,
         client_id=client_id,
         headers=_header_list(headers),
+        auth=auth,
         codec=codecs[encoding],
         connect_timeout=connect_timeout,
         call_timeout=call_timeout,
