@@ -5,20 +5,25 @@ Life of a connection
     :meth:`ConnectionHub.run_connection`, which runs in the server's nursery
     until the connection is over:
 
-    1. a writer task starts: the only task that writes to the WebSocket, draining
-       the connection's :class:`~meshline._sockets._outbox.Outbox`;
+    1. a writer task starts: it writes what the connection's
+       :class:`~meshline._sockets._outbox.Outbox` holds whenever no other task is
+       writing. One task writes at a time: the writer, or a call's own task
+       sending its answer (which saves a task switch per call);
     2. the ``hello`` is awaited (``handshake_timeout``: closed with 4002), the
        client id settled (the admission's wins over the hello's; with neither,
        the connection id) and the ``welcome`` queued;
     3. ``on_connect(conn)`` runs; the connection is not yet visible in
        introspection, so it can seed ``data`` and join rooms. If it raises, the
        connection closes with 1011 and ``on_disconnect`` is not called;
-    4. the connection becomes visible, and its task becomes the reader: it
-       drains trio-websocket's receive queue into the protocol machine and never
-       blocks on anything else (trio-websocket stops answering WebSocket pings
-       while its queue is full): calls and async event handlers run in tasks of
-       their own. The reader also keeps the heartbeat: it stops waiting at each
-       of the protocol's deadlines to queue a ping, or to reap a silent client;
+    4. the connection becomes visible. From then on trio-websocket's own reader
+       task hands each message straight to the protocol machine
+       (:func:`~meshline._sockets._inbound.deliver_directly`), which never
+       blocks (trio-websocket stops reading, and answering WebSocket pings, while
+       its one-message queue is full): calls and async event handlers run in
+       tasks of their own. With a trio-websocket whose internals differ, the
+       connection's task reads with ``get_message`` instead. The server's one
+       heartbeat task (:class:`HeartbeatSchedule`) queues the pings and reaps
+       silent clients;
     5. the connection ends through one path, :meth:`Connection._end`, whatever
        ends it: the client closing (or vanishing), the server closing it, the
        heartbeat reaping it, its outbox overflowing, a protocol violation, or the
@@ -36,8 +41,8 @@ Life of a connection
        ``on_disconnect(conn, reason)`` runs, exactly once.
 
     Per connection that is three tasks (trio-websocket's reader, the writer,
-    and the connection's own) and no nursery beyond the stream's: every idle
-    connection pays for each in memory.
+    and the connection's own, which waits for the end) and no nursery beyond the
+    stream's: every idle connection pays for each in memory.
 
     trio-websocket records 1000 locally whatever code the server sent, so the
     codes here are meshline's own record.
@@ -667,7 +672,8 @@ class Connection:
     async def _run(self, hello_timeout: float, nursery: trio.Nursery) -> None:
         """The whole life of the connection (see the module).
 
-        This task is the reader. The writer and the handlers run in ``nursery``
+        This task waits for the end (or reads, on the ``get_message`` path). The
+        writer and the handlers run in ``nursery``
         (the stream's own), each in a cancel scope the connection's end cancels:
         no nursery or task of the connection's own, since every idle connection
         pays for them in memory.
