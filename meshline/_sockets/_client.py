@@ -88,6 +88,7 @@ from ._frames import (
 from ._inbound import Signal, deliver_directly
 from ._outbox import Outbox, OverflowPolicy, PutOutcome
 from ._protocol import Event, SocketProtocol, Subscribed, SubscribeRefused
+from ._timers import Timers
 
 __all__ = [
     "CLOSE_TIMEOUT",
@@ -371,6 +372,10 @@ class _Sender:
             if self.closed:
                 raise trio.EndOfChannel
             await self._queued.wait()
+
+    def has_room(self) -> bool:
+        """Whether fewer than ``max_buffered_bytes`` wait."""
+        return self.outbox.buffered_bytes < self.outbox.max_buffered_bytes
 
     async def wait_for_room(self) -> None:
         """Wait until fewer than ``max_buffered_bytes`` wait (or the queue closes)."""
@@ -790,6 +795,7 @@ class SocketClient:
         self._next_target = 0
         self._headers = headers
         self._auth = auth
+        self._timers = Timers()
         self._on_reconnect = on_reconnect
         self._backoff = Backoff(reconnect or ReconnectOptions())
         self._state = ClientState.CONNECTING
@@ -1055,6 +1061,9 @@ class SocketClient:
         assert isinstance(event, WelcomeFrame)  # the machine accepts nothing else
         return _Session(self, ws, protocol, event)
 
+    async def _keep_timers(self) -> None:
+        await self._timers.run()
+
     async def _auth_headers(self) -> list[tuple[bytes, bytes]]:
         """``Authorization: Bearer <token>`` from ``auth``, asked afresh for every
         connection attempt (nothing without ``auth``).
@@ -1216,12 +1225,41 @@ class SocketClient:
         limit = self.call_timeout if timeout is None else timeout
         if not limit >= 0:
             raise InvalidArgumentError(f"timeout must be >= 0: {timeout!r}")
+        session = self._session
+        if session is not None and session.is_open and session.outbox.has_room():
+            # The common case, with no cancel scope: the timeout is a timer.
+            pending = session.start_call(name, data)
+            timer = None
+            if limit < math.inf:
+                expire = functools.partial(self._expire_call, session, pending, name, limit)
+                timer = self._timers.add(trio.current_time() + limit, expire)
+            try:
+                await pending.done.wait()
+            finally:
+                if timer is not None:
+                    self._timers.withdraw(timer)
+                if not pending.done.is_set():
+                    session.cancel_call(pending)
+            return self._call_result(session, pending, result_type)
         with trio.move_on_after(limit):
             return await self._call(name, data, result_type)
+        raise self._timed_out(name, limit)
+
+    def _timed_out(self, name: str, limit: float) -> SocketTimeoutError:
         logger.info("socket client %r: call %r timed out after %g s", self.client_id, name, limit)
-        raise SocketTimeoutError(f"no answer to {name!r} within {limit:g} s")
+        return SocketTimeoutError(f"no answer to {name!r} within {limit:g} s")
+
+    def _expire_call(
+        self, session: _Session, pending: _Pending, name: str, limit: float, now: float
+    ) -> None:
+        """A call's timer ran out: the server is sent a cancel, and the call fails
+        with :class:`SocketTimeoutError`."""
+        if not pending.done.is_set():
+            session.cancel_call(pending)
+            pending.fail(self._timed_out(name, limit))
 
     async def _call(self, name: str, data: object, result_type: Any) -> Any:
+        """A call that first waits for a connection, or for room to queue it."""
         session = await self._wait_session()
         await session.outbox.wait_for_room()
         if not session.is_open:
@@ -1232,6 +1270,9 @@ class SocketClient:
         finally:
             if not pending.done.is_set():
                 session.cancel_call(pending)
+        return self._call_result(session, pending, result_type)
+
+    def _call_result(self, session: _Session, pending: _Pending, result_type: Any) -> Any:
         if pending.error is not None:
             raise pending.error
         answer = pending.answer
@@ -1601,6 +1642,7 @@ async def open_socket_client(
     with single_exceptions():
         async with trio.open_nursery() as nursery:
             nursery.start_soon(client._dispatch_events)
+            nursery.start_soon(client._keep_timers)
             await nursery.start(client._supervise)
             try:
                 yield client

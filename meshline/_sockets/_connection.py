@@ -22,8 +22,8 @@ Life of a connection
        its one-message queue is full): calls and async event handlers run in
        tasks of their own. With a trio-websocket whose internals differ, the
        connection's task reads with ``get_message`` instead. The server's one
-       heartbeat task (:class:`HeartbeatSchedule`) queues the pings and reaps
-       silent clients;
+       timer task (:class:`~meshline._sockets._timers.Timers`) queues the
+       pings and reaps silent clients;
     5. the connection ends through one path, :meth:`Connection._end`, whatever
        ends it: the client closing (or vanishing), the server closing it, the
        heartbeat reaping it, its outbox overflowing, a protocol violation, or the
@@ -56,7 +56,6 @@ Cancellation
 from __future__ import annotations
 
 import enum
-import heapq
 import inspect
 import itertools
 import logging
@@ -96,6 +95,7 @@ from ._inbound import Signal, deliver_directly
 from ._outbox import Outbox, OverflowPolicy, PutOutcome
 from ._protocol import SocketProtocol
 from ._roles import MAX_NAME_BYTES, TOO_MANY_CALLS, CallSpec, EventSpec, RoleTable, check_name
+from ._timers import Timer, Timers
 
 if TYPE_CHECKING:
     from ._local import LocalRegistry
@@ -199,16 +199,22 @@ async def _maybe_await(value: Any) -> Any:
 
 
 class _RunningCall:
-    """A call (or subscribe) whose handler runs: its cancel scope, and why it was cancelled."""
+    """A call (or subscribe) whose handler runs: its cancel scope, its timeout (a
+    timer of the server's, rather than a deadline on the scope: see
+    :mod:`~meshline._sockets._timers`), and why it was cancelled."""
 
-    __slots__ = ("cancelled_by_client", "scope", "timeout")
+    __slots__ = ("cancelled_by_client", "scope", "timeout", "timer")
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, timers: Timers) -> None:
         self.scope = trio.CancelScope()
         self.timeout = timeout
+        self.timer: Timer | None = None
         if timeout < math.inf:
-            self.scope.deadline = trio.current_time() + timeout
+            self.timer = timers.add(trio.current_time() + timeout, self._expire)
         self.cancelled_by_client = False
+
+    def _expire(self, now: float) -> None:
+        self.scope.cancel()
 
 
 class _PendingRequest:
@@ -256,7 +262,6 @@ class Connection:
         "_role_calls",
         "_role_events",
         "_rooms",
-        "_send_scope",
         "_sending",
         "_sent_all",
         "_visible",
@@ -345,7 +350,6 @@ class Connection:
         self._life = trio.CancelScope()
         self._sending = False
         self._writer_scope = trio.CancelScope()
-        self._send_scope: trio.CancelScope | None = None
         self._sent_all: trio.Event | None = None
         self._nursery: trio.Nursery | None = None
         self._wakeup = Signal()
@@ -683,7 +687,9 @@ class Connection:
             nursery.start_soon(self._write_loop)
             with self._life:
                 if await self._open(hello_timeout):
-                    self._hub.heartbeats.watch(self)
+                    deadline = self._protocol.next_deadline()
+                    if deadline < math.inf:
+                        self._hub.timers.add(deadline, self._beat)
                     if deliver_directly(self._ws, self._on_message, self._on_inbound_closed):
                         await trio.sleep_forever()
                     else:
@@ -702,6 +708,12 @@ class Connection:
 
     def _running_handlers(self) -> int:
         return len(self._calls) + len(self._event_scopes)
+
+    def _call_finished(self, call_id: int) -> None:
+        running = self._calls.pop(call_id, None)
+        if running is not None and running.timer is not None:
+            self._hub.timers.withdraw(running.timer)
+        self._handler_done()
 
     def _handler_done(self) -> None:
         if self._idle is not None and not self._running_handlers():
@@ -794,37 +806,32 @@ class Connection:
         with self._writer_scope:
             while not self._closing:
                 if self._outbox and not self._sending:
-                    await self._send_queued(self._writer_scope)
+                    await self._send_queued()
                 else:
                     await self._wakeup.wait()
 
-    async def _send_queued(self, scope: trio.CancelScope | None = None) -> None:
+    async def _send_queued(self) -> None:
         """Write what the outbox holds, in order, from the calling task, until it is
         empty. One task at a time writes (:attr:`_sending`): the writer, a call
         task sending its own answer (which saves waking the writer), or the close.
 
-        Cancellation: only :meth:`_close_websocket` cancels a write, through
-        ``scope`` (the writer's own; a new one by default), when the client does
-        not take the close in time; the stream is aborted then: a message cut in
-        the middle leaves nothing to save.
+        Cancellation: nothing here cancels a write halfway (that would cut a
+        message in the middle). When the client does not take the close within
+        ``close_timeout``, the WebSocket is aborted, which fails a write blocked
+        on it, and the writer's scope is cancelled; a call task still writing
+        then is cancelled with the rest of the connection's tasks when its
+        stream's nursery ends.
         """
         self._sending = True
         outbox, ws = self._outbox, self._ws
         try:
-            if scope is None:  # a task of its own: allocating a scope only here
-                with trio.CancelScope() as self._send_scope:
-                    while (message := outbox.take()) is not None:
-                        await ws.send_message(message)
-            else:  # the writer, already in its scope
-                self._send_scope = scope
-                while (message := outbox.take()) is not None:
-                    await ws.send_message(message)
+            while (message := outbox.take()) is not None:
+                await ws.send_message(message)
         except ConnectionClosed as exc:
             if not self._closing:
                 self._peer_gone(exc)
         finally:
             self._sending = False
-            self._send_scope = None
             if self._sent_all is not None:
                 self._sent_all.set()
 
@@ -921,8 +928,7 @@ class Connection:
                 self.id,
                 self._hub.settings.close_timeout,
             )
-            if self._send_scope is not None:
-                self._send_scope.cancel()
+            self._writer_scope.cancel()
             await self._abort_websocket()
 
     async def _abort_websocket(self) -> None:
@@ -1039,7 +1045,9 @@ class Connection:
                 call_id, TOO_MANY_CALLS, f"{limit} calls already in progress on this connection"
             )
             return None
-        running = _RunningCall(self._hub.settings.call_timeout if timeout is None else timeout)
+        running = _RunningCall(
+            self._hub.settings.call_timeout if timeout is None else timeout, self._hub.timers
+        )
         self._calls[call_id] = running
         return running
 
@@ -1074,8 +1082,7 @@ class Connection:
         try:
             answer = await self._call_answer(call_id, spec, value, running)
         finally:
-            self._calls.pop(call_id, None)
-            self._handler_done()
+            self._call_finished(call_id)
         await self._send_answer(answer)
 
     async def _call_answer(
@@ -1234,8 +1241,7 @@ class Connection:
                     call_id, ErrorCode.TIMEOUT, f"no answer within {running.timeout:g} s"
                 )
         finally:
-            self._calls.pop(call_id, None)
-            self._handler_done()
+            self._call_finished(call_id)
 
     def _accept_subscribe(self, call_id: int, topic: str) -> None:
         try:
@@ -1300,64 +1306,9 @@ def fan_out(
     return count
 
 
-class HeartbeatSchedule:
-    """Every connection's next heartbeat deadline, kept by one task per server.
-
-    A task per connection (or a deadline in a per-connection reader) would cost
-    every idle connection memory and every message a cancel scope; here a
-    connection is one heap entry. At each deadline the task asks the connection
-    (:meth:`Connection._beat`), which pings or reaps it and says when to look
-    again. Frames that arrive meanwhile only move the connection's own deadline
-    later; the entry is then early, and simply re-filed.
-    """
-
-    def __init__(self) -> None:
-        self._heap: list[tuple[float, int, Connection]] = []
-        self._order = itertools.count()
-        self._sleep: trio.CancelScope | None = None
-
-    def __len__(self) -> int:
-        return len(self._heap)
-
-    def watch(self, conn: Connection) -> None:
-        """Start keeping ``conn``'s heartbeat (nothing if it has none)."""
-        deadline = conn._protocol.next_deadline()
-        if deadline < math.inf:
-            self._file(deadline, conn)
-
-    def _file(self, deadline: float, conn: Connection) -> None:
-        heapq.heappush(self._heap, (deadline, next(self._order), conn))
-        sleep = self._sleep
-        if sleep is not None and deadline < sleep.deadline:
-            sleep.deadline = deadline
-
-    async def run(self) -> None:
-        """Ping and reap until cancelled.
-
-        Cancellation: stops; the connections are the server's to end.
-        """
-        heap = self._heap
-        while True:
-            with trio.CancelScope(deadline=heap[0][0] if heap else math.inf) as sleep:
-                self._sleep = sleep
-                await trio.sleep_forever()
-            self._sleep = None
-            now = trio.current_time()
-            while heap and heap[0][0] <= now:
-                _, _, conn = heapq.heappop(heap)
-                try:
-                    deadline = conn._beat(now)
-                except Exception:
-                    logger.exception("connection %s: heartbeat failed; closing", conn.id)
-                    conn._end(DisconnectReason.SERVER_CLOSED, CloseCode.INTERNAL_ERROR)
-                    continue
-                if deadline is not None:
-                    heapq.heappush(heap, (deadline, next(self._order), conn))
-
-
 class ConnectionHub:
     """What a server's connections share: settings, the registry, ids, the shutdown
-    flag, the heartbeat schedule."""
+    flag, the timers."""
 
     def __init__(self, settings: ConnectionSettings, registry: LocalRegistry) -> None:
         self.settings = settings
@@ -1370,8 +1321,9 @@ class ConnectionHub:
         """The :class:`SocketServer` (set by it)."""
         self.incarnation = secrets.token_hex(4)
         self._ids = itertools.count(1)
-        self.heartbeats = HeartbeatSchedule()
-        """Pings and reaps every open connection (its task runs in the server's nursery)."""
+        self.timers = Timers()
+        """Every connection's heartbeat and every running call's timeout (its task
+        runs in the server's nursery)."""
 
     def new_connection_id(self) -> str:
         return f"{self.settings.node_id}.{self.incarnation}.{next(self._ids)}"

@@ -542,8 +542,8 @@ class SocketServer:
             return Rejection(500, "internal server error")
         return admission
 
-    async def _keep_heartbeats(self) -> None:
-        await self._hub.heartbeats.run()
+    async def _keep_timers(self) -> None:
+        await self._hub.timers.run()
 
     async def _listen(self, nursery: trio.Nursery, *, task_status: trio.TaskStatus[None]) -> None:
         with trio.CancelScope() as scope:
@@ -716,7 +716,7 @@ async def open_socket_server(
         node_id=node_id,
     )
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(server._keep_heartbeats)
+        nursery.start_soon(server._keep_timers)
         if listen:
             await nursery.start(server._listen, nursery)
         try:
