@@ -1,12 +1,17 @@
-"""``meshline demo``: transports and mesh nodes at work against an embedded NATS server."""
+"""``meshline demo``: transports and mesh nodes at work against an embedded NATS server,
+then the socket layer on its own (a server, clients, a slow reader, a silent client)."""
 
 from __future__ import annotations
 
+import json
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
 import trio
+import trio.lowlevel
+import trio_websocket
 
 from ._errors import (
     ClientNotFoundError,
@@ -19,10 +24,15 @@ from ._errors import (
 from ._mesh._node import Node, open_node
 from ._registry._core import RegisteredClient
 from ._service._service import ClientService, open_client_service
+from ._sockets._connection import Connection, DisconnectReason
+from ._sockets._frames import JSON_SUBPROTOCOL
+from ._sockets._roles import Role
+from ._sockets._server import BackpressureOptions, HeartbeatOptions, SocketServer
 from ._transport._names import encode_token
 from ._transport._nats import open_nats_transport
 from ._transport._seam import KVOperation, Transport
 from .testing._server import NatsServer
+from .testing._sockets import open_test_client, open_test_socket_server
 
 
 def say(text: str) -> None:
@@ -255,6 +265,155 @@ async def show_service(url: str) -> None:
         nursery.cancel_scope.cancel()
 
 
+# --- Sockets ----------------------------------------------------------------------
+
+HEARTBEAT = HeartbeatOptions(interval=0.25, max_missed=1)
+"""Short, so that the silent client is reaped within the demo: half a second of
+silence (interval * (max_missed + 1)); the real default is 25 s and 2."""
+MAX_BUFFERED = 256 * 1024
+BLOB = "x" * 16 * 1024
+
+
+def demo_role() -> Role:
+    user = Role("user")
+
+    @user.call("add", input=list[int], output=int)
+    async def add(conn: Connection, numbers: list[int]) -> int:
+        return sum(numbers)
+
+    @user.call("join", input=str)
+    async def join(conn: Connection, room: str) -> None:
+        conn.join(room)
+
+    @user.on("typing")
+    def typing(conn: Connection, data: Any) -> None:
+        pass
+
+    return user
+
+
+async def raw_client(
+    nursery: trio.Nursery, server: SocketServer, client_id: str
+) -> tuple[trio_websocket.WebSocketConnection, Connection]:
+    """A bare trio-websocket client that says hello (in JSON) and reads nothing;
+    and its connection on the server."""
+    ws = await trio_websocket.connect_websocket_url(
+        nursery, server.url, subprotocols=[JSON_SUBPROTOCOL]
+    )
+    await ws.send_message(json.dumps({"t": "hello", "client_id": client_id}))
+    found: list[Connection] = []
+
+    def visible() -> bool:
+        found[:] = [c for c in server.local.connections.values() if c.client_id == client_id]
+        return bool(found)
+
+    await poll(visible)
+    return ws, found[0]
+
+
+async def show_slow_reader(server: SocketServer, gone: dict[str, trio.Event]) -> None:
+    async with trio.open_nursery() as nursery:
+        ws, conn = await raw_client(nursery, server, "slow")
+
+        async def keep_talking() -> None:
+            # It still sends (so the heartbeat does not reap it); it only stops reading.
+            try:
+                while True:
+                    await ws.send_message(json.dumps({"t": "event", "name": "typing"}))
+                    await trio.sleep(HEARTBEAT.interval / 2)
+            except trio_websocket.ConnectionClosed:
+                pass  # the server dropped it
+
+        nursery.start_soon(keep_talking)
+        emitted = 0
+        with trio.fail_after(30):
+            while conn.is_open:
+                conn.emit("blob", BLOB)
+                emitted += 1
+                await trio.lowlevel.checkpoint()
+            await gone["slow"].wait()
+        say(
+            f"  'slow' stopped reading; the server emitted {emitted} events of 16 KiB to it"
+            f" and, once more than {MAX_BUFFERED // 1024} KiB waited in its queue (the socket"
+            f" buffers held the rest), closed it with {conn.close_code} ({conn.disconnect_reason})"
+        )
+        nursery.cancel_scope.cancel()
+    await trio.aclose_forcefully(ws)
+
+
+async def show_silent_client(server: SocketServer, gone: dict[str, trio.Event]) -> None:
+    async with trio.open_nursery() as nursery:
+        ws, conn = await raw_client(nursery, server, "silent")
+        started = trio.current_time()
+        with trio.fail_after(30):
+            await gone["silent"].wait()
+        waited = trio.current_time() - started
+        silence = HEARTBEAT.interval * (HEARTBEAT.max_missed + 1)
+        say(
+            f"  'silent' sent its hello and nothing since: after {silence:g} s of silence it"
+            f" was reaped with {conn.close_code} ({conn.disconnect_reason}); gone"
+            f" {waited:.1f} s after it connected, the close it did not take included"
+        )
+        nursery.cancel_scope.cancel()
+    await trio.aclose_forcefully(ws)
+
+
+async def show_sockets() -> None:
+    say("\n== sockets: a server, three clients, a slow reader, a silent client (no NATS) ==")
+    gone: defaultdict[str, trio.Event] = defaultdict(trio.Event)
+
+    def on_disconnect(conn: Connection, reason: DisconnectReason) -> None:
+        say(f"  [server] on_disconnect {conn.client_id!r}: {reason}, close code {conn.close_code}")
+        gone[conn.client_id].set()
+
+    async with open_test_socket_server(
+        roles=[demo_role()],
+        heartbeat=HEARTBEAT,
+        backpressure=BackpressureOptions(max_buffered_bytes=MAX_BUFFERED),
+        close_timeout=0.5,
+        client_requests={"confirm": (str, bool)},
+        client_events={"news": str, "blob": str},
+        on_disconnect=on_disconnect,
+    ) as server:
+        say(
+            f"  server on {server.url} (node {server.node_id}): pings every"
+            f" {HEARTBEAT.interval:g} s, closes a client with more than"
+            f" {MAX_BUFFERED // 1024} KiB waiting"
+        )
+        async with (
+            open_test_client(server, client_id="ana") as ana,
+            open_test_client(server, client_id="bo") as bo,
+            open_test_client(server, client_id="cy") as cy,
+        ):
+            ids = ", ".join(f"{c.client_id} as {c.connection_id}" for c in (ana, bo, cy))
+            say(f"  three clients connected: {ids}")
+            say(f"  ana calls add([1, 2, 3]): {await ana.call('add', [1, 2, 3])!r}")
+
+            heard: list[str] = []
+
+            def listen(name: str) -> Callable[[Any], None]:
+                return lambda data: heard.append(f"{name} got {data!r}")
+
+            for name, client in (("ana", ana), ("bo", bo), ("cy", cy)):
+                client.on("news", listen(name))
+            await ana.call("join", "lobby")
+            await bo.call("join", "lobby")
+            members = server.room("lobby").emit("news", "lunch at noon")
+            await poll(lambda: len(heard) == members)
+            say(f"  room 'lobby' emit to {members} members: {', '.join(sorted(heard))}")
+
+            cy.implement("confirm", lambda question: question == "deploy now?")
+            cy_conn = server.connection(cy.connection_id or "")
+            assert cy_conn is not None
+            answer = await cy_conn.request("confirm", "deploy now?", timeout=5)
+            say(f"  the server asks cy 'deploy now?'; cy answers {answer!r}")
+
+            await show_slow_reader(server, gone)
+            await show_silent_client(server, gone)
+            say("  ana, bo and cy leave:")
+    say("  the socket server is stopped")
+
+
 async def run_demo(url: str) -> None:
     async with (
         open_nats_transport(url, name="alpha") as alpha,
@@ -267,6 +426,7 @@ async def run_demo(url: str) -> None:
         await show_kv(alpha, beta)
         await show_nodes({"alpha": alpha, "beta": beta, "gamma": gamma})
     await show_service(url)
+    await show_sockets()
 
 
 def demo(url: str | None = None) -> None:

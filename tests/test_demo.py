@@ -31,6 +31,15 @@ def test_demo_runs_and_shows_each_feature() -> None:
         "orphaned clients: ['erin']",
         "alpha invokes frank: 'frank (on beta) got notify: welcome back'",
         "[cluster]",
+        "ana calls add([1, 2, 3]): 6",
+        "room 'lobby' emit to 2 members: ana got 'lunch at noon', bo got 'lunch at noon'",
+        "the server asks cy 'deploy now?'; cy answers True",
+        "closed it with 1013 (backpressure)",
+        "[server] on_disconnect 'slow': backpressure, close code 1013",
+        "was reaped with 4001 (reaped)",
+        "[server] on_disconnect 'silent': reaped, close code 4001",
+        "[server] on_disconnect 'cy': client_closed, close code 1000",
+        "the socket server is stopped",
         "the embedded server is stopped",
     ]:
         assert expected in result.stdout

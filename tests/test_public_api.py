@@ -141,6 +141,11 @@ def test_testing_api_is_locked() -> None:
         "free_port",
         "restart_server",
         "nats_cluster",
+        "MEMORY_URL",
+        "MemoryStreamOpener",
+        "open_memory_client",
+        "open_test_client",
+        "open_test_socket_server",
     }
 
 
