@@ -97,8 +97,8 @@ def reading_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
     if request.param == "get_message":
         from meshline._sockets import _client, _connection
 
-        def refuse(*args: object) -> bool:
-            return False
+        def refuse(*args: object) -> None:
+            return None
 
         monkeypatch.setattr(_connection, "deliver_directly", refuse)
         monkeypatch.setattr(_client, "deliver_directly", refuse)

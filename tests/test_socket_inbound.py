@@ -14,8 +14,11 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from trio_websocket import open_websocket_url
+from trio_websocket import open_websocket_url, wrap_client_stream
 
+from meshline._sockets._backoff import ReconnectOptions
+from meshline._sockets._client import ClientState, open_socket_client
+from meshline._sockets._codes import CloseCode
 from meshline._sockets._connection import Connection
 from meshline._sockets._frames import (
     MSGPACK_SUBPROTOCOL,
@@ -51,7 +54,7 @@ async def test_waiting_messages_are_handed_over_first_in_order() -> None:
     holder._send_channel.send_nowait(b"one")
     holder._send_channel.send_nowait("two")
     messages, closes, on_message, on_closed = recorder()
-    assert deliver_directly(holder, on_message, on_closed)  # type: ignore[arg-type]
+    assert deliver_directly(holder, on_message, on_closed) is not None  # type: ignore[arg-type]
     assert messages == [b"one", "two"] and closes == []
     await holder._send_channel.send(b"three")
     assert messages == [b"one", "two", b"three"]
@@ -69,11 +72,11 @@ async def test_a_channel_that_ended_before_the_switch_reports_the_close_after_it
     holder._send_channel.send_nowait(b"last words")
     holder._send_channel.close()
     messages, closes, on_message, on_closed = recorder()
-    assert deliver_directly(holder, on_message, on_closed)  # type: ignore[arg-type]
+    assert deliver_directly(holder, on_message, on_closed) is not None  # type: ignore[arg-type]
     assert messages == [b"last words"] and closes == ["closed"]
 
 
-async def test_trio_websockets_own_async_with_closes_it() -> None:
+async def test_the_stand_in_closes_once_and_has_nothing_to_read() -> None:
     messages, closes, on_message, on_closed = recorder()
     inbound = DirectInbound(on_message, on_closed)
     async with inbound:
@@ -89,7 +92,7 @@ def test_other_internals_change_nothing_and_say_so() -> None:
 
     target = Elsewhere()
     assert not direct_delivery_supported(target)
-    assert not deliver_directly(target, print, print)  # type: ignore[arg-type]
+    assert deliver_directly(target, print, print) is None  # type: ignore[arg-type]
     assert target._send_channel is None
 
 
@@ -139,3 +142,89 @@ async def test_a_signal_wakes_its_waiter_and_a_cancelled_wait_consumes_nothing()
             await signal.wait()
     with trio.fail_after(1):
         await signal.wait()  # the set before the cancelled wait is still there
+
+
+class BreaksOnDemand(trio.abc.Stream):
+    """A stream whose writes start failing when told to (the peer reset it)."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.broken = False
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self.broken:
+            raise trio.BrokenResourceError("connection reset by peer")
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def until(condition: Any, timeout: float = 10.0) -> None:
+    with trio.fail_after(timeout):
+        while not condition():
+            await trio.sleep(0.005)
+
+
+async def test_a_close_whose_answer_cannot_be_written_still_ends_the_connection() -> None:
+    """The client closes and resets before the server answers the close: trio-websocket
+    leaves its reader without a word to the direct delivery; the connection ends anyway."""
+    client_end, server_end = trio.testing.memory_stream_pair()
+    breaking = BreaksOnDemand(server_end)
+    ended: list[str] = []
+    async with (
+        open_socket_server(
+            roles=[Role("user")],
+            heartbeat=None,
+            listen=False,
+            on_disconnect=lambda conn, reason: ended.append(reason),
+        ) as server,
+        trio.open_nursery() as nursery,
+    ):
+        nursery.start_soon(server.serve_stream, breaking)
+        ws = await wrap_client_stream(
+            nursery, client_end, "h", "/", subprotocols=[MSGPACK_SUBPROTOCOL]
+        )
+        await ws.send_message(codec_for_subprotocol(MSGPACK_SUBPROTOCOL).encode(HelloFrame()))
+        await ws.get_message()
+        await until(lambda: len(server.local) == 1)
+        breaking.broken = True
+        with trio.move_on_after(0.5):
+            await ws.aclose(1000, "bye")
+        await until(lambda: ended == ["client_closed"])
+        assert len(server.local) == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_client_whose_close_answer_fails_reconnects() -> None:
+    streams: list[BreaksOnDemand] = []
+    async with (
+        open_socket_server(roles=[Role("user")], heartbeat=None, listen=False) as server,
+        trio.open_nursery() as nursery,
+    ):
+
+        async def open_stream(url: str) -> trio.abc.Stream:
+            client_end, server_end = trio.testing.memory_stream_pair()
+            nursery.start_soon(server.serve_stream, server_end)
+            stream = BreaksOnDemand(client_end)
+            streams.append(stream)
+            return stream
+
+        async with open_socket_client(
+            "ws://memory.test/",
+            client_id="c",
+            open_stream=open_stream,
+            reconnect=ReconnectOptions(base=0.01, cap=0.05),
+        ) as client:
+            await until(lambda: len(server.local) == 1)
+            first = next(iter(server.local.connections.values()))
+            streams[0].broken = True  # the client's writes fail from now on...
+            first.close_nowait(CloseCode.RECONNECT)  # ...as the server sends a close
+            await until(lambda: len(streams) == 2 and client.state is ClientState.CONNECTED)
+        nursery.cancel_scope.cancel()

@@ -8,6 +8,7 @@ server and the sans-IO core. Timing logic (heartbeat, reaping, backpressure) is 
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import logging
 import math
@@ -833,6 +834,26 @@ async def hooked(**options: Any) -> AsyncIterator[tuple[SocketServer, Hooks]]:
     ) as server:
         hooks.server = server
         yield server, hooks
+
+
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="unset")
+
+
+async def test_handlers_see_the_context_on_connect_set() -> None:
+    """Context variables set in ``on_connect`` (a log correlation id, a tracing span)
+    reach the connection's handlers, however messages are read."""
+    role = Role("user")
+
+    @role.call("whoami")
+    async def whoami(conn: Connection, data: Any) -> str:
+        return REQUEST_ID.get()
+
+    def on_connect(conn: Connection) -> None:
+        REQUEST_ID.set(f"for {conn.client_id}")
+
+    async with running(roles=[role], authenticate=None, on_connect=on_connect) as server:
+        async with connect(server, client_id="ctx") as client:
+            assert await client.call("whoami") == "for ctx"
 
 
 async def test_on_disconnect_client_closed() -> None:

@@ -83,3 +83,51 @@ async def test_a_callback_that_raises_is_logged_and_the_others_run(
     assert ran == ["after"]
     records = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert records and records[0].exc_info is not None
+
+
+async def test_a_deadline_due_again_at_once_waits_for_the_next_round(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    timers = Timers()
+    calls: list[float] = []
+    seen_by_others: list[int] = []
+
+    def again_now(now: float) -> float | None:
+        calls.append(now)
+        return now if len(calls) < 1_000 else None
+
+    async def other() -> None:
+        while not calls:
+            await trio.lowlevel.checkpoint()
+        await trio.lowlevel.checkpoint()
+        seen_by_others.append(len(calls))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(timers.run)
+        timers.add(trio.current_time(), again_now)
+        nursery.start_soon(other)
+        await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    assert seen_by_others and seen_by_others[0] < 10  # the timer task let others run
+
+
+async def test_the_handle_of_a_repeating_timer_stays_good(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    timers = Timers()
+    beats: list[float] = []
+
+    def beat(now: float) -> float:
+        beats.append(now)
+        return now + 1
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(timers.run)
+        start = trio.current_time()
+        handle = timers.add(start + 1, beat)
+        await trio.sleep(2.5)
+        timers.withdraw(handle)
+        await trio.sleep(5)
+        nursery.cancel_scope.cancel()
+    assert [when - start for when in beats] == [1.0, 2.0]
+    assert len(timers) == 0

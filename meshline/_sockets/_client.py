@@ -36,6 +36,7 @@ Close codes
 
 from __future__ import annotations
 
+import contextvars
 import enum
 import functools
 import importlib.metadata
@@ -85,7 +86,7 @@ from ._frames import (
     WelcomeFrame,
     codec_for_subprotocol,
 )
-from ._inbound import Signal, deliver_directly
+from ._inbound import ReaderEnd, Signal, deliver_directly
 from ._outbox import Outbox, OverflowPolicy, PutOutcome
 from ._protocol import Event, SocketProtocol, Subscribed, SubscribeRefused
 from ._timers import Timers
@@ -475,6 +476,9 @@ class _Session:
         self.drained = trio.Event()
         self.closed = trio.Event()
         self.nursery: trio.Nursery | None = None
+        self.context: contextvars.Context | None = None
+        """The context the session's handler tasks start in (the session task's,
+        not that of trio-websocket's reader, where messages arrive)."""
 
     @property
     def is_open(self) -> bool:
@@ -490,8 +494,12 @@ class _Session:
                 nursery.start_soon(self._write)
                 nursery.start_soon(self._watch_heartbeat)
                 opened(self)
-                if not deliver_directly(self.ws, self._on_message, self._on_inbound_closed):
+                self.context = contextvars.copy_context()
+                reader_end = deliver_directly(self.ws, self._on_message, self._on_inbound_closed)
+                if reader_end is None:
                     nursery.start_soon(self._read)
+                else:
+                    nursery.start_soon(self._watch_reader, reader_end)
                 await self.ended.wait()
                 assert self.end is not None
                 if self.end.kind is _EndKind.APPLICATION:
@@ -549,17 +557,16 @@ class _Session:
         if self.end is not None:
             return
         try:
-            event = self.protocol.receive(message, trio.current_time())
-        except RemoteProtocolError as exc:
-            # The machine logged the violation and is closed.
-            self.finish(_EndKind.LOCAL, exc.close_code, exc.reason)
-            return
-        if event is None:
-            return
-        try:
-            self._handle(event)
+            try:
+                event = self.protocol.receive(message, trio.current_time())
+            except RemoteProtocolError as exc:
+                # The machine logged the violation and is closed.
+                self.finish(_EndKind.LOCAL, exc.close_code, exc.reason)
+                return
+            if event is not None:
+                self._handle(event)
         except Exception:  # a bug here must not take trio-websocket's reader down
-            logger.exception("socket client: failed to handle %r", type(event))
+            logger.exception("socket client: failed to handle a message")
             self.finish(_EndKind.LOCAL, CloseCode.INTERNAL_ERROR, "client error")
 
     def _on_inbound_closed(self) -> None:
@@ -590,8 +597,8 @@ class _Session:
                 if event.timeout is not None:
                     scope.deadline = trio.current_time() + event.timeout
                 self.requests[event.id] = scope
-                assert self.nursery is not None
-                self.nursery.start_soon(self._answer_request, event, scope)
+                assert self.nursery is not None and self.context is not None
+                self.context.run(self.nursery.start_soon, self._answer_request, event, scope)
             case CancelFrame(id=request_id):
                 running = self.requests.get(request_id)
                 if running is not None:
@@ -610,6 +617,12 @@ class _Session:
         if pending is not None:
             pending.resolve(answer)
 
+    async def _watch_reader(self, reader_end: ReaderEnd) -> None:
+        """trio-websocket's reader ended: the connection is over, whether or not
+        it said so (see :class:`~meshline._sockets._inbound.ReaderEnd`)."""
+        await reader_end.wait()
+        self._on_inbound_closed()
+
     async def _write(self) -> None:
         try:
             while True:
@@ -620,7 +633,8 @@ class _Session:
                 try:
                     await self.ws.send_message(message)
                 except trio_websocket.ConnectionClosed:
-                    return  # the reader sees the close and ends the session
+                    self._on_inbound_closed()
+                    return
         finally:
             self.drained.set()
 

@@ -55,6 +55,7 @@ Cancellation
 
 from __future__ import annotations
 
+import contextvars
 import enum
 import inspect
 import itertools
@@ -245,11 +246,13 @@ class Connection:
 
     __slots__ = (
         "_admitted_client_id",
+        "_beat_timer",
         "_calls",
         "_clock_offset",
         "_closed",
         "_closing",
         "_connected",
+        "_context",
         "_drain",
         "_event_scopes",
         "_hub",
@@ -264,6 +267,7 @@ class Connection:
         "_rooms",
         "_sending",
         "_sent_all",
+        "_stream",
         "_visible",
         "_wakeup",
         "_writer_scope",
@@ -292,6 +296,7 @@ class Connection:
         ws: WebSocketConnection,
         codec: Codec,
         *,
+        stream: trio.abc.AsyncResource,
         connection_id: str,
         role: str,
         user_id: str | None,
@@ -302,6 +307,7 @@ class Connection:
         settings = hub.settings
         self._hub = hub
         self._ws = ws
+        self._stream = stream
         self._protocol = SocketProtocol(
             Side.SERVER, codec, max_message_size=settings.max_message_size
         )
@@ -349,6 +355,7 @@ class Connection:
         self._requests: dict[int, _PendingRequest] = {}
         self._life = trio.CancelScope()
         self._sending = False
+        self._beat_timer: Timer | None = None
         self._writer_scope = trio.CancelScope()
         self._sent_all: trio.Event | None = None
         self._nursery: trio.Nursery | None = None
@@ -357,6 +364,7 @@ class Connection:
         self._drain = False
         self._visible = False
         self._connected = False
+        self._context = contextvars.copy_context()
         self._closed = trio.Event()
 
     # --- Introspection ---------------------------------------------------------------
@@ -645,6 +653,8 @@ class Connection:
                 pending.closed = error
                 pending.done.set()
         self._life.cancel()
+        if self._beat_timer is not None:
+            self._hub.timers.withdraw(self._beat_timer)
         for running in self._calls.values():
             running.scope.cancel()
         for scope in self._event_scopes:
@@ -689,9 +699,13 @@ class Connection:
                 if await self._open(hello_timeout):
                     deadline = self._protocol.next_deadline()
                     if deadline < math.inf:
-                        self._hub.timers.add(deadline, self._beat)
-                    if deliver_directly(self._ws, self._on_message, self._on_inbound_closed):
-                        await trio.sleep_forever()
+                        self._beat_timer = self._hub.timers.add(deadline, self._beat)
+                    reader_end = deliver_directly(
+                        self._ws, self._on_message, self._on_inbound_closed
+                    )
+                    if reader_end is not None:
+                        await reader_end.wait()
+                        self._on_inbound_closed()
                     else:
                         await self._read_loop()
             if not self._closing:  # cannot happen: the reader ends through _end
@@ -705,6 +719,13 @@ class Connection:
                     await self._abort_websocket()
                 await self._handlers_finished()
                 await self._disconnected()
+
+    def _spawn(self, handler: Callable[..., Awaitable[None]], *args: Any) -> None:
+        """Start a handler task in the connection's nursery, in the context the
+        connection's own task had after ``on_connect`` (messages arrive in
+        trio-websocket's reader task, whose context is older)."""
+        assert self._nursery is not None
+        self._context.run(self._nursery.start_soon, handler, *args)
 
     def _running_handlers(self) -> int:
         return len(self._calls) + len(self._event_scopes)
@@ -792,6 +813,7 @@ class Connection:
                 self._end(DisconnectReason.SERVER_CLOSED, CloseCode.INTERNAL_ERROR)
                 return False
         self._connected = True
+        self._context = contextvars.copy_context()
         if self._closing:
             return False
         self._visible = True
@@ -835,13 +857,6 @@ class Connection:
             if self._sent_all is not None:
                 self._sent_all.set()
 
-    async def _send_answer(self, message: Message | None) -> None:
-        """Queue a call task's answer; write it from this task when no other task writes."""
-        if message is None or not self._deliver_quietly(message):
-            return
-        if not self._sending and not self._closing:
-            await self._send_queued()
-
     def _deliver_quietly(self, message: Message) -> bool:
         """:meth:`_deliver` for a control message, without waking the writer (the
         caller writes it, or whoever writes already does)."""
@@ -858,16 +873,15 @@ class Connection:
         if self._closing:
             return
         try:
-            event = self._protocol.receive(message, trio.current_time())
-        except RemoteProtocolError as exc:
-            self._end(DisconnectReason.PROTOCOL_ERROR, exc.close_code, exc.reason)
-            return
-        if event is None:
-            return
-        try:
-            self._dispatch(event)
+            try:
+                event = self._protocol.receive(message, trio.current_time())
+            except RemoteProtocolError as exc:
+                self._end(DisconnectReason.PROTOCOL_ERROR, exc.close_code, exc.reason)
+                return
+            if event is not None:
+                self._dispatch(event)
         except Exception:  # a bug here must not take trio-websocket's reader down
-            logger.exception("connection %s: failed to handle %r", self.id, type(event))
+            logger.exception("connection %s: failed to handle a message", self.id)
             self._end(DisconnectReason.SERVER_CLOSED, CloseCode.INTERNAL_ERROR)
 
     def _on_inbound_closed(self) -> None:
@@ -932,10 +946,13 @@ class Connection:
             await self._abort_websocket()
 
     async def _abort_websocket(self) -> None:
-        """Close the WebSocket's stream at once (no close handshake)."""
+        """Close the WebSocket's stream at once (no close handshake): a write
+        blocked on it fails. (trio-websocket's own ``aclose`` leaves the stream
+        open when a close was already under way.)"""
         with trio.CancelScope() as scope:
             scope.cancel()
             await self._ws.aclose(self.close_code or CloseCode.GOING_AWAY, self.close_reason)
+        await trio.aclose_forcefully(self._stream)
 
     async def _disconnected(self) -> None:
         """Leave introspection; run ``on_disconnect`` once (shielded by the caller)."""
@@ -1073,39 +1090,48 @@ class Connection:
         running = self._start_call(frame.id, spec.timeout)
         if running is None:
             return
-        assert self._nursery is not None
-        self._nursery.start_soon(self._run_call, frame.id, spec, value, running)
+        self._spawn(self._run_call, frame.id, spec, value, running)
 
     async def _run_call(
         self, call_id: int, spec: CallSpec, value: Any, running: _RunningCall
     ) -> None:
+        """Run the handler, then send its answer: from this task when no other
+        task is writing (one coroutine, no hand-over: this is every call's path)."""
+        answer: Message | None = None
         try:
-            answer = await self._call_answer(call_id, spec, value, running)
+            with running.scope:
+                try:
+                    result = await spec.handler(self, value)
+                except SocketError as exc:
+                    logger.debug(
+                        "connection %s: call %s answered error %r",
+                        self.id,
+                        _shown(spec.name),
+                        exc.code,
+                    )
+                    answer = self._error_message(
+                        call_id, exc.code or ErrorCode.APPLICATION_ERROR, exc.message, exc.details
+                    )
+                except Exception:
+                    logger.exception("connection %s: call %s failed", self.id, _shown(spec.name))
+                    answer = self._error_message(call_id, ErrorCode.INTERNAL, "internal error")
+                else:
+                    answer = self._result_message(call_id, spec.name, result)
+            if running.scope.cancelled_caught:
+                answer = self._cancelled_answer(call_id, spec.name, running)
         finally:
             self._call_finished(call_id)
-        await self._send_answer(answer)
+        if (
+            answer is not None
+            and self._deliver_quietly(answer)
+            and not self._sending
+            and not self._closing
+        ):
+            await self._send_queued()
 
-    async def _call_answer(
-        self, call_id: int, spec: CallSpec, value: Any, running: _RunningCall
-    ) -> Message | None:
-        """Run the handler; the answer to send (None: the connection is closing)."""
-        with running.scope:
-            try:
-                result = await spec.handler(self, value)
-            except SocketError as exc:
-                logger.debug(
-                    "connection %s: call %s answered error %r",
-                    self.id,
-                    _shown(spec.name),
-                    exc.code,
-                )
-                return self._error_message(
-                    call_id, exc.code or ErrorCode.APPLICATION_ERROR, exc.message, exc.details
-                )
-            except Exception:
-                logger.exception("connection %s: call %s failed", self.id, _shown(spec.name))
-                return self._error_message(call_id, ErrorCode.INTERNAL, "internal error")
-            return self._result_message(call_id, spec.name, result)
+    def _cancelled_answer(self, call_id: int, name: str, running: _RunningCall) -> Message | None:
+        """The answer to a call whose handler was cancelled (None: the connection
+        is closing, nobody waits for it)."""
         if self._closing:
             return None
         if running.cancelled_by_client:
@@ -1113,7 +1139,7 @@ class Connection:
         logger.info(
             "connection %s: call %s timed out after %g s",
             self.id,
-            _shown(spec.name),
+            _shown(name),
             running.timeout,
         )
         return self._error_message(
@@ -1158,8 +1184,7 @@ class Connection:
                 return
             scope = trio.CancelScope()
             self._event_scopes.add(scope)
-            assert self._nursery is not None
-            self._nursery.start_soon(self._run_event, spec, value, scope)
+            self._spawn(self._run_event, spec, value, scope)
             return
         try:
             result = handler(self, value)
@@ -1201,8 +1226,7 @@ class Connection:
         running = self._start_call(frame.id, None)
         if running is None:
             return
-        assert self._nursery is not None
-        self._nursery.start_soon(self._run_subscribe, frame.id, frame.topic, running)
+        self._spawn(self._run_subscribe, frame.id, frame.topic, running)
 
     async def _run_subscribe(self, call_id: int, topic: str, running: _RunningCall) -> None:
         authorize = self._hub.settings.authorize_topic
@@ -1358,6 +1382,7 @@ class ConnectionHub:
         ws: WebSocketConnection,
         codec: Codec,
         *,
+        stream: trio.abc.AsyncResource,
         role: str,
         user_id: str | None,
         client_id: str | None,
@@ -1367,11 +1392,13 @@ class ConnectionHub:
     ) -> Connection:
         """Run one accepted WebSocket as a connection until it is over; return it.
 
-        ``nursery`` runs the connection's writer (it must outlive the call)."""
+        ``nursery`` runs the connection's writer (it must outlive the call);
+        ``stream`` is what ``ws`` runs over (closed at once to abort it)."""
         conn = Connection(
             self,
             ws,
             codec,
+            stream=stream,
             connection_id=self.new_connection_id(),
             role=role,
             user_id=user_id,

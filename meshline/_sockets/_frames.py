@@ -245,10 +245,15 @@ else:
     Payload = msgspec.Raw
 
 
-class _FrameBase(msgspec.Struct, tag_field="t", omit_defaults=True, frozen=True):
+class _FrameBase(msgspec.Struct, tag_field="t", omit_defaults=True, frozen=True, gc=False):
     """Fields equal to their default are left out when encoding; absent ones take
     the default when decoding. Unknown fields are ignored (later revisions of v1
-    may add optional ones)."""
+    may add optional ones).
+
+    Frames are not tracked by the garbage collector (``gc=False``): every message
+    makes one, and a frame never takes part in a reference cycle (its fields are
+    strings, numbers, raw payloads, or the data being encoded, which does not
+    refer back to the frame)."""
 
     senders: ClassVar[frozenset[Side]]
     """Which sides may send this kind of frame."""

@@ -9,7 +9,8 @@ reading the stream, so it stops answering WebSocket pings too.
 
 :func:`deliver_directly` takes that channel's place with a :class:`DirectInbound`:
 trio-websocket then hands each message to a plain function, in its own reader
-task, and tells it when the WebSocket closed. The function must return at once
+task, and tells it when the WebSocket closed (on the ways out where it does not,
+:class:`ReaderEnd` says the reader ended). The function must return at once
 and never raise (it feeds the sans-IO protocol machine, and starts tasks for
 whatever must wait), so trio-websocket never stops reading on meshline's account.
 
@@ -35,7 +36,7 @@ from trio_websocket import WebSocketConnection
 
 from ._frames import Message
 
-__all__ = ["DirectInbound", "Signal", "deliver_directly", "direct_delivery_supported"]
+__all__ = ["DirectInbound", "ReaderEnd", "Signal", "deliver_directly", "direct_delivery_supported"]
 
 
 class DirectInbound:
@@ -98,22 +99,52 @@ def direct_delivery_supported(ws: Any) -> bool:
     )
 
 
+class ReaderEnd:
+    """Waits for trio-websocket's reader task to end.
+
+    Not every way out of that task tells :class:`DirectInbound` (a peer's close
+    whose answer cannot be written leaves without closing the channel it
+    replaced): the reader task closes, on its way out, the original channel it
+    entered when it started, and nobody sends on that channel any more, so
+    waiting on its receiving end waits for the reader's end.
+    """
+
+    __slots__ = ("_receiver",)
+
+    def __init__(self, receiver: trio.MemoryReceiveChannel[Message]) -> None:
+        self._receiver = receiver
+
+    async def wait(self) -> None:
+        """Return once trio-websocket's reader task has ended.
+
+        Cancellation: only the wait is cancelled.
+        """
+        try:
+            while True:
+                await self._receiver.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            return
+
+
 def deliver_directly(
     ws: WebSocketConnection,
     on_message: Callable[[Message], None],
     on_closed: Callable[[], None],
-) -> bool:
+) -> ReaderEnd | None:
     """From now on, hand ``ws``'s messages to ``on_message`` in trio-websocket's
-    reader task, and call ``on_closed`` once when it closes (see the module).
+    reader task, and call ``on_closed`` when it says the WebSocket closed (see the
+    module).
 
     Messages already waiting in the channel are handed over first, in order (so
     nothing is lost or reordered by the switch); if the WebSocket had closed
-    meanwhile, ``on_closed`` follows them. Returns False, changing nothing, when
+    meanwhile, ``on_closed`` follows them. Returns a :class:`ReaderEnd`: the caller
+    waits on it and treats the reader's end as a close too (``on_closed`` is not
+    called on every way out). Returns None, changing nothing, when
     trio-websocket's internals are not as expected: then read with
     ``get_message``.
     """
     if not direct_delivery_supported(ws):
-        return False
+        return None
     receiver: trio.MemoryReceiveChannel[Message] = ws._recv_channel
     waiting: list[Message] = []
     ended = False
@@ -132,7 +163,7 @@ def deliver_directly(
         inbound.send_nowait(message)
     if ended:
         inbound.close()
-    return True
+    return ReaderEnd(receiver)
 
 
 class Signal:

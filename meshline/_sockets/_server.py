@@ -465,6 +465,7 @@ class SocketServer:
         await self._hub.run_connection(
             ws,
             codec,
+            stream=stream,
             role=admission.role,
             user_id=admission.user_id,
             client_id=admission.client_id,

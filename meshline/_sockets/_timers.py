@@ -89,23 +89,38 @@ class Timers:
         Cancellation: stops; nothing is called any more.
         """
         heap = self._heap
-        while True:
-            with trio.CancelScope(deadline=heap[0].deadline if heap else math.inf) as sleep:
-                self._sleep = sleep
-                await trio.sleep_forever()
+        try:
+            while True:
+                with trio.CancelScope(deadline=heap[0].deadline if heap else math.inf) as sleep:
+                    self._sleep = sleep
+                    await trio.sleep_forever()
+                self._sleep = None
+                self._fire(trio.current_time())
+        finally:
             self._sleep = None
-            now = trio.current_time()
-            while heap and heap[0].deadline <= now:
-                timer = heapq.heappop(heap)
-                callback = timer.callback
-                if callback is None:
-                    self._withdrawn -= 1
-                    continue
-                timer.callback = None
-                try:
-                    again = callback(now)
-                except Exception:
-                    logger.exception("a socket timer's callback failed")
-                    continue
-                if again is not None and again < math.inf:
-                    self.add(again, callback)
+
+    def _fire(self, now: float) -> None:
+        """Call every callback due at ``now``. One that asks again is filed anew
+        (the same :class:`Timer`, so its handle stays good) after the others ran,
+        so a deadline that is already due again waits for the next round."""
+        heap = self._heap
+        again_later: list[Timer] = []
+        while heap and heap[0].deadline <= now:
+            timer = heapq.heappop(heap)
+            callback = timer.callback
+            if callback is None:
+                self._withdrawn -= 1
+                continue
+            timer.callback = None  # ran: withdrawing it now does nothing
+            try:
+                again = callback(now)
+            except Exception:
+                logger.exception("a socket timer's callback failed")
+                continue
+            if again is not None and again < math.inf:
+                timer.deadline = again
+                timer.callback = callback
+                again_later.append(timer)
+        for timer in again_later:
+            timer.order = next(self._order)
+            heapq.heappush(heap, timer)
