@@ -53,6 +53,7 @@ from meshline._sockets._frames import (
     RequestFrame,
     ResultFrame,
     Side,
+    UnsubscribeFrame,
     WelcomeFrame,
     codec_for_subprotocol,
 )
@@ -785,6 +786,23 @@ async def test_topics_are_authorized_published_and_left() -> None:
             await wait_for(lambda: "prices" not in server.local.topics)
             assert server.topic("prices").publish("tick", 43) == 0
             assert await b.call("add", {"a": 1, "b": 1}, int) == 2
+
+
+async def test_the_server_ends_a_subscription() -> None:
+    async with running() as server:
+        async with connect(server) as a:
+            assert a.welcome is not None
+            assert isinstance(await a.subscribe("prices"), Subscribed)
+            conn = server.connection(a.welcome.connection_id)
+            assert conn is not None and conn.topics == {"prices"}
+            assert conn.unsubscribe("prices") is True
+            assert conn.unsubscribe("prices") is False  # no longer subscribed
+            assert conn.topics == frozenset() and "prices" not in server.local.topics
+            ended = await a.next_of(UnsubscribeFrame)
+            assert ended.topic == "prices"
+            assert server.topic("prices").publish("tick", 1) == 0
+            with pytest.raises(InvalidArgumentError):
+                conn.unsubscribe("x" * 2000)
 
 
 async def test_an_authorize_topic_that_raises_answers_internal(

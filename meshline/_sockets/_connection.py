@@ -255,6 +255,7 @@ class Connection:
         "_context",
         "_drain",
         "_event_scopes",
+        "_finished",
         "_hub",
         "_idle",
         "_life",
@@ -348,9 +349,9 @@ class Connection:
         self.close_reason = ""
         self._role_calls: Mapping[str, CallSpec] = settings.roles.calls[role]
         self._role_events: Mapping[str, EventSpec] = settings.roles.events[role]
-        self._rooms: set[str] = set()
+        self._rooms: dict[str, None] = {}
         self._calls: dict[int, _RunningCall] = {}
-        self._event_scopes: set[trio.CancelScope] = set()
+        self._event_scopes: dict[trio.CancelScope, None] = {}
         self._idle: trio.Event | None = None
         self._requests: dict[int, _PendingRequest] = {}
         self._life = trio.CancelScope()
@@ -365,7 +366,9 @@ class Connection:
         self._visible = False
         self._connected = False
         self._context = contextvars.copy_context()
-        self._closed = trio.Event()
+        self._finished = False
+        self._closed: trio.Event | None = None
+        """Made only when someone waits for the end (most connections end unwatched)."""
 
     # --- Introspection ---------------------------------------------------------------
 
@@ -432,13 +435,18 @@ class Connection:
     @property
     def is_closed(self) -> bool:
         """Whether the connection is over (``on_disconnect`` has run)."""
-        return self._closed.is_set()
+        return self._finished
 
     async def wait_closed(self) -> None:
         """Wait until the connection is over (its ``on_disconnect`` has run).
 
         Cancellation: only the wait is cancelled.
         """
+        if self._finished:
+            await trio.lowlevel.checkpoint()
+            return
+        if self._closed is None:
+            self._closed = trio.Event()
         await self._closed.wait()
 
     def __repr__(self) -> str:
@@ -456,7 +464,7 @@ class Connection:
         check_name(room, "room name")
         if self._closing or room in self._rooms:
             return
-        self._rooms.add(room)
+        self._rooms[room] = None
         if self._visible:
             self._hub.registry.add_to_room(room, self)
 
@@ -468,9 +476,26 @@ class Connection:
         check_name(room, "room name")
         if room not in self._rooms:
             return
-        self._rooms.discard(room)
+        self._rooms.pop(room, None)
         if self._visible:
             self._hub.registry.remove_from_room(room, self)
+
+    def unsubscribe(self, topic: str) -> bool:
+        """End the client's subscription to ``topic`` (its permission was revoked,
+        the topic is gone): the client is told, and nothing more published to the
+        topic reaches it. Returns False when it was not subscribed, or the
+        connection is not open.
+
+        :raises InvalidArgumentError: a bad topic name.
+        """
+        check_name(topic, "topic")
+        if not self.is_open or topic not in self._protocol.subscriptions:
+            return False
+        message = self._protocol.end_subscription(topic)
+        if self._visible:
+            self._hub.registry.remove_from_topic(topic, self)
+        self._deliver(message, None, control=True)
+        return True
 
     # --- Sending ---------------------------------------------------------------------
 
@@ -584,7 +609,7 @@ class Connection:
             1015, or outside 1000-4999).
         """
         self.close_nowait(code, reason)
-        await self._closed.wait()
+        await self.wait_closed()
 
     def close_nowait(self, code: int = CloseCode.KICKED, reason: str | None = None) -> None:
         """Start closing the connection (see :meth:`close`) and return at once."""
@@ -974,7 +999,9 @@ class Connection:
                         self._hub.settings.close_timeout,
                     )
         finally:
-            self._closed.set()
+            self._finished = True
+            if self._closed is not None:
+                self._closed.set()
 
     # --- Internals: what arrives --------------------------------------------------------------
 
@@ -1183,7 +1210,7 @@ class Connection:
                 )
                 return
             scope = trio.CancelScope()
-            self._event_scopes.add(scope)
+            self._event_scopes[scope] = None
             self._spawn(self._run_event, spec, value, scope)
             return
         try:
@@ -1211,7 +1238,7 @@ class Connection:
                 "connection %s: handler of event %s failed", self.id, _shown(spec.name)
             )
         finally:
-            self._event_scopes.discard(scope)
+            self._event_scopes.pop(scope, None)
             self._handler_done()
 
     def _on_subscribe(self, frame: SubscribeFrame) -> None:

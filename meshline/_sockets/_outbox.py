@@ -118,6 +118,7 @@ class Outbox:
 
     __slots__ = (
         "_by_key",
+        "_first",
         "_queue",
         "buffered_bytes",
         "dropped",
@@ -151,19 +152,29 @@ class Outbox:
         """Keyed messages replaced by a newer value under ``latest``."""
         self.overflowed = False
         """Set for good once a put answered :attr:`PutOutcome.OVERFLOW`."""
-        self._queue: collections.deque[Message | _Entry] = collections.deque()
-        self._by_key: dict[str, _Entry] = {}
+        self._first: Message | _Entry | None = None
+        """The oldest waiting message; the others wait in :attr:`_queue`. Most
+        connections have at most one message waiting (an answer, a ping), and an
+        idle one none: the deque (over 600 bytes even empty) is made only when a
+        second message waits."""
+        self._queue: collections.deque[Message | _Entry] | None = None
+        self._by_key: dict[str, _Entry] | None = None
 
     def __len__(self) -> int:
         """How many messages wait."""
-        return len(self._queue)
+        if self._first is None:
+            return 0
+        return 1 + (len(self._queue) if self._queue is not None else 0)
 
     def __bool__(self) -> bool:
-        return bool(self._queue)
+        return self._first is not None
 
     def __iter__(self) -> Iterator[Message]:
         """The waiting messages, oldest first (for tests and introspection)."""
-        return (entry.message if isinstance(entry, _Entry) else entry for entry in self._queue)
+        if self._first is None:
+            return iter(())
+        entries = [self._first, *(self._queue or ())]
+        return (entry.message if isinstance(entry, _Entry) else entry for entry in entries)
 
     @property
     def hard_limit(self) -> int:
@@ -184,6 +195,7 @@ class Outbox:
             key is not None
             and not control
             and policy is OverflowPolicy.LATEST
+            and self._by_key is not None
             and (waiting := self._by_key.get(key)) is not None
         ):
             if self.buffered_bytes + size - waiting.size > self.hard_limit:
@@ -202,21 +214,30 @@ class Outbox:
             if not control:
                 self.dropped += 1
                 return PutOutcome.DROPPED
+        item: Message | _Entry = message
         if key is not None and policy is OverflowPolicy.LATEST and not control:
-            entry = _Entry(message, size, key)
-            self._queue.append(entry)
-            self._by_key[key] = entry
+            item = _Entry(message, size, key)
+            if self._by_key is None:
+                self._by_key = {}
+            self._by_key[key] = item
+        if self._first is None:
+            self._first = item
+        elif self._queue is None:
+            self._queue = collections.deque((item,))
         else:
-            self._queue.append(message)
+            self._queue.append(item)
         self.buffered_bytes = total
         return PutOutcome.QUEUED
 
     def take(self) -> Message | None:
         """The oldest waiting message, removed from the queue (None when empty)."""
-        if not self._queue:
+        entry = self._first
+        if entry is None:
             return None
-        entry = self._queue.popleft()
+        queue = self._queue
+        self._first = queue.popleft() if queue else None
         if isinstance(entry, _Entry):
+            assert self._by_key is not None
             del self._by_key[entry.key]
             self.buffered_bytes -= entry.size
             return entry.message
@@ -225,14 +246,15 @@ class Outbox:
 
     def clear(self) -> int:
         """Forget every waiting message (the connection is closing); returns how many."""
-        count = len(self._queue)
-        self._queue.clear()
-        self._by_key.clear()
+        count = len(self)
+        self._first = None
+        self._queue = None
+        self._by_key = None
         self.buffered_bytes = 0
         return count
 
     def __repr__(self) -> str:
         return (
-            f"<Outbox {len(self._queue)} messages, {self.buffered_bytes}"
+            f"<Outbox {len(self)} messages, {self.buffered_bytes}"
             f"/{self.max_buffered_bytes} bytes, {self.policy.value}>"
         )

@@ -112,6 +112,7 @@ from __future__ import annotations
 import enum
 import logging
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple, NoReturn, TypeAlias
 
 import attrs
@@ -234,6 +235,9 @@ class IgnoredFrames:
 _MISSING: Any = object()
 
 
+_Receiver: TypeAlias = "Callable[[SocketProtocol, Any], Event | None]"
+
+
 class SocketProtocol:
     """One end of one connection of meshline's socket protocol (see the module).
 
@@ -286,13 +290,13 @@ class SocketProtocol:
         self._calls: dict[int, str | None] = {}
         """Pending calls: the client's (sent, unanswered) or the server's (received,
         unanswered). The value is the topic of a subscribe, None for a call."""
-        self._requests: set[int] = set()
+        self._requests: dict[int, None] = {}
         """Pending requests: the server's (sent) or the client's (received)."""
-        self._withdrawn: set[int] = set()
+        self._withdrawn: dict[int, None] = {}
         """Server side: pending subscribes the client withdrew (cancel, unsubscribe)."""
-        self._subscriptions: set[str] = set()
+        self._subscriptions: dict[str, None] = {}
 
-        self._receivers: dict[type[Any], Any] = {}
+        self._receivers: dict[type[Any], _Receiver] = _NO_RECEIVERS
         self._set_state(ProtocolState.START)
 
     # --- Introspection -------------------------------------------------------------
@@ -348,7 +352,7 @@ class SocketProtocol:
         receiver = self._receivers.get(type(frame))
         if receiver is None:
             self._violation(self._unexpected(frame))
-        event: Event | None = receiver(frame)
+        event: Event | None = receiver(self, frame)
         return event
 
     def _unexpected(self, frame: Frame) -> str:
@@ -403,10 +407,10 @@ class SocketProtocol:
     def _receive_unsubscribe_at_server(self, frame: UnsubscribeFrame) -> Event | None:
         topic = frame.topic
         changed = topic in self._subscriptions
-        self._subscriptions.discard(topic)
+        self._subscriptions.pop(topic, None)
         for call_id, pending_topic in self._calls.items():
             if pending_topic == topic and call_id not in self._withdrawn:
-                self._withdrawn.add(call_id)
+                self._withdrawn[call_id] = None
                 changed = True
         if not changed:
             self.counters.unknown_unsubscribes += 1
@@ -423,12 +427,12 @@ class SocketProtocol:
             self._ignored(f"cancel of call {frame.id}, not pending")
             return None
         if topic is not None:
-            self._withdrawn.add(frame.id)
+            self._withdrawn[frame.id] = None
         return frame
 
     def _receive_reply(self, frame: ReplyFrame | ReplyErrorFrame) -> Event | None:
         if frame.id in self._requests:
-            self._requests.remove(frame.id)
+            del self._requests[frame.id]
             return frame
         if 0 < frame.id <= self._last_request_id:
             self.counters.late_answers += 1
@@ -467,14 +471,14 @@ class SocketProtocol:
                 return None
             self._violation(f"answer to call {frame.id}, which was never sent")
         if isinstance(frame, ResultFrame):
-            self._subscriptions.add(topic)
+            self._subscriptions[topic] = None
             return Subscribed(frame.id, topic)
         return SubscribeRefused(frame.id, topic, frame.code, frame.message, frame.details)
 
     def _receive_request(self, frame: RequestFrame) -> Event:
         if frame.id in self._requests:
             self._violation(f"request id {frame.id} is already awaiting a reply")
-        self._requests.add(frame.id)
+        self._requests[frame.id] = None
         return frame
 
     def _receive_cancel_at_client(self, frame: CancelFrame) -> Event | None:
@@ -498,7 +502,7 @@ class SocketProtocol:
             self.counters.unknown_unsubscribes += 1
             self._ignored(f"end of subscription to {frame.topic!r}, not subscribed")
             return None
-        self._subscriptions.remove(frame.topic)
+        del self._subscriptions[frame.topic]
         return frame
 
     # Both sides.
@@ -516,38 +520,7 @@ class SocketProtocol:
 
     def _set_state(self, state: ProtocolState) -> None:
         self.state = state
-        server = self.side is Side.SERVER
-        receivers: dict[type[Any], Any]
-        if state is ProtocolState.START:
-            receivers = {HelloFrame: self._receive_hello} if server else {}
-        elif state is ProtocolState.HELLO:
-            receivers = {} if server else {WelcomeFrame: self._receive_welcome}
-        elif state is ProtocolState.OPEN and server:
-            receivers = {
-                CallFrame: self._receive_call,
-                EventFrame: self._receive_as_is,
-                ReplyFrame: self._receive_reply,
-                ReplyErrorFrame: self._receive_reply,
-                CancelFrame: self._receive_cancel_at_server,
-                SubscribeFrame: self._receive_subscribe,
-                UnsubscribeFrame: self._receive_unsubscribe_at_server,
-                PingFrame: self._receive_as_is,
-                PongFrame: self._receive_pong,
-            }
-        elif state is ProtocolState.OPEN:
-            receivers = {
-                ResultFrame: self._receive_answer,
-                ErrorFrame: self._receive_answer,
-                EventFrame: self._receive_event_at_client,
-                RequestFrame: self._receive_request,
-                CancelFrame: self._receive_cancel_at_client,
-                UnsubscribeFrame: self._receive_unsubscribe_at_client,
-                PingFrame: self._receive_as_is,
-                PongFrame: self._receive_pong,
-            }
-        else:
-            receivers = {}
-        self._receivers = receivers
+        self._receivers = _RECEIVERS.get((self.side, state), _NO_RECEIVERS)
 
     @property
     def _hello_version(self) -> int:
@@ -745,7 +718,7 @@ class SocketProtocol:
             raise self._local_error(f"call {call_id} is not pending")
         encoded = self._encode(ErrorFrame(call_id, code, message, details))
         del self._calls[call_id]
-        self._withdrawn.discard(call_id)
+        self._withdrawn.pop(call_id, None)
         return encoded
 
     # --- Sending: subscriptions ----------------------------------------------------
@@ -777,7 +750,7 @@ class SocketProtocol:
         """
         self._require(Side.CLIENT, ProtocolState.OPEN, "an unsubscribe")
         message = self._encode(UnsubscribeFrame(topic))
-        self._subscriptions.discard(topic)
+        self._subscriptions.pop(topic, None)
         for call_id in [key for key, pending in self._calls.items() if pending == topic]:
             del self._calls[call_id]
         return message
@@ -801,12 +774,12 @@ class SocketProtocol:
             message = self._encode(
                 ErrorFrame(call_id, ErrorCode.CANCELLED, "withdrawn by the client")
             )
-            self._withdrawn.remove(call_id)
+            del self._withdrawn[call_id]
             del self._calls[call_id]
             return SubscribeAnswer(False, message)
         message = self._encode(ResultFrame(call_id))
         del self._calls[call_id]
-        self._subscriptions.add(topic)
+        self._subscriptions[topic] = None
         return SubscribeAnswer(True, message)
 
     def end_subscription(self, topic: str) -> Message:
@@ -818,7 +791,7 @@ class SocketProtocol:
         if topic not in self._subscriptions:
             raise self._local_error(f"not subscribed to {topic!r}")
         message = self._encode(UnsubscribeFrame(topic))
-        self._subscriptions.remove(topic)
+        del self._subscriptions[topic]
         return message
 
     # --- Sending: requests (server to client) --------------------------------------
@@ -840,7 +813,7 @@ class SocketProtocol:
         request_id = self._last_request_id + 1
         message = self._encode(RequestFrame(request_id, name, data, timeout))
         self._last_request_id = request_id
-        self._requests.add(request_id)
+        self._requests[request_id] = None
         return request_id, message
 
     def cancel_request(self, request_id: int) -> Message | None:
@@ -854,7 +827,7 @@ class SocketProtocol:
         if request_id not in self._requests:
             return None
         message = self._encode(CancelFrame(request_id, "request"))
-        self._requests.remove(request_id)
+        del self._requests[request_id]
         return message
 
     def reply(self, request_id: int, data: object = None) -> Message:
@@ -869,7 +842,7 @@ class SocketProtocol:
         if request_id not in self._requests:
             raise self._local_error(f"request {request_id} is not pending")
         message = self._encode(ReplyFrame(request_id, data))
-        self._requests.remove(request_id)
+        del self._requests[request_id]
         return message
 
     def reply_error(
@@ -884,7 +857,7 @@ class SocketProtocol:
         if request_id not in self._requests:
             raise self._local_error(f"request {request_id} is not pending")
         encoded = self._encode(ReplyErrorFrame(request_id, code, message, details))
-        self._requests.remove(request_id)
+        del self._requests[request_id]
         return encoded
 
     # --- Sending: events and heartbeats --------------------------------------------
@@ -1018,3 +991,34 @@ class SocketProtocol:
         self._calls.clear()
         self._requests.clear()
         self._withdrawn.clear()
+
+
+_NO_RECEIVERS: dict[type[Any], _Receiver] = {}
+_RECEIVERS: dict[tuple[Side, ProtocolState], dict[type[Any], _Receiver]] = {
+    (Side.SERVER, ProtocolState.START): {HelloFrame: SocketProtocol._receive_hello},
+    (Side.CLIENT, ProtocolState.HELLO): {WelcomeFrame: SocketProtocol._receive_welcome},
+    (Side.SERVER, ProtocolState.OPEN): {
+        CallFrame: SocketProtocol._receive_call,
+        EventFrame: SocketProtocol._receive_as_is,
+        ReplyFrame: SocketProtocol._receive_reply,
+        ReplyErrorFrame: SocketProtocol._receive_reply,
+        CancelFrame: SocketProtocol._receive_cancel_at_server,
+        SubscribeFrame: SocketProtocol._receive_subscribe,
+        UnsubscribeFrame: SocketProtocol._receive_unsubscribe_at_server,
+        PingFrame: SocketProtocol._receive_as_is,
+        PongFrame: SocketProtocol._receive_pong,
+    },
+    (Side.CLIENT, ProtocolState.OPEN): {
+        ResultFrame: SocketProtocol._receive_answer,
+        ErrorFrame: SocketProtocol._receive_answer,
+        EventFrame: SocketProtocol._receive_event_at_client,
+        RequestFrame: SocketProtocol._receive_request,
+        CancelFrame: SocketProtocol._receive_cancel_at_client,
+        UnsubscribeFrame: SocketProtocol._receive_unsubscribe_at_client,
+        PingFrame: SocketProtocol._receive_as_is,
+        PongFrame: SocketProtocol._receive_pong,
+    },
+}
+"""What each side accepts in each state, and the method that takes it: one table
+for every connection (a table of bound methods per connection cost each about
+1 KB)."""
