@@ -30,6 +30,7 @@ from meshline._sockets._frames import (
     EventFrame,
     PingFrame,
     RequestFrame,
+    ResultFrame,
 )
 from meshline._sockets._roles import Role
 from meshline._sockets._server import (
@@ -45,6 +46,12 @@ from .test_socket_server import RawClient
 
 def make_role() -> Role:
     role = Role("user")
+
+    @role.call("finish_anyway")
+    async def finish_anyway(conn: Connection, data: Any) -> str:
+        with trio.CancelScope(shield=True):
+            await trio.sleep(60)  # past the call timeout, shielded from it
+        return "finished"
 
     @role.call("sleep")
     async def sleep(conn: Connection, data: Any) -> None:
@@ -240,6 +247,21 @@ async def test_a_call_is_answered_timeout_at_the_call_timeout(
         assert isinstance(answer, ErrorFrame) and answer.id == call_id
         assert answer.code == ErrorCode.TIMEOUT
         assert trio.current_time() - start == 30
+
+
+async def test_a_handler_that_returns_after_its_timeout_still_has_its_answer_sent(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Cancelled (by its timeout) as it returns: the answer it returned is sent, not
+    lost with a write cancelled in the same scope; the connection goes on."""
+    async with memory_server(call_timeout=30) as (_, _, connect):
+        client = await connect()
+        for _ in range(2):  # the first runs in a fresh runner, the second in a new one
+            call_id, message = client.protocol.call("finish_anyway")
+            await client.send(message)
+            answer = await client.next()
+            assert isinstance(answer, ResultFrame) and answer.id == call_id
+            assert client.codec.decode_data(answer.data, str) == "finished"
 
 
 async def test_a_request_times_out_at_its_timeout_and_the_client_sees_a_cancel(

@@ -206,8 +206,10 @@ class _RunningCall:
 
     __slots__ = ("cancelled_by_client", "scope", "timeout", "timer")
 
-    def __init__(self, timeout: float, timers: Timers) -> None:
-        self.scope = trio.CancelScope()
+    def __init__(
+        self, timeout: float, timers: Timers, scope: trio.CancelScope | None = None
+    ) -> None:
+        self.scope = trio.CancelScope() if scope is None else scope
         self.timeout = timeout
         self.timer: Timer | None = None
         if timeout < math.inf:
@@ -216,6 +218,42 @@ class _RunningCall:
 
     def _expire(self, now: float) -> None:
         self.scope.cancel()
+
+
+class _CallJob:
+    """A call handed to the connection's call runner."""
+
+    __slots__ = ("call_id", "running", "spec", "value")
+
+    def __init__(self, call_id: int, spec: CallSpec, value: Any, running: _RunningCall) -> None:
+        self.call_id = call_id
+        self.spec = spec
+        self.value = value
+        self.running = running
+
+
+class _CallRunner:
+    """A task that runs a connection's calls one after the other, in one cancel
+    scope, so that the common case (a client that waits for each answer before its
+    next call) costs neither a task nor a cancel scope per call; each costs about
+    as much as the rest of the call together. A call that comes while the runner
+    is busy gets a task of its own. Cancelling a call the runner runs cancels the
+    runner's scope, which ends the runner (after answering the call); the next
+    call starts a new one. An idle runner stays parked (about 1 KB) until then or
+    until the connection ends."""
+
+    __slots__ = ("idle", "job", "scope", "wakeup")
+
+    def __init__(self) -> None:
+        self.scope = trio.CancelScope()
+        self.wakeup = Signal()
+        self.job: _CallJob | None = None
+        self.idle = False
+
+    def take(self, job: _CallJob) -> None:
+        self.job = job
+        self.idle = False
+        self.wakeup.set()
 
 
 class _PendingRequest:
@@ -266,6 +304,7 @@ class Connection:
         "_role_calls",
         "_role_events",
         "_rooms",
+        "_runner",
         "_sending",
         "_sent_all",
         "_stream",
@@ -357,6 +396,7 @@ class Connection:
         self._life = trio.CancelScope()
         self._sending = False
         self._beat_timer: Timer | None = None
+        self._runner: _CallRunner | None = None
         self._writer_scope = trio.CancelScope()
         self._sent_all: trio.Event | None = None
         self._nursery: trio.Nursery | None = None
@@ -678,6 +718,9 @@ class Connection:
                 pending.closed = error
                 pending.done.set()
         self._life.cancel()
+        runner = self._runner
+        if runner is not None and runner.idle:
+            runner.wakeup.set()  # it sees the close and ends
         if self._beat_timer is not None:
             self._hub.timers.withdraw(self._beat_timer)
         for running in self._calls.values():
@@ -1076,7 +1119,9 @@ class Connection:
                 call_id, ErrorCode.INTERNAL, "the result could not be encoded"
             )
 
-    def _start_call(self, call_id: int, timeout: float | None) -> _RunningCall | None:
+    def _start_call(
+        self, call_id: int, timeout: float | None, scope: trio.CancelScope | None = None
+    ) -> _RunningCall | None:
         """Account for a new call; None (and an error answer) if it may not start."""
         if self._closing:
             return None
@@ -1090,7 +1135,9 @@ class Connection:
             )
             return None
         running = _RunningCall(
-            self._hub.settings.call_timeout if timeout is None else timeout, self._hub.timers
+            self._hub.settings.call_timeout if timeout is None else timeout,
+            self._hub.timers,
+            scope,
         )
         self._calls[call_id] = running
         return running
@@ -1114,40 +1161,75 @@ class Connection:
         except PayloadDecodeError as exc:
             self._answer_error(frame.id, ErrorCode.BAD_INPUT, str(exc))
             return
-        running = self._start_call(frame.id, spec.timeout)
-        if running is None:
+        current = self._runner
+        if current is None or current.idle:
+            fresh = current is None
+            runner = _CallRunner() if current is None else current
+            running = self._start_call(frame.id, spec.timeout, runner.scope)
+            if running is None:
+                return
+            runner.take(_CallJob(frame.id, spec, value, running))
+            if fresh:
+                self._runner = runner
+                self._spawn(self._run_calls, runner)
             return
-        self._spawn(self._run_call, frame.id, spec, value, running)
+        running = self._start_call(frame.id, spec.timeout)
+        if running is not None:
+            self._spawn(self._run_call, frame.id, spec, value, running)
 
-    async def _run_call(
-        self, call_id: int, spec: CallSpec, value: Any, running: _RunningCall
-    ) -> None:
-        """Run the handler, then send its answer: from this task when no other
-        task is writing (one coroutine, no hand-over: this is every call's path)."""
-        answer: Message | None = None
+    async def _run_calls(self, runner: _CallRunner) -> None:
+        """The connection's call runner (see :class:`_CallRunner`): runs the calls
+        that come while it is idle, one after the other, in its one cancel scope,
+        until one of them is cancelled (by the client, its timeout, or the
+        connection's end), which ends the runner; the next call starts a new one."""
+        job: _CallJob | None = None
+        with runner.scope:
+            while not self._closing:
+                job = runner.job
+                if job is None:
+                    runner.idle = True
+                    await runner.wakeup.wait()
+                    continue
+                runner.job = None
+                answer = await self._call_result_or_error(job.call_id, job.spec, job.value)
+                self._call_finished(job.call_id)
+                job = None
+                if runner.scope.cancel_called:
+                    # Cancelled just as the handler returned: a write here would be
+                    # cancelled too, so the writer sends the answer.
+                    if answer is not None:
+                        self._deliver(answer, None, control=True)
+                    break
+                await self._send_answer(answer)
+        if self._runner is runner:
+            self._runner = None
+        job = job or runner.job
+        if job is not None:  # cancelled: the call it ran, or the one handed to it
+            answer = self._cancelled_answer(job.call_id, job.spec.name, job.running)
+            self._call_finished(job.call_id)
+            await self._send_answer(answer)
+
+    async def _call_result_or_error(
+        self, call_id: int, spec: CallSpec, value: Any
+    ) -> Message | None:
+        """Run the handler; its result, or the error it raised, as an answer.
+        Cancellation goes through."""
         try:
-            with running.scope:
-                try:
-                    result = await spec.handler(self, value)
-                except SocketError as exc:
-                    logger.debug(
-                        "connection %s: call %s answered error %r",
-                        self.id,
-                        _shown(spec.name),
-                        exc.code,
-                    )
-                    answer = self._error_message(
-                        call_id, exc.code or ErrorCode.APPLICATION_ERROR, exc.message, exc.details
-                    )
-                except Exception:
-                    logger.exception("connection %s: call %s failed", self.id, _shown(spec.name))
-                    answer = self._error_message(call_id, ErrorCode.INTERNAL, "internal error")
-                else:
-                    answer = self._result_message(call_id, spec.name, result)
-            if running.scope.cancelled_caught:
-                answer = self._cancelled_answer(call_id, spec.name, running)
-        finally:
-            self._call_finished(call_id)
+            result = await spec.handler(self, value)
+        except SocketError as exc:
+            logger.debug(
+                "connection %s: call %s answered error %r", self.id, _shown(spec.name), exc.code
+            )
+            return self._error_message(
+                call_id, exc.code or ErrorCode.APPLICATION_ERROR, exc.message, exc.details
+            )
+        except Exception:
+            logger.exception("connection %s: call %s failed", self.id, _shown(spec.name))
+            return self._error_message(call_id, ErrorCode.INTERNAL, "internal error")
+        return self._result_message(call_id, spec.name, result)
+
+    async def _send_answer(self, answer: Message | None) -> None:
+        """Queue an answer; write it from this task when no other task writes."""
         if (
             answer is not None
             and self._deliver_quietly(answer)
@@ -1155,6 +1237,21 @@ class Connection:
             and not self._closing
         ):
             await self._send_queued()
+
+    async def _run_call(
+        self, call_id: int, spec: CallSpec, value: Any, running: _RunningCall
+    ) -> None:
+        """A call that came while the runner was busy: a task and a cancel scope of
+        its own."""
+        answer: Message | None = None
+        try:
+            with running.scope:
+                answer = await self._call_result_or_error(call_id, spec, value)
+            if running.scope.cancelled_caught:
+                answer = self._cancelled_answer(call_id, spec.name, running)
+        finally:
+            self._call_finished(call_id)
+        await self._send_answer(answer)
 
     def _cancelled_answer(self, call_id: int, name: str, running: _RunningCall) -> Message | None:
         """The answer to a call whose handler was cancelled (None: the connection
