@@ -346,57 +346,31 @@ class _Sender:
     def __init__(self, limit: int) -> None:
         self.outbox = Outbox(limit, OverflowPolicy.LATEST)
         self.closed = False
-        self.sending = False
-        """Set while a caller writes from its own task (see :meth:`_Session.send_now`):
-        the writer leaves the queue alone meanwhile."""
         self._queued = Signal()
         self._room: trio.Event | None = None
 
-    def put(
-        self,
-        message: Message,
-        *,
-        key: str | None = None,
-        control: bool = False,
-        wake: bool = True,
-    ) -> PutOutcome:
-        """Queue ``message``; ``wake=False`` leaves the writer asleep (the caller
-        writes it itself, or wakes the writer)."""
+    def put(self, message: Message, *, key: str | None = None, control: bool = False) -> PutOutcome:
         if self.closed:
             return PutOutcome.DROPPED
         outcome = self.outbox.put(message, key=key, control=control)
-        if outcome is PutOutcome.QUEUED and wake and not self.sending:
+        if outcome is PutOutcome.QUEUED:
             self._queued.set()
         return outcome
 
-    def wake(self) -> None:
-        """Wake the writer (messages wait that nobody is writing)."""
-        self._queued.set()
-
-    def take(self) -> Message | None:
-        """The oldest message, or None; lets those waiting for room in."""
-        outbox = self.outbox
-        message = outbox.take()
-        if (
-            message is not None
-            and self._room is not None
-            and outbox.buffered_bytes < outbox.max_buffered_bytes
-        ):
-            self._room.set()
-            self._room = None
-        return message
-
     async def get(self) -> Message:
-        """The oldest message, for the writer; waits for one (and while a caller
-        writes).
+        """The oldest message; waits for one.
 
         :raises trio.EndOfChannel: closed and empty.
         """
+        outbox = self.outbox
         while True:
-            message = None if self.sending else self.take()
+            message = outbox.take()
             if message is not None:
+                if self._room is not None and outbox.buffered_bytes < outbox.max_buffered_bytes:
+                    self._room.set()
+                    self._room = None
                 return message
-            if self.closed and not self.outbox:
+            if self.closed:
                 raise trio.EndOfChannel
             await self._queued.wait()
 
@@ -502,8 +476,6 @@ class _Session:
         self.drained = trio.Event()
         self.closed = trio.Event()
         self.nursery: trio.Nursery | None = None
-        self.writing = False
-        """Set while the writer task writes a message."""
         self.context: contextvars.Context | None = None
         """The context the session's handler tasks start in (the session task's,
         not that of trio-websocket's reader, where messages arrive)."""
@@ -658,14 +630,11 @@ class _Session:
                     message = await self.outbox.get()
                 except trio.EndOfChannel:
                     return
-                self.writing = True
                 try:
                     await self.ws.send_message(message)
                 except trio_websocket.ConnectionClosed:
                     self._on_inbound_closed()
                     return
-                finally:
-                    self.writing = False
         finally:
             self.drained.set()
 
@@ -743,16 +712,14 @@ class _Session:
 
     # --- Sending -------------------------------------------------------------------
 
-    def queue(
-        self, message: Message, *, key: str | None = None, control: bool = False, wake: bool = True
-    ) -> bool:
+    def queue(self, message: Message, *, key: str | None = None, control: bool = False) -> bool:
         """Queue ``message`` for the writer. False when it was not queued: the
         session ended, the message was refused past ``max_buffered_bytes``, or the
         outbox overflowed (the session then ends with 1013, and the client
         reconnects)."""
         if not self.is_open:
             return False
-        outcome = self.outbox.put(message, key=key, control=control, wake=wake)
+        outcome = self.outbox.put(message, key=key, control=control)
         if outcome is PutOutcome.OVERFLOW:
             logger.warning(
                 "socket client %r: more than %d bytes wait to be sent: closing with 1013",
@@ -771,47 +738,12 @@ class _Session:
         if message is not None:
             self.queue(message, control=True)
 
-    def start_call(self, name: str, data: object, *, wake: bool = True) -> _Pending:
-        """Queue a call (``wake=False``: the caller then calls :meth:`send_now`)."""
+    def start_call(self, name: str, data: object) -> _Pending:
         call_id, message = self.protocol.call(name, data)
         pending = _Pending(call_id)
         self.calls[call_id] = pending
-        self.queue(message, control=True, wake=wake)  # the caller waited for room
+        self.queue(message, control=True)  # the caller waited for room
         return pending
-
-    async def send_now(self) -> None:
-        """Write what waits from the calling task, when the writer is not writing
-        (a call's frame goes out without waking the writer); otherwise wake it.
-
-        Cancellation: a write cancelled halfway may have cut a frame in the
-        middle (only when the network buffer is full), so the connection ends
-        (code 1011, reconnect band) and the cancellation goes on.
-        """
-        sender = self.outbox
-        if sender.sending or self.writing or not self.is_open:
-            sender.wake()
-            return
-        try:
-            await trio.lowlevel.checkpoint_if_cancelled()  # already cancelled: nothing taken
-        except BaseException:
-            sender.wake()
-            raise
-        if sender.sending or self.writing or not self.is_open:
-            sender.wake()
-            return
-        sender.sending = True
-        try:
-            while (message := sender.take()) is not None:
-                await self.ws.send_message(message)
-        except trio_websocket.ConnectionClosed:
-            self._on_inbound_closed()
-        except BaseException:
-            self.finish(_EndKind.LOCAL, CloseCode.INTERNAL_ERROR, "a write was interrupted")
-            raise
-        finally:
-            sender.sending = False
-            if sender.outbox:
-                sender.wake()
 
     def cancel_call(self, pending: _Pending) -> None:
         if self.calls.pop(pending.call_id, None) is not None:
@@ -1309,15 +1241,13 @@ class SocketClient:
             raise InvalidArgumentError(f"timeout must be >= 0: {timeout!r}")
         session = self._session
         if session is not None and session.is_open and session.outbox.has_room():
-            # The common case, with no cancel scope (the timeout is a timer) and no
-            # hand-over to the writer (this task writes the call).
-            pending = session.start_call(name, data, wake=False)
+            # The common case, with no cancel scope: the timeout is a timer.
+            pending = session.start_call(name, data)
             timer = None
             if limit < math.inf:
                 expire = functools.partial(self._expire_call, session, pending, name, limit)
                 timer = self._timers.add(trio.current_time() + limit, expire)
             try:
-                await session.send_now()
                 await pending.done.wait()
             finally:
                 if timer is not None:
