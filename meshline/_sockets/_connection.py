@@ -239,7 +239,7 @@ class _CallRunner:
     as much as the rest of the call together. A call that comes while the runner
     is busy gets a task of its own. Cancelling a call the runner runs cancels the
     runner's scope, which ends the runner (after answering the call); the next
-    call starts a new one. An idle runner stays parked (about 1 KB) until then or
+    call starts a new one. An idle runner stays parked (about 2 KB) until then or
     until the connection ends."""
 
     __slots__ = ("idle", "job", "scope", "wakeup")
