@@ -31,6 +31,7 @@ from meshline._sockets._errors import ConnectionRejectedError, SocketClosedError
 from meshline._sockets._server import HeartbeatOptions
 
 from .test_socket_client import Backend, Changes, FakeServer, real_server
+from .test_socket_inbound import FaultyStream
 
 URL = "ws://memory.test/sockets"
 
@@ -383,43 +384,20 @@ async def test_real_server_heartbeat_keeps_an_answering_client(
         nursery.cancel_scope.cancel()
 
 
-class StallsOnDemand(trio.abc.Stream):
-    """A client's stream whose writes hang while ``stalled`` (the server stopped
-    reading and the network buffer is full)."""
-
-    def __init__(self, inner: trio.abc.Stream) -> None:
-        self.inner = inner
-        self.stalled = False
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        if self.stalled:
-            await trio.sleep_forever()
-        await self.inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        return await self.inner.receive_some(max_bytes)
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
-
 async def test_a_call_times_out_on_time_while_writes_hang(
     autojump_clock: trio.abc.Clock,
 ) -> None:
     """The call's frame cannot be written (the server stopped reading): the call
     still fails at its timeout, neither earlier nor stuck behind the write."""
     backend = Backend()
-    streams: list[StallsOnDemand] = []
+    streams: list[FaultyStream] = []
     async with real_server(backend, heartbeat=None, listen=False) as server:
         async with trio.open_nursery() as nursery:
 
             async def open_stream(url: str) -> trio.abc.Stream:
                 client_end, server_end = trio.testing.memory_stream_pair()
                 nursery.start_soon(server.serve_stream, server_end)
-                streams.append(StallsOnDemand(client_end))
+                streams.append(FaultyStream(client_end))
                 return streams[-1]
 
             async with open_socket_client(URL, client_id="c", open_stream=open_stream) as client:

@@ -144,16 +144,21 @@ async def test_a_signal_wakes_its_waiter_and_a_cancelled_wait_consumes_nothing()
         await signal.wait()  # the set before the cancelled wait is still there
 
 
-class BreaksOnDemand(trio.abc.Stream):
-    """A stream whose writes start failing when told to (the peer reset it)."""
+class FaultyStream(trio.abc.Stream):
+    """A stream whose writes start failing (``broken``: the peer reset it) or
+    hanging (``stalled``: the peer stopped reading and the buffer is full) when
+    told to."""
 
     def __init__(self, inner: trio.abc.Stream) -> None:
         self.inner = inner
         self.broken = False
+        self.stalled = False
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self.broken:
             raise trio.BrokenResourceError("connection reset by peer")
+        if self.stalled:
+            await trio.sleep_forever()
         await self.inner.send_all(data)
 
     async def wait_send_all_might_not_block(self) -> None:
@@ -176,7 +181,7 @@ async def test_a_close_whose_answer_cannot_be_written_still_ends_the_connection(
     """The client closes and resets before the server answers the close: trio-websocket
     leaves its reader without a word to the direct delivery; the connection ends anyway."""
     client_end, server_end = trio.testing.memory_stream_pair()
-    breaking = BreaksOnDemand(server_end)
+    breaking = FaultyStream(server_end)
     ended: list[str] = []
     async with (
         open_socket_server(
@@ -203,7 +208,7 @@ async def test_a_close_whose_answer_cannot_be_written_still_ends_the_connection(
 
 
 async def test_a_client_whose_close_answer_fails_reconnects() -> None:
-    streams: list[BreaksOnDemand] = []
+    streams: list[FaultyStream] = []
     async with (
         open_socket_server(roles=[Role("user")], heartbeat=None, listen=False) as server,
         trio.open_nursery() as nursery,
@@ -212,7 +217,7 @@ async def test_a_client_whose_close_answer_fails_reconnects() -> None:
         async def open_stream(url: str) -> trio.abc.Stream:
             client_end, server_end = trio.testing.memory_stream_pair()
             nursery.start_soon(server.serve_stream, server_end)
-            stream = BreaksOnDemand(client_end)
+            stream = FaultyStream(client_end)
             streams.append(stream)
             return stream
 
