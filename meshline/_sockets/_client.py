@@ -1242,19 +1242,7 @@ class SocketClient:
         session = self._session
         if session is not None and session.is_open and session.outbox.has_room():
             # The common case, with no cancel scope: the timeout is a timer.
-            pending = session.start_call(name, data)
-            timer = None
-            if limit < math.inf:
-                expire = functools.partial(self._expire_call, session, pending, name, limit)
-                timer = self._timers.add(trio.current_time() + limit, expire)
-            try:
-                await pending.done.wait()
-            finally:
-                if timer is not None:
-                    self._timers.withdraw(timer)
-                if not pending.done.is_set():
-                    session.cancel_call(pending)
-            return self._call_result(session, pending, result_type)
+            return await self._call_on(session, name, data, result_type, limit)
         with trio.move_on_after(limit):
             return await self._call(name, data, result_type)
         raise self._timed_out(name, limit)
@@ -1273,15 +1261,32 @@ class SocketClient:
             pending.fail(self._timed_out(name, limit))
 
     async def _call(self, name: str, data: object, result_type: Any) -> Any:
-        """A call that first waits for a connection, or for room to queue it."""
+        """A call that first waits for a connection, or for room to queue it (the
+        caller's cancel scope bounds the whole of it)."""
         session = await self._wait_session()
         await session.outbox.wait_for_room()
         if not session.is_open:
             return await self._call(name, data, result_type)
+        return await self._call_on(session, name, data, result_type, math.inf)
+
+    async def _call_on(
+        self, session: _Session, name: str, data: object, result_type: Any, limit: float
+    ) -> Any:
+        """Queue the call on ``session`` and wait for its answer, failing it with
+        :class:`SocketTimeoutError` after ``limit`` seconds (a timer; ``inf``: none).
+
+        Cancellation: the server is sent a cancel, and the answer is ignored.
+        """
         pending = session.start_call(name, data)
+        timer = None
+        if limit < math.inf:
+            expire = functools.partial(self._expire_call, session, pending, name, limit)
+            timer = self._timers.add(trio.current_time() + limit, expire)
         try:
             await pending.done.wait()
         finally:
+            if timer is not None:
+                self._timers.withdraw(timer)
             if not pending.done.is_set():
                 session.cancel_call(pending)
         return self._call_result(session, pending, result_type)
