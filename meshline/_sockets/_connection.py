@@ -405,7 +405,9 @@ class Connection:
         self._drain = False
         self._visible = False
         self._connected = False
-        self._context = contextvars.copy_context()
+        self._context: contextvars.Context | None = None
+        """The context handler tasks start in: the connection task's after
+        ``on_connect`` (set by :meth:`_open`, before any handler can start)."""
         self._finished = False
         self._closed: trio.Event | None = None
         """Made only when someone waits for the end (most connections end unwatched)."""
@@ -792,7 +794,7 @@ class Connection:
         """Start a handler task in the connection's nursery, in the context the
         connection's own task had after ``on_connect`` (messages arrive in
         trio-websocket's reader task, whose context is older)."""
-        assert self._nursery is not None
+        assert self._nursery is not None and self._context is not None
         self._context.run(self._nursery.start_soon, handler, *args)
 
     def _running_handlers(self) -> int:
