@@ -729,6 +729,42 @@ async def test_a_request_fails_at_once_when_the_connection_drops() -> None:
 # --- Rooms and topics ------------------------------------------------------------------
 
 
+async def test_a_client_that_stops_reading_holds_up_no_room_emit_over_tcp() -> None:
+    # Enough bytes to fill both sockets' buffers, so the server's writes to the
+    # stuck client wait: the other client still gets every event as it comes, and
+    # the stuck one gets all of its own, in order, once it reads again.
+    backpressure = BackpressureOptions(max_buffered_bytes=64 * 2**20, policy="drop")
+    pad = "x" * 60_000
+    total = 400
+    async with running(backpressure=backpressure, heartbeat=None) as server:
+        async with connect(server, client_id="stuck") as stuck, connect(server) as fast:
+            await wait_for(lambda: len(server.local.connections) == 2)
+            for conn in server.local.connections.values():
+                conn.join("room")
+            received: list[int] = []
+
+            async def read_fast() -> None:
+                while len(received) < total:
+                    event = await fast.next_of(EventFrame)
+                    received.append(fast.codec.decode_data(event.data, Any)["seq"])
+
+            with trio.fail_after(60):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(read_fast)
+                    for seq in range(total):
+                        server.room("room").emit("pad", {"seq": seq, "pad": pad})
+                        await trio.lowlevel.checkpoint()
+            assert received == list(range(total))
+            stuck_conn = server.connection(stuck.welcome.connection_id)  # type: ignore[union-attr]
+            assert stuck_conn is not None and stuck_conn.buffered_bytes > 0
+            seqs = [
+                stuck.codec.decode_data((await stuck.next_of(EventFrame)).data, Any)["seq"]
+                for _ in range(total)
+            ]
+            assert seqs == list(range(total))
+            assert stuck_conn.dropped == 0 and stuck_conn.is_open
+
+
 async def test_rooms_join_leave_emit_with_skip_and_introspection() -> None:
     def on_connect(conn: Connection) -> None:
         conn.join("lobby")

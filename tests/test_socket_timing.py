@@ -403,6 +403,45 @@ async def test_a_slow_client_never_blocks_a_room_emit_to_the_others(
         del stuck
 
 
+async def test_a_client_that_stops_reading_holds_up_nobody_and_gets_everything_later(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The server writes its connections' messages in turn from one task; a write
+    # that waits on this client must not hold the others up, and the client's own
+    # messages must still all arrive, in order, once it reads again.
+    options = BackpressureOptions(max_buffered_bytes=1_000_000, policy="drop")
+    async with memory_server(backpressure=options, heartbeat=None) as (server, recorder, connect):
+        stuck = await connect(lockstep=True, client_id="stuck")
+        fast = await connect(client_id="fast")
+        for conn in recorder.connections:
+            conn.join("room")
+        stuck_conn, fast_conn = recorder.connections
+        total = 300
+        received: list[int] = []
+
+        async def read_fast(until: int) -> None:
+            while len(received) < until:
+                event = await fast.next()
+                assert isinstance(event, EventFrame)
+                received.append(fast.codec.decode_data(event.data, int))
+
+        for first, until in ((0, total), (total, 2 * total)):  # stalled, then known slow
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read_fast, until)
+                for seq in range(first, until):
+                    server.room("room").emit("seq", seq)
+                    await trio.sleep(0.001)
+            assert received == list(range(until))
+            assert stuck_conn.is_open and stuck_conn.buffered_bytes > 0
+        stuck_seqs = []
+        while len(stuck_seqs) < 2 * total:
+            event = await stuck.next()
+            assert isinstance(event, EventFrame)
+            stuck_seqs.append(stuck.codec.decode_data(event.data, int))
+        assert stuck_seqs == list(range(2 * total))
+        assert stuck_conn.dropped == 0 and stuck_conn.is_open and fast_conn.is_open
+
+
 # --- Shutdown -------------------------------------------------------------------------------
 
 

@@ -55,6 +55,7 @@ Cancellation
 
 from __future__ import annotations
 
+import collections
 import contextvars
 import enum
 import inspect
@@ -299,6 +300,7 @@ class Connection:
         "_life",
         "_nursery",
         "_outbox",
+        "_own_writer",
         "_protocol",
         "_requests",
         "_role_calls",
@@ -309,8 +311,9 @@ class Connection:
         "_sent_all",
         "_stream",
         "_visible",
-        "_wakeup",
+        "_write_wanted",
         "_writer_scope",
+        "_written",
         "_ws",
         "client_id",
         "client_name",
@@ -397,10 +400,15 @@ class Connection:
         self._sending = False
         self._beat_timer: Timer | None = None
         self._runner: _CallRunner | None = None
-        self._writer_scope = trio.CancelScope()
         self._sent_all: trio.Event | None = None
         self._nursery: trio.Nursery | None = None
-        self._wakeup = Signal()
+        self._write_wanted = False
+        """In the shared writer's queue (see :class:`SharedWriter`)."""
+        self._written = 0
+        """Messages written so far (the shared writer's progress)."""
+        self._own_writer: Signal | None = None
+        """What wakes the connection's own writer, once it has one (its writes stalled)."""
+        self._writer_scope: trio.CancelScope | None = None
         self._closing = False
         self._drain = False
         self._visible = False
@@ -666,7 +674,12 @@ class Connection:
         outcome = self._outbox.put(message, key=key, control=control)
         if outcome is PutOutcome.QUEUED or outcome is PutOutcome.REPLACED:
             if not self._sending:
-                self._wakeup.set()
+                own_writer = self._own_writer
+                if own_writer is not None:
+                    own_writer.set()
+                elif not self._write_wanted:
+                    self._write_wanted = True
+                    self._hub.writer.want(self)
             return True
         if outcome is PutOutcome.DROPPED:
             dropped = self._outbox.dropped
@@ -729,7 +742,8 @@ class Connection:
             running.scope.cancel()
         for scope in self._event_scopes:
             scope.cancel()
-        self._wakeup.set()
+        if self._own_writer is not None:
+            self._own_writer.set()  # it sees the close and ends
         log = logger.info if reason is not DisconnectReason.CLIENT_CLOSED else logger.debug
         log("connection %s: %s (code %s: %s)", self.id, reason.value, code, self.close_reason)
         return True
@@ -764,7 +778,6 @@ class Connection:
         """
         self._nursery = nursery
         try:
-            nursery.start_soon(self._write_loop)
             with self._life:
                 if await self._open(hello_timeout):
                     deadline = self._protocol.next_deadline()
@@ -787,6 +800,8 @@ class Connection:
             with trio.CancelScope(shield=True):
                 if self._ws.closed is None:
                     await self._abort_websocket()
+                if self._writer_scope is not None:
+                    self._writer_scope.cancel()
                 await self._handlers_finished()
                 await self._disconnected()
 
@@ -891,21 +906,31 @@ class Connection:
         logger.debug("connection %s: open (role %r, client %r)", self.id, self.role, client_id)
         return True
 
-    async def _write_loop(self) -> None:
-        """The connection's writer: whenever messages wait and no task is writing,
-        it writes them (see :meth:`_send_queued`). Ends when the connection closes;
-        the close writes what is left."""
-        with self._writer_scope:
+    def _go_alone(self) -> None:
+        """The shared writer stalled on this connection: from now on it has a
+        writer of its own (:meth:`_write_alone`)."""
+        self._own_writer = Signal()
+        self._writer_scope = trio.CancelScope()
+
+    async def _write_alone(self) -> None:
+        """The connection's own writer (see :class:`SharedWriter`): whenever
+        messages wait and no task is writing, it writes them. Ends when the
+        connection closes; the close writes what is left."""
+        wakeup, scope = self._own_writer, self._writer_scope
+        assert wakeup is not None and scope is not None
+        with scope:
             while not self._closing:
                 if self._outbox and not self._sending:
                     await self._send_queued()
                 else:
-                    await self._wakeup.wait()
+                    await wakeup.wait()
 
-    async def _send_queued(self) -> None:
+    async def _send_queued(self, at_most: int = 0) -> None:
         """Write what the outbox holds, in order, from the calling task, until it is
-        empty. One task at a time writes (:attr:`_sending`): the writer, a call
-        task sending its own answer (which saves waking the writer), or the close.
+        empty (or ``at_most`` messages are written, when not 0). One task at a
+        time writes (:attr:`_sending`): the shared writer, the connection's own,
+        a call task sending its own answer (which saves a task switch), or the
+        close.
 
         Cancellation: nothing here cancels a write halfway (that would cut a
         message in the middle). When the client does not take the close within
@@ -916,9 +941,12 @@ class Connection:
         """
         self._sending = True
         outbox, ws = self._outbox, self._ws
+        left = at_most or -1
         try:
-            while (message := outbox.take()) is not None:
+            while left and (message := outbox.take()) is not None:
                 await ws.send_message(message)
+                self._written += 1
+                left -= 1
         except ConnectionClosed as exc:
             if not self._closing:
                 self._peer_gone(exc)
@@ -996,7 +1024,6 @@ class Connection:
         """Let the task writing finish, write what is left (the outbox was emptied
         unless the close drains), then close the WebSocket, all within
         ``close_timeout``."""
-        self._wakeup.set()  # the writer sees the close and ends
         with trio.move_on_after(self._hub.settings.close_timeout) as deadline:
             deadline.shield = True
             while self._sending:
@@ -1012,7 +1039,8 @@ class Connection:
                 self.id,
                 self._hub.settings.close_timeout,
             )
-            self._writer_scope.cancel()
+            if self._writer_scope is not None:
+                self._writer_scope.cancel()
             await self._abort_websocket()
 
     async def _abort_websocket(self) -> None:
@@ -1456,6 +1484,126 @@ def fan_out(
     return count
 
 
+class SharedWriter:
+    """Writes the connections' outboxes from one task, in turn, the way a plain
+    send loop would, and hands a connection whose write stalls a task of its own.
+
+    Why: a room emit to a thousand connections used to wake a thousand writer
+    tasks, and each one's write (trio-websocket's ``send_message`` down to the
+    socket) keeps a chain of a dozen short-lived objects alive across a
+    scheduling turn. A thousand such chains at once set off Python's cyclic
+    garbage collector over and over, and it then cost more than the writes.
+    Written in turn from one task, a write's objects are gone before the next
+    one starts.
+
+    How: a connection with something to write (and no task writing for it) joins
+    the ``ready`` queue once; the lead task takes connections from the queue and
+    writes up to :data:`WRITES_PER_TURN` messages for each, queueing it again
+    when more wait. A write that waits on a slow client would hold every other
+    connection up, so a watch (one timer, while the lead is busy) checks that
+    the lead made progress: when it wrote nothing for ``stall_after`` seconds
+    (checked twice, so between one and two such spans), a new lead task takes
+    over the queue, and the stalled one stays with its connection as that
+    connection's own writer until the connection ends. A connection that
+    stalled once keeps its own writer; the others never wait for it again.
+
+    The tasks run in the server's nursery (:meth:`run`).
+    """
+
+    WRITES_PER_TURN = 16
+    """The most messages written for one connection before the next one's turn."""
+
+    def __init__(self, timers: Timers, *, stall_after: float = 0.01) -> None:
+        self.stall_after = stall_after
+        self._timers = timers
+        self._ready: collections.deque[Connection] = collections.deque()
+        self._wakeup = Signal()
+        self._idle = False
+        self._lead = 0
+        """Which lead task is current (each gets the next number)."""
+        self._busy_with: Connection | None = None
+        self._watched: tuple[Connection | None, int] = (None, 0)
+        self._watching = False
+        self._nursery: trio.Nursery | None = None
+        self.stalls = 0
+        """Connections handed a writer of their own so far."""
+
+    def want(self, conn: Connection) -> None:
+        """``conn`` has messages to write: queue it (once) for the lead task."""
+        self._ready.append(conn)
+        if self._idle:
+            self._idle = False
+            self._wakeup.set()
+        if not self._watching:
+            self._watching = True
+            self._timers.add(trio.current_time() + self.stall_after, self._watch)
+
+    async def run(self, nursery: trio.Nursery) -> None:
+        """Be the first lead task; later ones start in ``nursery``.
+
+        Cancellation: the lead stops; a write it was doing is cut (the server
+        cancels it only once its connections are closed or being dropped).
+        """
+        self._nursery = nursery
+        await self._write_in_turn(self._lead)
+
+    async def _write_in_turn(self, lead: int) -> None:
+        ready = self._ready
+        while True:
+            if not ready:
+                self._idle = True
+                await self._wakeup.wait()
+                continue
+            conn = ready.popleft()
+            conn._write_wanted = False
+            if conn._closing or conn._sending or not conn._outbox:
+                continue  # its close, or the task writing for it, takes the rest
+            self._busy_with = conn
+            try:
+                await conn._send_queued(self.WRITES_PER_TURN)
+            except Exception:
+                logger.exception("connection %s: failed to write", conn.id)
+                conn._end(DisconnectReason.SERVER_CLOSED, CloseCode.INTERNAL_ERROR)
+            if lead != self._lead:  # stalled on conn: a new lead took over
+                await conn._write_alone()
+                return
+            self._busy_with = None
+            if conn._outbox and not conn._closing and not conn._write_wanted:
+                conn._write_wanted = True
+                ready.append(conn)
+
+    def _watch(self, now: float) -> float | None:
+        """The stall watch (a timer): every ``stall_after`` while anything is
+        being written or waits to be."""
+        conn = self._busy_with
+        if conn is None:
+            self._watched = (None, 0)
+            if not self._ready:
+                self._watching = False
+                return None
+            return now + self.stall_after
+        seen = (conn, conn._written)
+        if seen != self._watched:
+            self._watched = seen
+            return now + self.stall_after
+        self._watched = (None, 0)
+        self._busy_with = None
+        self._lead += 1
+        self.stalls += 1
+        conn._go_alone()
+        logger.info(
+            "connection %s: a write waited over %g s (slow client); it gets a writer of its own",
+            conn.id,
+            self.stall_after,
+        )
+        assert self._nursery is not None
+        self._nursery.start_soon(self._write_in_turn, self._lead)
+        if not self._ready:
+            self._watching = False
+            return None
+        return now + self.stall_after
+
+
 class ConnectionHub:
     """What a server's connections share: settings, the registry, ids, the shutdown
     flag, the timers."""
@@ -1474,6 +1622,9 @@ class ConnectionHub:
         self.timers = Timers()
         """Every connection's heartbeat and every running call's timeout (its task
         runs in the server's nursery)."""
+        self.writer = SharedWriter(self.timers)
+        """What writes the connections' outboxes (its tasks run in the server's
+        nursery)."""
 
     def new_connection_id(self) -> str:
         return f"{self.settings.node_id}.{self.incarnation}.{next(self._ids)}"

@@ -546,6 +546,9 @@ class SocketServer:
     async def _keep_timers(self) -> None:
         await self._hub.timers.run()
 
+    async def _keep_writing(self, nursery: trio.Nursery) -> None:
+        await self._hub.writer.run(nursery)
+
     async def _listen(self, nursery: trio.Nursery, *, task_status: trio.TaskStatus[None]) -> None:
         with trio.CancelScope() as scope:
             self._listen_scope = scope
@@ -718,6 +721,7 @@ async def open_socket_server(
     )
     async with trio.open_nursery() as nursery:
         nursery.start_soon(server._keep_timers)
+        nursery.start_soon(server._keep_writing, nursery)
         if listen:
             await nursery.start(server._listen, nursery)
         try:
