@@ -5,10 +5,12 @@ Life of a connection
     :meth:`ConnectionHub.run_connection`, which runs in the server's nursery
     until the connection is over:
 
-    1. a writer task starts: it writes what the connection's
-       :class:`~meshline._sockets._outbox.Outbox` holds whenever no other task is
-       writing. One task writes at a time: the writer, or a call's own task
-       sending its answer (which saves a task switch per call);
+    1. what the server sends goes to the connection's
+       :class:`~meshline._sockets._outbox.Outbox`; the server's
+       :class:`SharedWriter` writes it, unless a call's own task writes its
+       answer (which saves a task switch per call). A connection whose writes
+       stall (a slow client) gets a writer task of its own. One task writes for
+       a connection at a time;
     2. the ``hello`` is awaited (``handshake_timeout``: closed with 4002), the
        client id settled (the admission's wins over the hello's; with neither,
        the connection id) and the ``welcome`` queued;
@@ -34,14 +36,14 @@ Life of a connection
        calls are cancelled, the connection leaves introspection, its rooms and
        topics;
     6. the WebSocket is closed within ``close_timeout``: for a close the server
-       chose (``server_closed``, ``server_exit``) the writer first sends what is
+       chose (``server_closed``, ``server_exit``) the close first sends what is
        queued; otherwise it only finishes the message it is writing. A peer that
        does not take the close in time has its TCP connection closed;
     7. the cancelled handlers are given ``close_timeout`` to unwind, then
        ``on_disconnect(conn, reason)`` runs, exactly once.
 
-    Per connection that is three tasks (trio-websocket's reader, the writer,
-    and the connection's own, which waits for the end) and no nursery beyond the
+    Per connection that is two tasks (trio-websocket's reader, and the
+    connection's own, which waits for the end) and no nursery beyond the
     stream's: every idle connection pays for each in memory.
 
     trio-websocket records 1000 locally whatever code the server sent, so the
@@ -1556,7 +1558,7 @@ class SharedWriter:
                 continue
             conn = ready.popleft()
             conn._write_wanted = False
-            if conn._closing or conn._sending or not conn._outbox:
+            if conn._closing or conn._sending or conn._own_writer is not None or not conn._outbox:
                 continue  # its close, or the task writing for it, takes the rest
             self._busy_with = conn
             try:
@@ -1597,7 +1599,10 @@ class SharedWriter:
             self.stall_after,
         )
         assert self._nursery is not None
-        self._nursery.start_soon(self._write_in_turn, self._lead)
+        try:
+            self._nursery.start_soon(self._write_in_turn, self._lead)
+        except RuntimeError:  # the server's nursery is closing: nothing to write for
+            logger.debug("socket server: no new writer task, the server is exiting")
         if not self._ready:
             self._watching = False
             return None
