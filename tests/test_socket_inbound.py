@@ -145,20 +145,23 @@ async def test_a_signal_wakes_its_waiter_and_a_cancelled_wait_consumes_nothing()
 
 
 class FaultyStream(trio.abc.Stream):
-    """A stream whose writes start failing (``broken``: the peer reset it) or
-    hanging (``stalled``: the peer stopped reading and the buffer is full) when
-    told to."""
+    """A stream whose writes start failing (``broken``: the peer reset it),
+    hanging (``stalled``: the peer stopped reading and the buffer is full) or
+    each taking ``delay`` seconds (a slow link) when told to."""
 
     def __init__(self, inner: trio.abc.Stream) -> None:
         self.inner = inner
         self.broken = False
         self.stalled = False
+        self.delay = 0.0
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self.broken:
             raise trio.BrokenResourceError("connection reset by peer")
         if self.stalled:
             await trio.sleep_forever()
+        if self.delay:
+            await trio.sleep(self.delay)
         await self.inner.send_all(data)
 
     async def wait_send_all_might_not_block(self) -> None:

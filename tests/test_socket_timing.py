@@ -11,7 +11,7 @@ trio-websocket's own one-message queue on the client is full.
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -41,6 +41,7 @@ from meshline._sockets._server import (
     open_socket_server,
 )
 
+from .test_socket_inbound import FaultyStream
 from .test_socket_server import RawClient
 
 
@@ -99,12 +100,20 @@ async def memory_server(**options: Any) -> AsyncIterator[tuple[SocketServer, Rec
         async with trio.open_nursery() as nursery:
 
             async def connect(
-                *, lockstep: bool = False, hello: bool = True, client_id: str = "c"
+                *,
+                lockstep: bool = False,
+                hello: bool = True,
+                client_id: str = "c",
+                server_side: Callable[[trio.abc.Stream], trio.abc.Stream] | None = None,
             ) -> RawClient:
+                client_stream: trio.abc.Stream
+                server_stream: trio.abc.Stream
                 if lockstep:
                     client_stream, server_stream = trio.testing.lockstep_stream_pair()
                 else:
                     client_stream, server_stream = trio.testing.memory_stream_pair()
+                if server_side is not None:
+                    server_stream = server_side(server_stream)
                 nursery.start_soon(server.serve_stream, server_stream)
                 ws = await wrap_client_stream(
                     nursery,
@@ -127,6 +136,27 @@ async def memory_server(**options: Any) -> AsyncIterator[tuple[SocketServer, Rec
 def only_connection(server: SocketServer) -> Connection:
     [conn] = server.local.connections.values()
     return conn
+
+
+def writer_tasks() -> int:
+    """How many tasks write for the server's connections: the shared writer's lead,
+    and any connection's own writer (a stalled lead that stayed with it); read
+    through trio's task tree."""
+    names = ("SocketServer._keep_writing", "SharedWriter._write_in_turn")
+    count = 0
+    tasks = [trio.lowlevel.current_root_task()]
+    while tasks:
+        task = tasks.pop()
+        count += task.name.endswith(names)
+        tasks.extend(child for nursery in task.child_nurseries for child in nursery.child_tasks)
+    return count
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 60.0) -> None:
+    """Poll ``condition`` (on the MockClock: 60 virtual seconds, then fail)."""
+    with trio.fail_after(timeout):
+        while not condition():
+            await trio.sleep(0.01)
 
 
 # --- Heartbeat -------------------------------------------------------------------------------
@@ -440,6 +470,76 @@ async def test_a_client_that_stops_reading_holds_up_nobody_and_gets_everything_l
             stuck_seqs.append(stuck.codec.decode_data(event.data, int))
         assert stuck_seqs == list(range(2 * total))
         assert stuck_conn.dropped == 0 and stuck_conn.is_open and fast_conn.is_open
+        # Caught up: its writer task ends, the shared writer writes for it again.
+        await wait_until(lambda: writer_tasks() == 1)
+        server.room("room").emit("seq", -1)
+        for client in (stuck, fast):
+            event = await client.next()
+            assert client.codec.decode_data(event.data, int) == -1
+        assert writer_tasks() == 1
+
+
+async def test_a_client_slow_to_take_each_write_holds_up_nobody(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Every write to this client takes 9 ms: never stuck, but a turn of many
+    # writes for it would hold the others up for much longer than one write.
+    slow_streams: list[FaultyStream] = []
+
+    def slow_side(stream: trio.abc.Stream) -> trio.abc.Stream:
+        slow_streams.append(FaultyStream(stream))
+        return slow_streams[-1]
+
+    options = BackpressureOptions(max_buffered_bytes=10_000_000, policy="drop")
+    async with memory_server(backpressure=options, heartbeat=None) as (server, recorder, connect):
+        slow = await connect(client_id="slow", server_side=slow_side)
+        fast = await connect(client_id="fast")
+        for conn in recorder.connections:
+            conn.join("room")
+        slow_streams[0].delay = 0.009
+        total = 300
+        emitted_at: list[float] = []
+        lags: list[float] = []
+
+        async def read_fast() -> None:
+            while len(lags) < total:
+                event = await fast.next()
+                seq = fast.codec.decode_data(event.data, int)
+                lags.append(trio.current_time() - emitted_at[seq])
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_fast)
+            for seq in range(total):
+                emitted_at.append(trio.current_time())
+                server.room("room").emit("seq", seq)
+                await trio.sleep(0.001)
+        assert max(lags) < 0.03  # a stall is noticed within two 10 ms ticks
+        seqs = [slow.codec.decode_data((await slow.next()).data, int) for _ in range(total)]
+        assert seqs == list(range(total))
+        await wait_until(lambda: writer_tasks() == 1)
+
+
+async def test_the_end_of_a_connection_cancels_a_write_stalled_for_good(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A stream whose write never returns, even once closed: the connection's end
+    # must cancel the task stalled in it, not leave it parked until the server exits.
+    stalled: list[FaultyStream] = []
+
+    def stalling_side(stream: trio.abc.Stream) -> trio.abc.Stream:
+        stalled.append(FaultyStream(stream))
+        return stalled[-1]
+
+    async with memory_server(heartbeat=None) as (server, recorder, connect):
+        await connect(client_id="stalled", server_side=stalling_side)
+        conn = only_connection(server)
+        stalled[0].stalled = True
+        conn.emit("seq", 1)
+        await wait_until(lambda: writer_tasks() == 2)  # the lead stalled and was replaced
+        await conn.close()
+        await conn.wait_closed()
+        assert recorder.disconnects[0][1] is DisconnectReason.SERVER_CLOSED
+        await wait_until(lambda: writer_tasks() == 1)
 
 
 # --- Shutdown -------------------------------------------------------------------------------

@@ -315,7 +315,6 @@ class Connection:
         "_visible",
         "_write_wanted",
         "_writer_scope",
-        "_written",
         "_ws",
         "client_id",
         "client_name",
@@ -406,8 +405,6 @@ class Connection:
         self._nursery: trio.Nursery | None = None
         self._write_wanted = False
         """In the shared writer's queue (see :class:`SharedWriter`)."""
-        self._written = 0
-        """Messages written so far (the shared writer's progress)."""
         self._own_writer: Signal | None = None
         """What wakes the connection's own writer, once it has one (its writes stalled)."""
         self._writer_scope: trio.CancelScope | None = None
@@ -773,10 +770,10 @@ class Connection:
         """The whole life of the connection (see the module).
 
         This task waits for the end (or reads, on the ``get_message`` path). The
-        writer and the handlers run in ``nursery``
-        (the stream's own), each in a cancel scope the connection's end cancels:
-        no nursery or task of the connection's own, since every idle connection
-        pays for them in memory.
+        handlers run in ``nursery`` (the stream's own), each in a cancel scope
+        the connection's end cancels: no nursery of the connection's own, since
+        every idle connection pays for it in memory. The server's
+        :class:`SharedWriter` writes (in the server's nursery).
         """
         self._nursery = nursery
         try:
@@ -908,24 +905,42 @@ class Connection:
         logger.debug("connection %s: open (role %r, client %r)", self.id, self.role, client_id)
         return True
 
-    def _go_alone(self) -> None:
-        """The shared writer stalled on this connection: from now on it has a
-        writer of its own (:meth:`_write_alone`)."""
+    def _go_alone(self, scope: trio.CancelScope) -> None:
+        """The shared writer stalled on this connection: the stalled task, whose
+        cancel scope is ``scope``, becomes its own writer (:meth:`_write_alone`)."""
         self._own_writer = Signal()
-        self._writer_scope = trio.CancelScope()
+        self._writer_scope = scope
 
     async def _write_alone(self) -> None:
         """The connection's own writer (see :class:`SharedWriter`): whenever
-        messages wait and no task is writing, it writes them. Ends when the
-        connection closes; the close writes what is left."""
-        wakeup, scope = self._own_writer, self._writer_scope
-        assert wakeup is not None and scope is not None
-        with scope:
+        messages wait and no task is writing, it writes them, until the client has
+        caught up (nothing left to write), when the connection goes back to the
+        shared writer. Ends when the connection closes; the close writes what is
+        left.
+
+        Cancellation: the connection's end cancels the writer's scope (which
+        :meth:`_go_alone` was given) once the WebSocket is closed or aborted.
+        """
+        wakeup = self._own_writer
+        assert wakeup is not None
+        try:
             while not self._closing:
-                if self._outbox and not self._sending:
+                if self._sending:
+                    await wakeup.wait()
+                elif self._outbox:
                     await self._send_queued()
                 else:
-                    await wakeup.wait()
+                    break
+        finally:
+            self._own_writer = None
+            self._writer_scope = None
+
+    def _write_failed(self) -> None:
+        """A write raised something unexpected (logged): close the connection,
+        with nothing more to write on it."""
+        logger.exception("connection %s: failed to write", self.id)
+        self._end(DisconnectReason.SERVER_CLOSED, CloseCode.INTERNAL_ERROR)
+        self._outbox.clear()
 
     async def _send_queued(self, at_most: int = 0) -> None:
         """Write what the outbox holds, in order, from the calling task, until it is
@@ -937,9 +952,9 @@ class Connection:
         Cancellation: nothing here cancels a write halfway (that would cut a
         message in the middle). When the client does not take the close within
         ``close_timeout``, the WebSocket is aborted, which fails a write blocked
-        on it, and the writer's scope is cancelled; a call task still writing
-        then is cancelled with the rest of the connection's tasks when its
-        stream's nursery ends.
+        on it, and the scope of the connection's own writer (if it has one) is
+        cancelled; a call task still writing then is cancelled with the rest of
+        the connection's tasks when its stream's nursery ends.
         """
         self._sending = True
         outbox, ws = self._outbox, self._ws
@@ -947,7 +962,6 @@ class Connection:
         try:
             while left and (message := outbox.take()) is not None:
                 await ws.send_message(message)
-                self._written += 1
                 left -= 1
         except ConnectionClosed as exc:
             if not self._closing:
@@ -1502,12 +1516,14 @@ class SharedWriter:
     the ``ready`` queue once; the lead task takes connections from the queue and
     writes up to :data:`WRITES_PER_TURN` messages for each, queueing it again
     when more wait. A write that waits on a slow client would hold every other
-    connection up, so a watch (one timer, while the lead is busy) checks that
-    the lead made progress: when it wrote nothing for ``stall_after`` seconds
-    (checked twice, so between one and two such spans), a new lead task takes
-    over the queue, and the stalled one stays with its connection as that
-    connection's own writer until the connection ends. A connection that
-    stalled once keeps its own writer; the others never wait for it again.
+    connection up, so a watch (one timer, ticking every ``stall_after`` seconds
+    while the lead is busy) checks that turns go by: a turn still going at two
+    ticks in a row (it took between one and two ``stall_after``) makes a new lead
+    task take over the queue, and the stalled task stays with its connection as
+    that connection's own writer until the client has caught up (nothing left
+    to write), when the connection comes back to the shared writer. A one-off
+    hiccup therefore costs a task for a moment, and a client that stays slow
+    keeps its own writer, as every connection had before.
 
     The tasks run in the server's nursery (:meth:`run`).
     """
@@ -1523,12 +1539,16 @@ class SharedWriter:
         self._idle = False
         self._lead = 0
         """Which lead task is current (each gets the next number)."""
+        self._lead_scope: trio.CancelScope | None = None
         self._busy_with: Connection | None = None
-        self._watched: tuple[Connection | None, int] = (None, 0)
+        self._turns = 0
+        """Turns taken so far (the watch's measure of progress)."""
+        self._watched = 0
+        """The turn the watch saw going at its last tick (0: none)."""
         self._watching = False
         self._nursery: trio.Nursery | None = None
         self.stalls = 0
-        """Connections handed a writer of their own so far."""
+        """How many times a connection was handed a writer of its own."""
 
     def want(self, conn: Connection) -> None:
         """``conn`` has messages to write: queue it (once) for the lead task."""
@@ -1550,59 +1570,72 @@ class SharedWriter:
         await self._write_in_turn(self._lead)
 
     async def _write_in_turn(self, lead: int) -> None:
+        """A lead task: take turns writing for the connections in the queue, until
+        a newer lead took over (this one stalled: it goes on as the connection's
+        own writer, in this task's cancel scope) or the server exits."""
         ready = self._ready
-        while True:
-            if not ready:
-                self._idle = True
-                await self._wakeup.wait()
-                continue
-            conn = ready.popleft()
-            conn._write_wanted = False
-            if conn._closing or conn._sending or conn._own_writer is not None or not conn._outbox:
-                continue  # its close, or the task writing for it, takes the rest
-            self._busy_with = conn
-            try:
-                await conn._send_queued(self.WRITES_PER_TURN)
-            except Exception:
-                logger.exception("connection %s: failed to write", conn.id)
-                conn._end(DisconnectReason.SERVER_CLOSED, CloseCode.INTERNAL_ERROR)
-            if lead != self._lead:  # stalled on conn: a new lead took over
-                await conn._write_alone()
-                return
-            self._busy_with = None
-            if conn._outbox and not conn._closing and not conn._write_wanted:
-                conn._write_wanted = True
-                ready.append(conn)
+        with trio.CancelScope() as scope:
+            self._lead_scope = scope
+            while True:
+                if not ready:
+                    self._idle = True
+                    await self._wakeup.wait()
+                    continue
+                conn = ready.popleft()
+                conn._write_wanted = False
+                if conn._closing or conn._sending or conn._own_writer is not None:
+                    continue  # its close, or the task writing for it, takes the rest
+                if not conn._outbox:
+                    continue
+                self._busy_with = conn
+                self._turns += 1
+                try:
+                    await conn._send_queued(self.WRITES_PER_TURN)
+                    if lead != self._lead:  # stalled on conn: a new lead took over
+                        await conn._write_alone()
+                except Exception:
+                    conn._write_failed()
+                if lead != self._lead:
+                    return
+                self._busy_with = None
+                if conn._outbox and not conn._closing and not conn._write_wanted:
+                    conn._write_wanted = True
+                    ready.append(conn)
 
     def _watch(self, now: float) -> float | None:
         """The stall watch (a timer): every ``stall_after`` while anything is
-        being written or waits to be."""
+        being written or waits to be. A turn still going at two ticks in a row
+        took too long: its connection keeps the task, and a new lead starts."""
+        try:
+            return self._check(now)
+        except BaseException:
+            self._watching = False  # the next want() starts a new watch
+            raise
+
+    def _check(self, now: float) -> float | None:
         conn = self._busy_with
         if conn is None:
-            self._watched = (None, 0)
+            self._watched = 0
             if not self._ready:
                 self._watching = False
                 return None
             return now + self.stall_after
-        seen = (conn, conn._written)
-        if seen != self._watched:
-            self._watched = seen
+        if self._turns != self._watched:
+            self._watched = self._turns
             return now + self.stall_after
-        self._watched = (None, 0)
+        self._watched = 0
         self._busy_with = None
         self._lead += 1
         self.stalls += 1
-        conn._go_alone()
+        assert self._lead_scope is not None and self._nursery is not None
+        conn._go_alone(self._lead_scope)
         logger.info(
-            "connection %s: a write waited over %g s (slow client); it gets a writer of its own",
+            "connection %s: a write turn took over %g s (slow client); "
+            "it gets a writer of its own until it catches up",
             conn.id,
             self.stall_after,
         )
-        assert self._nursery is not None
-        try:
-            self._nursery.start_soon(self._write_in_turn, self._lead)
-        except RuntimeError:  # the server's nursery is closing: nothing to write for
-            logger.debug("socket server: no new writer task, the server is exiting")
+        self._nursery.start_soon(self._write_in_turn, self._lead)
         if not self._ready:
             self._watching = False
             return None
@@ -1674,7 +1707,7 @@ class ConnectionHub:
     ) -> Connection:
         """Run one accepted WebSocket as a connection until it is over; return it.
 
-        ``nursery`` runs the connection's writer (it must outlive the call);
+        ``nursery`` runs the connection's handlers (it must outlive the call);
         ``stream`` is what ``ws`` runs over (closed at once to abort it)."""
         conn = Connection(
             self,
