@@ -58,6 +58,18 @@ def make_role() -> Role:
     async def sleep(conn: Connection, data: Any) -> None:
         await trio.sleep_forever()
 
+    @role.call("nap")
+    async def nap(conn: Connection, data: Any) -> None:
+        await trio.sleep(data)
+
+    @role.call("quick", timeout=100)
+    async def quick(conn: Connection, data: Any) -> None:
+        await trio.sleep(data or 0)
+
+    @role.call("sleep_briefly_timed", timeout=3)
+    async def sleep_briefly_timed(conn: Connection, data: Any) -> None:
+        await trio.sleep_forever()
+
     @role.on("alive")
     def alive(conn: Connection, data: Any) -> None:
         pass
@@ -277,6 +289,40 @@ async def test_a_call_is_answered_timeout_at_the_call_timeout(
         assert isinstance(answer, ErrorFrame) and answer.id == call_id
         assert answer.code == ErrorCode.TIMEOUT
         assert trio.current_time() - start == 30
+
+
+async def test_calls_one_after_another_each_time_out_at_their_own_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Calls that come one at a time share one timer (the call runner's): each must
+    still time out exactly at its own deadline, later or earlier than the last."""
+    async with memory_server(call_timeout=30) as (_, _, connect):
+        client = await connect()
+
+        async def call(name: str, data: Any = None) -> tuple[Any, float]:
+            start = trio.current_time()
+            call_id, message = client.protocol.call(name, data)
+            await client.send(message)
+            answer = await client.next()
+            assert answer.id == call_id
+            return answer, trio.current_time() - start
+
+        answer, _ = await call("nap", 10)  # the runner's timer: 30 s from its start
+        assert isinstance(answer, ResultFrame)
+        await trio.sleep(5)
+        # A deadline later than the armed timer's (45 s against 30 s from the
+        # nap's start): not cut at the earlier one, timed out at its own 30 s.
+        answer, took = await call("sleep")
+        assert isinstance(answer, ErrorFrame) and answer.code == ErrorCode.TIMEOUT
+        assert took == 30
+        answer, _ = await call("quick", 20)  # a fresh runner; its timer: 100 s on
+        assert isinstance(answer, ResultFrame)
+        # A deadline earlier than the armed timer's: timed out at its own 3 s.
+        answer, took = await call("sleep_briefly_timed")
+        assert isinstance(answer, ErrorFrame) and answer.code == ErrorCode.TIMEOUT
+        assert took == 3
+        answer, took = await call("quick", 99)  # within its 100 s: answered
+        assert isinstance(answer, ResultFrame) and took == 99
 
 
 async def test_a_handler_that_returns_after_its_timeout_still_has_its_answer_sent(

@@ -86,7 +86,7 @@ from ._frames import (
     WelcomeFrame,
     codec_for_subprotocol,
 )
-from ._inbound import ReaderEnd, Signal, deliver_directly
+from ._inbound import Latch, ReaderEnd, Signal, deliver_directly
 from ._outbox import Outbox, OverflowPolicy, PutOutcome
 from ._protocol import Event, SocketProtocol, Subscribed, SubscribeRefused
 from ._timers import Timers
@@ -406,7 +406,7 @@ class _Pending:
         self, call_id: int, on_answer: Callable[[Event | None], None] | None = None
     ) -> None:
         self.call_id = call_id
-        self.done = trio.Event()
+        self.done = Latch()
         self.answer: Event | None = None
         self.error: BaseException | None = None
         self.on_answer = on_answer

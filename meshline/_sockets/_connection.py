@@ -210,12 +210,12 @@ class _RunningCall:
     __slots__ = ("cancelled_by_client", "scope", "timeout", "timer")
 
     def __init__(
-        self, timeout: float, timers: Timers, scope: trio.CancelScope | None = None
+        self, timeout: float, timers: Timers | None, scope: trio.CancelScope | None = None
     ) -> None:
         self.scope = trio.CancelScope() if scope is None else scope
         self.timeout = timeout
         self.timer: Timer | None = None
-        if timeout < math.inf:
+        if timers is not None and timeout < math.inf:
             self.timer = timers.add(trio.current_time() + timeout, self._expire)
         self.cancelled_by_client = False
 
@@ -245,18 +245,53 @@ class _CallRunner:
     call starts a new one. An idle runner stays parked (about 2 KB) until then or
     until the connection ends."""
 
-    __slots__ = ("idle", "job", "scope", "wakeup")
+    __slots__ = ("current", "deadline", "idle", "job", "scope", "timer", "wakeup")
 
     def __init__(self) -> None:
         self.scope = trio.CancelScope()
         self.wakeup = Signal()
         self.job: _CallJob | None = None
         self.idle = False
+        self.current: _RunningCall | None = None
+        """The call the runner was handed last, until it finished."""
+        self.deadline = math.inf
+        """When :attr:`current` times out."""
+        self.timer: Timer | None = None
+        """The runner's one timer (see :meth:`take`)."""
 
-    def take(self, job: _CallJob) -> None:
+    def take(self, job: _CallJob, timers: Timers) -> None:
+        """Hand ``job`` to the runner and time it. Calls time out through one timer
+        per runner rather than one per call: a later deadline leaves the timer
+        armed (at its deadline it finds the call done, or moves itself to the
+        current call's deadline), and only an earlier one replaces it."""
         self.job = job
         self.idle = False
+        self.current = running = job.running
+        self.deadline = deadline = (
+            trio.current_time() + running.timeout if running.timeout < math.inf else math.inf
+        )
+        timer = self.timer
+        if deadline < math.inf and (
+            timer is None or timer.callback is None or timer.deadline > deadline
+        ):
+            if timer is not None:
+                timers.withdraw(timer)
+            self.timer = timers.add(deadline, self._expire)
         self.wakeup.set()
+
+    def finished(self, running: _RunningCall) -> None:
+        """``running`` is over (its timer, if armed, stays for the next call)."""
+        if self.current is running:
+            self.current = None
+            self.deadline = math.inf
+
+    def _expire(self, now: float) -> float | None:
+        if self.current is not None and self.deadline <= now:
+            self.current.scope.cancel()
+        elif self.current is not None and self.deadline < math.inf:
+            return self.deadline
+        self.timer = None
+        return None
 
 
 class _PendingRequest:
@@ -816,8 +851,11 @@ class Connection:
 
     def _call_finished(self, call_id: int) -> None:
         running = self._calls.pop(call_id, None)
-        if running is not None and running.timer is not None:
-            self._hub.timers.withdraw(running.timer)
+        if running is not None:
+            if running.timer is not None:
+                self._hub.timers.withdraw(running.timer)
+            elif self._runner is not None:
+                self._runner.finished(running)
         self._handler_done()
 
     def _handler_done(self) -> None:
@@ -1168,7 +1206,10 @@ class Connection:
     def _start_call(
         self, call_id: int, timeout: float | None, scope: trio.CancelScope | None = None
     ) -> _RunningCall | None:
-        """Account for a new call; None (and an error answer) if it may not start."""
+        """Account for a new call; None (and an error answer) if it may not start.
+
+        With ``scope`` (the call runner's), the runner times the call; otherwise
+        the call gets a timer of its own."""
         if self._closing:
             return None
         if self._hub.closing:
@@ -1182,7 +1223,7 @@ class Connection:
             return None
         running = _RunningCall(
             self._hub.settings.call_timeout if timeout is None else timeout,
-            self._hub.timers,
+            self._hub.timers if scope is None else None,
             scope,
         )
         self._calls[call_id] = running
@@ -1214,7 +1255,7 @@ class Connection:
             running = self._start_call(frame.id, spec.timeout, runner.scope)
             if running is None:
                 return
-            runner.take(_CallJob(frame.id, spec, value, running))
+            runner.take(_CallJob(frame.id, spec, value, running), self._hub.timers)
             if fresh:
                 self._runner = runner
                 self._spawn(self._run_calls, runner)
@@ -1249,6 +1290,8 @@ class Connection:
                 await self._send_answer(answer)
         if self._runner is runner:
             self._runner = None
+        if runner.current is not None:
+            runner.finished(runner.current)
         job = job or runner.job
         if job is not None:  # cancelled: the call it ran, or the one handed to it
             answer = self._cancelled_answer(job.call_id, job.spec.name, job.running)

@@ -36,7 +36,14 @@ from trio_websocket import WebSocketConnection
 
 from ._frames import Message
 
-__all__ = ["DirectInbound", "ReaderEnd", "Signal", "deliver_directly", "direct_delivery_supported"]
+__all__ = [
+    "DirectInbound",
+    "Latch",
+    "ReaderEnd",
+    "Signal",
+    "deliver_directly",
+    "direct_delivery_supported",
+]
 
 
 class DirectInbound:
@@ -203,6 +210,50 @@ class Signal:
             raise RuntimeError("another task is already waiting on this signal")
         self._task = trio.lowlevel.current_task()
         await trio.lowlevel.wait_task_rescheduled(self._abort)
+
+    def _aborted(self, raise_cancel: Any) -> trio.lowlevel.Abort:
+        self._task = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+
+class Latch:
+    """Set once, for good; at most one task waits for it at a time.
+
+    What a pending call waits on: a :class:`trio.Event` costs a set of waiters,
+    and a closure per wait, for every call.
+    """
+
+    __slots__ = ("_set", "_task")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._task: trio.lowlevel.Task | None = None
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        """Set it, and wake the task waiting (if any)."""
+        if self._set:
+            return
+        self._set = True
+        task = self._task
+        if task is not None:
+            self._task = None
+            trio.lowlevel.reschedule(task)
+
+    async def wait(self) -> None:
+        """Return once it is set.
+
+        Cancellation: a checkpoint; a cancelled wait leaves it as it was.
+        """
+        if self._set:
+            await trio.lowlevel.checkpoint()
+            return
+        if self._task is not None:
+            raise RuntimeError("another task is already waiting on this latch")
+        self._task = trio.lowlevel.current_task()
+        await trio.lowlevel.wait_task_rescheduled(self._aborted)
 
     def _aborted(self, raise_cancel: Any) -> trio.lowlevel.Abort:
         self._task = None

@@ -44,7 +44,10 @@ class Timer:
         self.callback: Callback | None = callback
 
     def __lt__(self, other: Timer) -> bool:
-        return (self.deadline, self.order) < (other.deadline, other.order)
+        deadline, other_deadline = self.deadline, other.deadline
+        return deadline < other_deadline or (
+            deadline == other_deadline and self.order < other.order
+        )
 
 
 class Timers:
