@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any, Generic, overload
+from typing import Any, Generic, TypeVar, overload
 
 import attrs
 import trio
@@ -54,13 +54,45 @@ RestoredHandler = Callable[[int, list[RegisteredClient[Any]]], Awaitable[None] |
 that had gone missing and were written again."""
 
 MAX_WRITES_IN_FLIGHT = 64
-"""Registry writes one cleanup or re-assertion pass keeps in flight at once."""
+"""Registry writes one cleanup or re-assertion pass keeps in flight at once: that
+many worker tasks, whatever the number of registrations (a task per registration
+kept the node's event loop busy for close to a second at 10,000, long enough to
+hold up its own heartbeat)."""
 
 _RETRY_DELAY = 0.5
 """Seconds before a failed cleanup or removal is tried again."""
 
 _UNCERTAIN_AFTER = 1.0
 """Seconds after a failed or cancelled register before its fate is looked up."""
+
+
+T = TypeVar("T")
+
+
+async def _in_workers(
+    items: Iterable[T], action: Callable[[T], Awaitable[None]], limit: int = MAX_WRITES_IN_FLIGHT
+) -> None:
+    """Run ``action`` on each item, in ``limit`` worker tasks that take the items in
+    turn, so a pass over many registrations costs ``limit`` tasks, not one each.
+
+    A worker checkpoints after every item, so actions that finish without waiting
+    (a write that fails at once on a lost connection) cannot hold the event loop,
+    and with it this node's heartbeat, for the whole pass.
+
+    ``action`` handles its own failures; an exception it lets through cancels the
+    other workers and is raised. Cancellation cancels the workers; items not yet
+    taken are not run.
+    """
+    pending = iter(items)
+
+    async def worker() -> None:
+        for item in pending:
+            await action(item)
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(limit):
+            nursery.start_soon(worker)
 
 
 @attrs.define
@@ -102,6 +134,12 @@ class NodeClientRegistry(ClientRegistry[MetadataT], Generic[MetadataT]):
         self._reports: trio.MemorySendChannel[_Report] | None = None
         self.reassert_failures = 0
         """Re-assertion or removal writes that failed (they are retried)."""
+        self.cleanup_pauses = 0
+        """Times a cleanup of a dead node's registrations paused, on the leader,
+        because this node's view could not be trusted (it resumes where it was)."""
+        self.cleanup_restarts = 0
+        """Times a cleanup pass ended with removals left undone (failed writes) and
+        started over with a fresh listing of the dead node's registrations."""
 
     @property
     def incarnation(self) -> int:
@@ -206,29 +244,27 @@ class NodeClientRegistry(ClientRegistry[MetadataT], Generic[MetadataT]):
         incarnation = self.node.incarnation
         restored: list[ClientRecord] = []
         failures: list[TransportError] = []
-        limiter = trio.CapacityLimiter(MAX_WRITES_IN_FLIGHT)
         now = trio.current_time()
 
         async def reassert_one(client_id: str, entry: _Own) -> None:
-            async with limiter:
-                if self._own.get(client_id) is not entry:
+            if self._own.get(client_id) is not entry:
+                return
+            try:
+                if not entry.certain:
+                    await self._resolve(client_id, entry)
                     return
-                try:
-                    if not entry.certain:
-                        await self._resolve(client_id, entry)
-                        return
-                    outcome = await self.backend.reassert(
-                        client_id,
-                        self.node_id,
-                        entry.metadata,
-                        token=entry.token,
-                        incarnation=incarnation,
-                    )
-                except TransportClosedError:
-                    raise
-                except TransportError as exc:
-                    failures.append(exc)
-                    return
+                outcome = await self.backend.reassert(
+                    client_id,
+                    self.node_id,
+                    entry.metadata,
+                    token=entry.token,
+                    incarnation=incarnation,
+                )
+            except TransportClosedError:
+                raise
+            except TransportError as exc:
+                failures.append(exc)
+                return
                 if outcome is ReassertOutcome.RESTORED:
                     record = ClientRecord(
                         client_id, self.node_id, now_ms(), entry.metadata, entry.token, incarnation
@@ -239,23 +275,30 @@ class NodeClientRegistry(ClientRegistry[MetadataT], Generic[MetadataT]):
                     del self._own[client_id]
 
         async def remove_one(client_id: str, token: int) -> None:
-            async with limiter:
-                try:
-                    await ClientRegistry.unregister(self, client_id, token=token)
-                except TransportClosedError:
-                    raise
-                except TransportError as exc:
-                    failures.append(exc)
-                    return
-                if self._removals.get(client_id) == token:
-                    del self._removals[client_id]
+            try:
+                await ClientRegistry.unregister(self, client_id, token=token)
+            except TransportClosedError:
+                raise
+            except TransportError as exc:
+                failures.append(exc)
+                return
+            if self._removals.get(client_id) == token:
+                del self._removals[client_id]
 
-        async with trio.open_nursery() as nursery:
-            for client_id, entry in list(self._own.items()):
-                if entry.certain or now - entry.since >= _UNCERTAIN_AFTER:
-                    nursery.start_soon(reassert_one, client_id, entry)
-            for client_id, token in list(self._removals.items()):
-                nursery.start_soon(remove_one, client_id, token)
+        async def one(item: tuple[str, _Own | int]) -> None:
+            client_id, what = item
+            if isinstance(what, _Own):
+                await reassert_one(client_id, what)
+            else:
+                await remove_one(client_id, what)
+
+        work: list[tuple[str, _Own | int]] = [
+            (client_id, entry)
+            for client_id, entry in self._own.items()
+            if entry.certain or now - entry.since >= _UNCERTAIN_AFTER
+        ]
+        work.extend(self._removals.items())
+        await _in_workers(work, one)
         if restored:
             logger.warning(
                 "node %d: %d registrations had gone missing and were restored",
@@ -284,22 +327,30 @@ class NodeClientRegistry(ClientRegistry[MetadataT], Generic[MetadataT]):
 
     async def _remove_own(self) -> None:
         """Remove every own registration (ownership- and token-safe), concurrently."""
-        limiter = trio.CapacityLimiter(MAX_WRITES_IN_FLIGHT)
         targets = {client_id: entry.token for client_id, entry in self._own.items()}
         targets.update(self._removals)
+        failures: list[tuple[str, TransportError]] = []
 
-        async def remove(client_id: str, token: int) -> None:
-            async with limiter:
-                try:
-                    await ClientRegistry.unregister(self, client_id, token=token)
-                except TransportError as exc:
-                    logger.warning(
-                        "node %d: could not remove %r on exit (%s)", self.node_id, client_id, exc
-                    )
+        async def remove(target: tuple[str, int]) -> None:
+            client_id, token = target
+            try:
+                await ClientRegistry.unregister(self, client_id, token=token)
+            except TransportError as exc:
+                failures.append((client_id, exc))
 
-        async with trio.open_nursery() as nursery:
-            for client_id, token in targets.items():
-                nursery.start_soon(remove, client_id, token)
+        try:
+            await _in_workers(list(targets.items()), remove)
+        finally:
+            if failures:
+                client_id, exc = failures[0]
+                logger.warning(
+                    "node %d: could not remove %d registrations on exit, %r the first (%s); "
+                    "the leader's cleanup removes them once this node is seen dead",
+                    self.node_id,
+                    len(failures),
+                    client_id,
+                    exc,
+                )
         self._own.clear()
         self._removals.clear()
 
@@ -445,9 +496,11 @@ async def open_client_registry(
     async def clean_up(dead: int) -> None:
         """Remove the dead incarnation's records of ``dead``, reporting each batch.
 
-        Retries failed removals; stops once ``dead`` is seen alive again.
+        Each pass lists them and removes them (see :func:`clean_pass`); a pass that
+        left failed removals behind is followed by a fresh one. Stops once ``dead``
+        is seen alive again. Cancellation (the term ends, or the registry closes)
+        cancels the removals in flight; whatever was removed was reported.
         """
-        limiter = trio.CapacityLimiter(MAX_WRITES_IN_FLIGHT)
         try:
             while True:
                 await node.wait_for_trustworthy_view()
@@ -460,35 +513,86 @@ async def open_client_registry(
                     for record in await backend.list_clients_for_node(dead)
                     if incarnation is None or record.incarnation <= incarnation
                 ]
-                failed = 0
-
-                async def remove(record: ClientRecord, fenced: int | None) -> None:
-                    nonlocal failed
-                    async with limiter:
-                        if node.is_alive(dead) or not node.view_is_trustworthy:
-                            failed += 1
-                            return
-                        try:
-                            removed = await backend.cleanup_client(
-                                record.client_id, dead, incarnation=fenced
-                            )
-                        except TransportClosedError:
-                            raise
-                        except TransportError as exc:
-                            failed += 1
-                            logger.warning("cleanup of a client of node %d failed (%s)", dead, exc)
-                            return
-                    if removed is not None:
-                        registry._report("on_orphaned", dead, [removed])
-
-                async with trio.open_nursery() as nursery:
-                    for record in targets:
-                        nursery.start_soon(remove, record, incarnation)
+                failed = await clean_pass(dead, incarnation, targets)
+                if failed is None:
+                    logger.info("node %d is alive again; its cleanup stops", dead)
+                    return
                 if not failed:
                     return
+                registry.cleanup_restarts += 1
+                logger.warning(
+                    "node %d: %d removals of node %d's registrations failed; starting over "
+                    "in %.1f s",
+                    node.id,
+                    failed,
+                    dead,
+                    _RETRY_DELAY,
+                )
                 await trio.sleep(_RETRY_DELAY)
         finally:
             del cleaning[dead]
+
+    async def clean_pass(
+        dead: int, incarnation: int | None, targets: list[ClientRecord]
+    ) -> int | None:
+        """Remove ``targets`` (fenced by ``incarnation``) and report them; return how
+        many removals failed, or None if ``dead`` was seen alive again meanwhile.
+
+        :data:`MAX_WRITES_IN_FLIGHT` workers take the records in turn. While this
+        node's view cannot be trusted they pause, and they go on where they were once
+        it can: the pass is not started over for it (at 10,000 records, a pass
+        started over with a task per record kept the event loop busy long enough to
+        hold up this node's own heartbeat, which made the view untrustworthy again).
+        Cancellation cancels the removals in flight.
+        """
+        failed = 0
+        alive_again = False
+        resumed: trio.Event | None = None
+
+        async def wait_until_trusted() -> None:
+            """Wait for a trustworthy view: the first worker to find it untrustworthy
+            waits (and logs), the others wait for that one."""
+            nonlocal resumed
+            if resumed is not None:
+                await resumed.wait()
+                return
+            resumed = trio.Event()
+            registry.cleanup_pauses += 1
+            logger.warning(
+                "node %d: cleanup of node %d pauses: this node's view cannot be trusted "
+                "now (disconnected, just reconnected, or its own heartbeat came back late)",
+                node.id,
+                dead,
+            )
+            try:
+                await node.wait_for_trustworthy_view()
+            finally:
+                resumed.set()
+                resumed = None
+            logger.info("node %d: cleanup of node %d resumes", node.id, dead)
+
+        async def remove(record: ClientRecord) -> None:
+            nonlocal failed, alive_again
+            while not node.view_is_trustworthy and not alive_again:
+                await wait_until_trusted()
+            if alive_again or node.is_alive(dead):
+                alive_again = True
+                return
+            try:
+                removed = await backend.cleanup_client(
+                    record.client_id, dead, incarnation=incarnation
+                )
+            except TransportClosedError:
+                raise
+            except TransportError as exc:
+                failed += 1
+                logger.warning("cleanup of a client of node %d failed (%s)", dead, exc)
+                return
+            if removed is not None:
+                registry._report("on_orphaned", dead, [removed])
+
+        await _in_workers(targets, remove)
+        return None if alive_again else failed
 
     async def leader_duty() -> None:
         async with node.membership_events() as events, trio.open_nursery() as nursery:
