@@ -265,14 +265,14 @@ class NodeClientRegistry(ClientRegistry[MetadataT], Generic[MetadataT]):
             except TransportError as exc:
                 failures.append(exc)
                 return
-                if outcome is ReassertOutcome.RESTORED:
-                    record = ClientRecord(
-                        client_id, self.node_id, now_ms(), entry.metadata, entry.token, incarnation
-                    )
-                    restored.append(record)
-                    self._report("on_restored", self.node_id, [record])
-                elif outcome is ReassertOutcome.GONE and self._own.get(client_id) is entry:
-                    del self._own[client_id]
+            if outcome is ReassertOutcome.RESTORED:
+                record = ClientRecord(
+                    client_id, self.node_id, now_ms(), entry.metadata, entry.token, incarnation
+                )
+                restored.append(record)
+                self._report("on_restored", self.node_id, [record])
+            elif outcome is ReassertOutcome.GONE and self._own.get(client_id) is entry:
+                del self._own[client_id]
 
         async def remove_one(client_id: str, token: int) -> None:
             try:
