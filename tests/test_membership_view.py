@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import msgspec
+import pytest
 
 from meshline import KVEntry, KVOperation, MembershipEvent, MembershipEventKind
 from meshline._mesh._membership import MembershipView, node_key
@@ -79,6 +80,7 @@ def test_a_late_heartbeat_of_our_own_gives_every_peer_a_ttl() -> None:
         view.apply(write(OWN, revision), beat)
     assert view.expire(2.5) == []  # the peer's deadline: unconfirmed
     view.apply(write(OWN, 20), 3.2)  # 1.7 s after the one before: held up
+    assert (view.held_up_heartbeats, view.held_up_gap) == (1, pytest.approx(1.7))
     assert view.expire(3.2) == []
     assert view.awaiting_confirmation(3.2) is False
     view.apply(write(2, 21), 3.21)

@@ -325,6 +325,16 @@ class Membership:
             return
         self._observe([])
 
+    def _log_held_up(self) -> None:
+        """The view just saw this node's own heartbeat come back late, and holds."""
+        logger.warning(
+            "node %d: its own heartbeat came back %.2f s after the one before; the view "
+            "holds for %d s (it declares nobody dead, and cleanups pause)",
+            self.node_id,
+            self.view.held_up_gap,
+            self._ttl,
+        )
+
     async def follow(self, kv: KeyValue, task_status: trio.TaskStatus[None]) -> None:
         """Feed the view from a KV watch; reopen it after any failure or reconnect.
 
@@ -340,13 +350,19 @@ class Membership:
                 self._watch_scope = scope
                 try:
                     async with kv.watch() as watch:
+                        held_up = view.held_up_heartbeats
                         self._observe(view.load(watch.snapshot, trio.current_time()))
+                        if view.held_up_heartbeats != held_up:
+                            self._log_held_up()
                         self._on_leader_entry()
                         if not started:
                             started = True
                             task_status.started()
                         async for entry in watch:
+                            held_up = view.held_up_heartbeats
                             self._observe(view.apply(entry, trio.current_time()))
+                            if view.held_up_heartbeats != held_up:
+                                self._log_held_up()
                             if entry.key == LEADER_KEY:
                                 self._on_leader_entry()
                     raise TransportError("the watch ended")

@@ -123,6 +123,12 @@ class MembershipView:
         intervals after the one before was held up."""
         self._own_seen_at = -math.inf
         self._own_ttl = math.inf
+        self.held_up_heartbeats = 0
+        """How many of this node's own heartbeats came back late (more than two
+        intervals after the one before) or after a stale spell: each made the view
+        hold for a TTL. The I/O around the view logs each one."""
+        self.held_up_gap = 0.0
+        """Seconds between the last held-up heartbeat and the one before it."""
         self._disconnected = False
         self._hold_until = -math.inf
         self.leader_id: int | None = None
@@ -294,6 +300,8 @@ class MembershipView:
                 # writes (a JetStream leader election, a stalled server) may have
                 # held up everyone's, so every node gets a whole TTL to show up.
                 self.hold(now + record.ttl)
+                self.held_up_heartbeats += 1
+                self.held_up_gap = now - self._own_seen_at
             self._own_seen_at = now
             self._own_ttl = record.ttl
         if self._declared_dead.get(node_id) == entry.revision:
