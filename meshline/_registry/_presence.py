@@ -586,7 +586,11 @@ async def open_client_registry(
                 raise
             except TransportError as exc:
                 failed += 1
-                logger.warning("cleanup of a client of node %d failed (%s)", dead, exc)
+                # The first failure of a pass is a warning; the rest (a lost
+                # connection fails every removal at once) are counted in the
+                # pass's summary, not logged one by one.
+                log = logger.warning if failed == 1 else logger.debug
+                log("cleanup of a client of node %d failed (%s)", dead, exc)
                 return
             if removed is not None:
                 registry._report("on_orphaned", dead, [removed])
