@@ -164,6 +164,18 @@ def writer_tasks() -> int:
     return count
 
 
+class FaultySides:
+    """``server_side`` for ``connect``: wraps each server-side stream in a
+    :class:`FaultyStream`, kept in :attr:`streams`."""
+
+    def __init__(self) -> None:
+        self.streams: list[FaultyStream] = []
+
+    def __call__(self, stream: trio.abc.Stream) -> trio.abc.Stream:
+        self.streams.append(FaultyStream(stream))
+        return self.streams[-1]
+
+
 async def wait_until(condition: Callable[[], bool], timeout: float = 60.0) -> None:
     """Poll ``condition`` (on the MockClock: 60 virtual seconds, then fail)."""
     with trio.fail_after(timeout):
@@ -530,19 +542,14 @@ async def test_a_client_slow_to_take_each_write_holds_up_nobody(
 ) -> None:
     # Every write to this client takes 9 ms: never stuck, but a turn of many
     # writes for it would hold the others up for much longer than one write.
-    slow_streams: list[FaultyStream] = []
-
-    def slow_side(stream: trio.abc.Stream) -> trio.abc.Stream:
-        slow_streams.append(FaultyStream(stream))
-        return slow_streams[-1]
-
+    slow_side = FaultySides()
     options = BackpressureOptions(max_buffered_bytes=10_000_000, policy="drop")
     async with memory_server(backpressure=options, heartbeat=None) as (server, recorder, connect):
         slow = await connect(client_id="slow", server_side=slow_side)
         fast = await connect(client_id="fast")
         for conn in recorder.connections:
             conn.join("room")
-        slow_streams[0].delay = 0.009
+        slow_side.streams[0].delay = 0.009
         total = 300
         emitted_at: list[float] = []
         lags: list[float] = []
@@ -570,16 +577,11 @@ async def test_the_end_of_a_connection_cancels_a_write_stalled_for_good(
 ) -> None:
     # A stream whose write never returns, even once closed: the connection's end
     # must cancel the task stalled in it, not leave it parked until the server exits.
-    stalled: list[FaultyStream] = []
-
-    def stalling_side(stream: trio.abc.Stream) -> trio.abc.Stream:
-        stalled.append(FaultyStream(stream))
-        return stalled[-1]
-
+    stalling_side = FaultySides()
     async with memory_server(heartbeat=None) as (server, recorder, connect):
         await connect(client_id="stalled", server_side=stalling_side)
         conn = only_connection(server)
-        stalled[0].stalled = True
+        stalling_side.streams[0].stalled = True
         conn.emit("seq", 1)
         await wait_until(lambda: writer_tasks() == 2)  # the lead stalled and was replaced
         await conn.close()
