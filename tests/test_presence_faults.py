@@ -252,6 +252,49 @@ async def test_a_cleanup_pauses_while_the_view_is_untrustworthy_and_never_starts
         assert "starting over" not in caplog.text
 
 
+async def test_a_node_that_dies_again_during_its_cleanup_is_cleaned_up_in_full(
+    open_transport: OpenTransport,
+    unique: Callable[[str], str],
+    clock: object,
+) -> None:
+    """A node is declared dead, comes back (re-asserting its clients under a new
+    incarnation) while the leader's cleanup of it is still under way, and dies
+    again: the cleanup must go on to the new incarnation's records, not end with
+    them left behind as live clients of a dead node."""
+    app = OnlineSet()
+    clients = {f"client {index}" for index in range(20)}
+    async with open_mesh(open_transport, unique("diesagain")) as mesh:
+        leader = await mesh.start(ttl=TTL, registry=app.hooks())
+        doomed = await mesh.start(ttl=TTL, can_lead=False, registry=app.hooks())
+        for client_id in sorted(clients):
+            await registry_of(doomed).register(client_id, {})
+        stored = registry_of(leader).backend  # what is stored, the dead's records too
+
+        async def incarnations() -> set[int]:
+            return {record.incarnation for record in await stored.list_clients_for_node(doomed.id)}
+
+        with trio.fail_after(20):
+            while await stored.count_clients_for_node(doomed.id) != len(clients):
+                await trio.sleep(0.05)
+        first = await incarnations()
+        # The cleanup's removals hang, so it is still under way through what follows.
+        leader.faults.hang_kv_writes(operations={"purge"})
+        doomed.faults.stall()
+        with trio.fail_after(20):
+            await wait_until(lambda: leader.faults.kv_writes_hung > 0)
+        doomed.faults.resume()  # back, under a new incarnation, with its clients
+        with trio.fail_after(20):
+            while (now := await incarnations()) == first or len(now) != 1:
+                await trio.sleep(0.05)
+        await doomed.crash()
+        with trio.fail_after(20):
+            await wait_until(lambda: not leader.node.is_alive(doomed.id))
+        leader.faults.heal_kv_writes()
+        with trio.fail_after(30):
+            await wait_until(lambda: set(app.orphaned) == clients)
+        assert await stored.count_clients_for_node(doomed.id) == 0
+
+
 async def test_a_closed_registry_stops_its_cleanup_duty(
     open_transport: OpenTransport, unique: Callable[[str], str], clock: object
 ) -> None:

@@ -497,8 +497,10 @@ async def open_client_registry(
         """Remove the dead incarnation's records of ``dead``, reporting each batch.
 
         Each pass lists them and removes them (see :func:`clean_pass`); a pass that
-        left failed removals behind is followed by a fresh one. Stops once ``dead``
-        is seen alive again. Cancellation (the term ends, or the registry closes)
+        left failed removals behind is followed by a fresh one, and so is a pass
+        during which ``dead`` came back and died again as a newer incarnation
+        (:func:`start_cleanup` raised the incarnation to clean up to). Stops once
+        ``dead`` is seen alive again. Cancellation (the term ends, or the registry closes)
         cancels the removals in flight; whatever was removed was reported.
         """
         try:
@@ -518,7 +520,17 @@ async def open_client_registry(
                     logger.info("node %d is alive again; its cleanup stops", dead)
                     return
                 if not failed:
-                    return
+                    if cleaning[dead] == incarnation:
+                        return
+                    # It came back and died again meanwhile, as a newer incarnation:
+                    # the records that one re-asserted are left, so go on with them.
+                    logger.info(
+                        "node %d died again as incarnation %s during its cleanup; "
+                        "cleaning up that incarnation too",
+                        dead,
+                        cleaning[dead],
+                    )
+                    continue
                 registry.cleanup_restarts += 1
                 logger.warning(
                     "node %d: %d removals of node %d's registrations failed; starting over "
