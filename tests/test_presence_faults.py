@@ -295,6 +295,65 @@ async def test_a_node_that_dies_again_during_its_cleanup_is_cleaned_up_in_full(
         assert await stored.count_clients_for_node(doomed.id) == 0
 
 
+class GatedCleanups(meshline.MemoryRegistryBackend):
+    """A memory backend whose cleanup removals wait: the first one until
+    :attr:`first` is set, the others until :attr:`rest` is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = trio.Event()
+        self.rest = trio.Event()
+        self.waiting = 0
+        self._first_taken = False
+
+    async def cleanup_client(
+        self, client_id: str, node_id: int, *, incarnation: int | None = None
+    ) -> meshline.ClientRecord | None:
+        gate = self.rest if self._first_taken else self.first
+        self._first_taken = True
+        self.waiting += 1
+        await gate.wait()
+        self.waiting -= 1
+        return await super().cleanup_client(client_id, node_id, incarnation=incarnation)
+
+
+async def test_a_node_back_and_dead_again_while_removals_are_in_flight_is_cleaned_up(
+    open_transport: OpenTransport, unique: Callable[[str], str], clock: object
+) -> None:
+    """The cleanup sees the node alive again and stops taking removals, but one is
+    still in flight when the node dies again: the registrations it did not get to
+    must still be removed and reported once that one returns."""
+    backend = GatedCleanups()
+    orphaned: list[str] = []
+    async with open_mesh(open_transport, unique("backdead")) as mesh:
+        leader = await mesh.start(ttl=TTL)
+        doomed = await mesh.start(ttl=TTL, can_lead=False)
+        clients = {f"client {index}" for index in range(100)}
+        for client_id in sorted(clients):
+            await backend.register(client_id, doomed.id, b"\x80", incarnation=1)
+        async with meshline.open_client_registry(
+            leader.node,
+            backend=backend,
+            on_orphaned=lambda _, records: orphaned.extend(r.client_id for r in records),
+        ):
+            doomed.faults.stall()
+            with trio.fail_after(20):
+                await wait_until(lambda: backend.waiting == 64)  # every worker waits
+            doomed.faults.resume()
+            with trio.fail_after(20):
+                await wait_until(lambda: leader.node.is_alive(doomed.id))
+            backend.rest.set()  # the workers go on, see the node alive, and stop
+            with trio.fail_after(20):
+                await wait_until(lambda: backend.waiting == 1)
+            await doomed.crash()
+            with trio.fail_after(20):
+                await wait_until(lambda: not leader.node.is_alive(doomed.id))
+            backend.first.set()
+            with trio.fail_after(30):
+                await wait_until(lambda: set(orphaned) == clients)
+        assert await backend.count_clients_for_node(doomed.id) == 0
+
+
 async def test_a_closed_registry_stops_its_cleanup_duty(
     open_transport: OpenTransport, unique: Callable[[str], str], clock: object
 ) -> None:

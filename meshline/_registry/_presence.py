@@ -517,8 +517,9 @@ async def open_client_registry(
                 ]
                 failed = await clean_pass(dead, incarnation, targets)
                 if failed is None:
-                    logger.info("node %d is alive again; its cleanup stops", dead)
-                    return
+                    # Seen alive again: the loop's top stops, unless the node died
+                    # again (as a newer incarnation) while removals were in flight.
+                    continue
                 if not failed:
                     if cleaning[dead] == incarnation:
                         return
