@@ -15,8 +15,8 @@ from meshline._sockets._users import UserOffline, UserOnline, UserPresence, User
 
 def test_first_connection_anywhere_is_online_and_the_last_gone_is_offline() -> None:
     users = UserPresence()
-    assert users.connected("ann", "n1.a") == [UserOnline("ann")]
-    assert users.connected("ann", "n2.b") == []  # a second device, on another node
+    assert users.connected("ann", "n1.a", 0.0) == [UserOnline("ann")]
+    assert users.connected("ann", "n2.b", 0.0) == []  # a second device, on another node
     assert users.disconnected("ann", "n1.a", 1.0) == []
     assert users.is_online("ann") and users.connections_of("ann") == {"n2.b"}
     assert users.disconnected("ann", "n2.b", 2.0) == [UserOffline("ann")]
@@ -26,8 +26,8 @@ def test_first_connection_anywhere_is_online_and_the_last_gone_is_offline() -> N
 def test_unknown_or_repeated_events_change_nothing() -> None:
     users = UserPresence()
     assert users.disconnected("ann", "n1.a", 0.0) == []
-    assert users.connected("ann", "n1.a") == [UserOnline("ann")]
-    assert users.connected("ann", "n1.a") == []
+    assert users.connected("ann", "n1.a", 0.0) == [UserOnline("ann")]
+    assert users.connected("ann", "n1.a", 0.0) == []
     assert users.disconnected("ann", "n9.z", 0.0) == []
     assert users.disconnected("ann", "n1.a", 0.0) == [UserOffline("ann")]
     assert users.disconnected("ann", "n1.a", 0.0) == []
@@ -35,12 +35,12 @@ def test_unknown_or_repeated_events_change_nothing() -> None:
 
 def test_a_return_within_the_grace_period_is_never_reported() -> None:
     users = UserPresence(grace=5)
-    users.connected("ann", "n1.a")
+    users.connected("ann", "n1.a", 0.0)
     assert users.disconnected("ann", "n1.a", 10.0) == []
     assert users.is_online("ann") and users.in_grace("ann")
     assert users.next_deadline() == 15.0
     assert users.expire(14.9) == []
-    assert users.connected("ann", "n2.b") == []  # back, on another node
+    assert users.connected("ann", "n2.b", 14.9) == []  # back, on another node
     assert not users.in_grace("ann")
     assert users.next_deadline() == math.inf
     assert users.expire(100.0) == []
@@ -49,21 +49,30 @@ def test_a_return_within_the_grace_period_is_never_reported() -> None:
 
 def test_the_grace_period_ends_in_an_offline_report_at_its_deadline() -> None:
     users = UserPresence(grace=5)
-    users.connected("ann", "n1.a")
-    users.connected("bob", "n1.b")
+    users.connected("ann", "n1.a", 0.0)
+    users.connected("bob", "n1.b", 0.0)
     users.disconnected("ann", "n1.a", 10.0)
     users.disconnected("bob", "n1.b", 11.0)
     assert users.expire(15.0) == [UserOffline("ann")]
     assert users.online == {"bob"}
     assert users.expire(20.0) == [UserOffline("bob")]
-    assert users.connected("ann", "n1.c") == [UserOnline("ann")]
+    assert users.connected("ann", "n1.c", 21.0) == [UserOnline("ann")]
+
+
+def test_a_return_after_the_grace_period_not_yet_expired_is_offline_then_online() -> None:
+    users = UserPresence(grace=5)
+    users.connected("ann", "n1.a", 0.0)
+    users.disconnected("ann", "n1.a", 10.0)
+    assert users.connected("ann", "n1.b", 15.0) == [UserOffline("ann"), UserOnline("ann")]
+    assert users.expire(15.0) == []
+    assert users.connections_of("ann") == {"n1.b"}
 
 
 def test_leaving_again_after_a_return_starts_a_new_grace_period() -> None:
     users = UserPresence(grace=5)
-    users.connected("ann", "n1.a")
+    users.connected("ann", "n1.a", 0.0)
     users.disconnected("ann", "n1.a", 0.0)
-    users.connected("ann", "n1.b")
+    users.connected("ann", "n1.b", 1.0)
     users.disconnected("ann", "n1.b", 3.0)
     assert users.expire(5.0) == []  # the first grace period's end is stale
     assert users.next_deadline() == 8.0
@@ -72,12 +81,12 @@ def test_leaving_again_after_a_return_starts_a_new_grace_period() -> None:
 
 def test_a_snapshot_reports_nothing_for_those_already_online() -> None:
     users = UserPresence(grace=5)
-    users.connected("old", "n1.x")
+    users.connected("old", "n1.x", 0.0)
     users.disconnected("old", "n1.x", 0.0)
     users.load([("ann", "n1.a"), ("ann", "n2.b"), ("bob", "n1.c")])
     assert users.online == {"ann", "bob"}
     assert users.next_deadline() == math.inf  # the grace period before it is gone
-    assert users.connected("ann", "n3.d") == []
+    assert users.connected("ann", "n3.d", 1.0) == []
     assert users.disconnected("bob", "n1.c", 1.0) == []
     assert users.expire(6.0) == [UserOffline("bob")]
 
@@ -112,7 +121,7 @@ class UserPresenceMachine(RuleBasedStateMachine):
 
     @rule(user=USERS, connection=CONNECTIONS)
     def connect(self, user: str, connection: str) -> None:
-        self._report(self.users.connected(user, connection))
+        self._report(self.users.connected(user, connection, self.now))
         self.connections.setdefault(user, set()).add(connection)
         self.gone_at.pop(user, None)
 

@@ -109,13 +109,22 @@ class UserPresence:
         for user_id, connection_id in connections:
             self._connections.setdefault(user_id, set()).add(connection_id)
 
-    def connected(self, user_id: str, connection_id: str) -> list[UserTransition]:
-        """A connection of ``user_id`` appeared (on any node); the transitions to
-        report. A connection already known changes nothing."""
+    def connected(self, user_id: str, connection_id: str, now: float) -> list[UserTransition]:
+        """A connection of ``user_id`` appeared (on any node) at ``now``; the
+        transitions to report. A connection already known changes nothing. A user
+        whose grace period ended by ``now`` (the driver had not expired it yet)
+        goes offline first, then online again: the return came too late."""
+        transitions: list[UserTransition] = []
+        leaving = self._leaving.get(user_id)
+        if leaving is not None and leaving <= now:
+            del self._leaving[user_id]
+            del self._connections[user_id]
+            transitions.append(UserOffline(user_id))
         current = self._connections.get(user_id)
         if current is None:
             self._connections[user_id] = {connection_id}
-            return [UserOnline(user_id)]
+            transitions.append(UserOnline(user_id))
+            return transitions
         current.add(connection_id)
         self._leaving.pop(user_id, None)  # back within the grace period: no report
         return []
