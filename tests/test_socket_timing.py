@@ -460,16 +460,25 @@ async def test_latest_policy_keeps_only_the_newest_value_per_key(
         assert len(cursors) + conn.coalesced == 300
 
 
+async def stuck_and_fast(
+    connect: Any, recorder: Recorder
+) -> tuple[RawClient, RawClient, Connection, Connection]:
+    """A client that stops reading (lockstep) and one that reads, both in "room":
+    the clients, then their connections."""
+    stuck = await connect(lockstep=True, client_id="stuck")
+    fast = await connect(client_id="fast")
+    for conn in recorder.connections:
+        conn.join("room")
+    stuck_conn, fast_conn = recorder.connections
+    return stuck, fast, stuck_conn, fast_conn
+
+
 async def test_a_slow_client_never_blocks_a_room_emit_to_the_others(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     options = BackpressureOptions(max_buffered_bytes=8000, policy="close")
     async with memory_server(backpressure=options) as (server, recorder, connect):
-        stuck = await connect(lockstep=True, client_id="stuck")
-        fast = await connect(client_id="fast")
-        for conn in recorder.connections:
-            conn.join("room")
-        stuck_conn, fast_conn = recorder.connections
+        stuck, fast, stuck_conn, fast_conn = await stuck_and_fast(connect, recorder)
         total = 300
         received: list[int] = []
 
@@ -499,11 +508,7 @@ async def test_a_client_that_stops_reading_holds_up_nobody_and_gets_everything_l
     # messages must still all arrive, in order, once it reads again.
     options = BackpressureOptions(max_buffered_bytes=1_000_000, policy="drop")
     async with memory_server(backpressure=options, heartbeat=None) as (server, recorder, connect):
-        stuck = await connect(lockstep=True, client_id="stuck")
-        fast = await connect(client_id="fast")
-        for conn in recorder.connections:
-            conn.join("room")
-        stuck_conn, fast_conn = recorder.connections
+        stuck, fast, stuck_conn, fast_conn = await stuck_and_fast(connect, recorder)
         total = 300
         received: list[int] = []
 
