@@ -58,3 +58,11 @@ def test_a_subject_holds_any_name_as_one_valid_token(name: str) -> None:
 def test_an_empty_name_is_refused() -> None:
     with pytest.raises(InvalidNameError):
         interest_subject("ml.bX", InterestKind.ROOM, "")
+
+
+@pytest.mark.parametrize("name", ["", "\ud800", "x" * (64 * 1024 + 1)])
+def test_a_name_no_subject_can_hold_is_refused_and_not_counted(name: str) -> None:
+    interests = Interests()
+    with pytest.raises(InvalidNameError):
+        interests.add(ROOM, name, "n1.1")
+    assert interests.listening(ROOM) == frozenset()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 
-from .._transport._names import encode_token
+from .._transport._names import check_name, encode_token
 
 __all__ = ["InterestKind", "Interests", "interest_subject"]
 
@@ -47,7 +47,11 @@ class Interests:
 
     def add(self, kind: InterestKind, name: str, member: str) -> bool:
         """Count ``member`` (a connection id) in ``name``; True when it is the first
-        local member, so the node must start listening."""
+        local member, so the node must start listening.
+
+        :raises InvalidNameError: a name no subject can hold (nothing is counted).
+        """
+        check_name(name, f"{kind.value} name")
         members = self._members.get((kind, name))
         if members is None:
             self._members[(kind, name)] = {member}
