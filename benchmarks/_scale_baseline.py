@@ -41,13 +41,21 @@ async def read(url: str, bucket: str) -> dict[str, Any]:
     try:
         began = time.perf_counter()
         kv = await nc.jetstream().key_value(bucket)
+        status = await kv.status()
+        # With one value kept per key, the snapshot holds one entry per message.
+        expected = status.values if status.history == 1 else 0
         watcher = await kv.watchall()
         replica: dict[str, bytes] = {}
-        markers = 0
-        while True:
+        markers = seen = 0
+        ended = False
+        while not (ended and seen >= expected):
             entry = await watcher.updates(timeout=60)
             if entry is None:
-                break
+                # nats-py may mark the snapshot's end early (when the server sent
+                # the snapshot before answering for the consumer): the rest comes.
+                ended = True
+                continue
+            seen += 1
             if entry.operation in ("DEL", "PURGE"):
                 markers += 1
                 replica.pop(entry.key, None)
