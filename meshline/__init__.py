@@ -1,5 +1,13 @@
 """meshline: cluster presence and cross-node client messaging for Trio applications."""
 
+from ._cluster._index import ClusterConnection as ClusterConnection
+from ._cluster._index import NodeSummary as NodeSummary
+from ._cluster._link import ClusterView as ClusterView
+from ._cluster._link import ConnectionTarget as ConnectionTarget
+from ._cluster._link import MeshOptions as MeshOptions
+from ._cluster._link import RoomTarget as RoomTarget
+from ._cluster._link import TopicTarget as TopicTarget
+from ._cluster._link import UserTarget as UserTarget
 from ._errors import ClientDisconnectedError as ClientDisconnectedError
 from ._errors import ClientError as ClientError
 from ._errors import ClientInvocationError as ClientInvocationError

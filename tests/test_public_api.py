@@ -7,6 +7,14 @@ import meshline.testing
 
 EXPECTED = {
     "Admission",
+    "ClusterConnection",
+    "ClusterView",
+    "ConnectionTarget",
+    "MeshOptions",
+    "NodeSummary",
+    "RoomTarget",
+    "TopicTarget",
+    "UserTarget",
     "BackpressureOptions",
     "CallFailedError",
     "ClientState",

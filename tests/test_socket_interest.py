@@ -1,4 +1,4 @@
-"""Interest routing's reference counts (``meshline._sockets._interest``)."""
+"""Interest routing's reference counts (``meshline._cluster._interest``)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from meshline._cluster._interest import InterestKind, Interests, interest_subject
 from meshline._errors import InvalidNameError
-from meshline._sockets._interest import InterestKind, Interests, interest_subject
 from meshline._transport._names import validate_subject
 
 ROOM, USER = InterestKind.ROOM, InterestKind.USER

@@ -1,4 +1,4 @@
-"""The user presence machine (``meshline._sockets._users``): online and offline
+"""The user presence machine (``meshline._cluster._users``): online and offline
 transitions across many connections per user, and the offline grace period."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from meshline import InvalidArgumentError
-from meshline._sockets._users import UserOffline, UserOnline, UserPresence, UserTransition
+from meshline._cluster._users import UserOffline, UserOnline, UserPresence, UserTransition
 
 
 def test_first_connection_anywhere_is_online_and_the_last_gone_is_offline() -> None:

@@ -23,8 +23,10 @@ The rules, which every backend implements and :mod:`meshline.testing` checks:
 from __future__ import annotations
 
 import enum
+import logging
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 import attrs
@@ -38,6 +40,9 @@ from .._transport._names import check_name
 __all__ = [
     "MAX_CLIENT_ID_BYTES",
     "ClientRecord",
+    "ChangeFeed",
+    "ChangeListener",
+    "ChangeListeners",
     "ClientRegistry",
     "LocalLookup",
     "ReassertOutcome",
@@ -50,6 +55,8 @@ __all__ = [
 ]
 
 MetadataT = TypeVar("MetadataT")
+
+logger = logging.getLogger("meshline.registry")
 
 MAX_CLIENT_ID_BYTES = 1024
 """The longest client id accepted, in UTF-8 bytes."""
@@ -247,6 +254,55 @@ class LocalLookup(Protocol):
         """The registration of ``client_id`` in the replica, or None: ``get_client``
         without the checkpoint. The replica may lag the store a little."""
         ...
+
+
+ChangeListener = Callable[[str, ClientRecord | None], None]
+"""Called as ``listener(client_id, record)`` when a backend's view of a client
+changes: ``record`` is its registration now, or None once it is gone."""
+
+
+@runtime_checkable
+class ChangeFeed(Protocol):
+    """A backend that tells listeners, synchronously, of every change to its local
+    view of the registrations (its replica, for a backend that keeps one).
+
+    The changes of one client arrive in the store's order: once a write of this
+    node's has returned, what the listener hears of that client afterwards is
+    newer than the write. The cluster socket layer builds its indexes from it.
+    """
+
+    def add_change_listener(self, listener: ChangeListener) -> Callable[[], None]:
+        """Call ``listener`` on every change from now on; returns a function that
+        stops it. A listener that raises is logged and kept."""
+        ...
+
+
+class ChangeListeners:
+    """The listeners of a :class:`ChangeFeed`, for backends to keep."""
+
+    __slots__ = ("_listeners",)
+
+    def __init__(self) -> None:
+        self._listeners: list[ChangeListener] = []
+
+    def __bool__(self) -> bool:
+        return bool(self._listeners)
+
+    def add(self, listener: ChangeListener) -> Callable[[], None]:
+        self._listeners.append(listener)
+
+        def remove() -> None:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+        return remove
+
+    def notify(self, client_id: str, record: ClientRecord | None) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(client_id, record)
+            except Exception:
+                logger.exception("registry change listener %r failed", listener)
 
 
 @runtime_checkable

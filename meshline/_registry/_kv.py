@@ -41,7 +41,16 @@ from .._errors import (
 from .._transport._names import SHORT_TOKEN_BYTES, encode_bounded_token, encode_token
 from .._transport._seam import KeyValue, KVEntry, KVOperation, KVWatch, Transport
 from .._util import single_exceptions
-from ._core import DECODE_BATCH, ClientRecord, ReassertOutcome, fenced, now_ms, owned
+from ._core import (
+    DECODE_BATCH,
+    ChangeListener,
+    ChangeListeners,
+    ClientRecord,
+    ReassertOutcome,
+    fenced,
+    now_ms,
+    owned,
+)
 
 __all__ = [
     "KVRegistryBackend",
@@ -243,6 +252,12 @@ class KVRegistryBackend:
         stopped coming back through it."""
         self._awaited_revision = 0
         self._awaited_since = math.inf
+        self._listeners = ChangeListeners()
+
+    def add_change_listener(self, listener: ChangeListener) -> Callable[[], None]:
+        """Every change to the replica, as the watch or this backend's own writes
+        bring it (the backend is a ``ChangeFeed``)."""
+        return self._listeners.add(listener)
 
     # ------------------------------------------------------------------ replica
 
@@ -258,17 +273,20 @@ class KVRegistryBackend:
     def _put(self, client_id: str, revision: int, node_id: int, value: bytes) -> None:
         node_id = self._node_ids.setdefault(node_id, node_id)
         old = self._records.get(client_id)
-        self._records[client_id] = (revision, node_id, value)
-        if old is not None:
-            if old[1] == node_id:
-                return
-            self._unindex(client_id, old[1])
-        self._by_node.setdefault(node_id, {})[client_id] = None
+        held = self._records[client_id] = (revision, node_id, value)
+        if old is None or old[1] != node_id:
+            if old is not None:
+                self._unindex(client_id, old[1])
+            self._by_node.setdefault(node_id, {})[client_id] = None
+        if self._listeners:
+            self._listeners.notify(client_id, _held_record(held))
 
     def _drop(self, client_id: str) -> None:
         old = self._records.pop(client_id, None)
         if old is not None:
             self._unindex(client_id, old[1])
+            if self._listeners:
+                self._listeners.notify(client_id, None)
 
     def _unindex(self, client_id: str, node_id: int) -> None:
         clients = self._by_node.get(node_id)
@@ -430,12 +448,15 @@ class KVRegistryBackend:
         self._newest_loaded = 0
 
     def _clear(self) -> None:
+        gone = list(self._records) if self._listeners else []
         self._records.clear()
         self._gone.clear()
         self._by_node.clear()
         self._node_ids.clear()
         self._hashed.clear()
         self._watch_revision = 0
+        for client_id in gone:
+            self._listeners.notify(client_id, None)
 
     def _end_load(self) -> list[str]:
         """Finish a load; return the client ids the replica holds that the snapshot

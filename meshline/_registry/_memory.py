@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import trio
 
-from ._core import ClientRecord, ReassertOutcome, fenced, now_ms, owned
+from ._core import (
+    ChangeListener,
+    ChangeListeners,
+    ClientRecord,
+    ReassertOutcome,
+    fenced,
+    now_ms,
+    owned,
+)
 
 __all__ = ["MemoryRegistryBackend"]
 
@@ -18,6 +28,21 @@ class MemoryRegistryBackend:
 
     def __init__(self) -> None:
         self._records: dict[str, ClientRecord] = {}
+        self._listeners = ChangeListeners()
+
+    def add_change_listener(self, listener: ChangeListener) -> Callable[[], None]:
+        """Every change, as it is made (the backend is a ``ChangeFeed``)."""
+        return self._listeners.add(listener)
+
+    def _set(self, record: ClientRecord) -> None:
+        self._records[record.client_id] = record
+        if self._listeners:
+            self._listeners.notify(record.client_id, record)
+
+    def _remove(self, client_id: str) -> None:
+        del self._records[client_id]
+        if self._listeners:
+            self._listeners.notify(client_id, None)
 
     async def register(
         self,
@@ -30,9 +55,7 @@ class MemoryRegistryBackend:
     ) -> int | None:
         await trio.lowlevel.checkpoint()
         previous = self._records.get(client_id)
-        self._records[client_id] = ClientRecord(
-            client_id, node_id, now_ms(), metadata, token, incarnation
-        )
+        self._set(ClientRecord(client_id, node_id, now_ms(), metadata, token, incarnation))
         if previous is None or previous.node_id == node_id:
             return None
         return previous.node_id
@@ -43,14 +66,12 @@ class MemoryRegistryBackend:
         await trio.lowlevel.checkpoint()
         record = self._records.get(client_id)
         if record is None:
-            self._records[client_id] = ClientRecord(
-                client_id, node_id, now_ms(), metadata, token, incarnation
-            )
+            self._set(ClientRecord(client_id, node_id, now_ms(), metadata, token, incarnation))
             return ReassertOutcome.RESTORED
         if not owned(record, node_id, token):
             return ReassertOutcome.GONE
-        self._records[client_id] = ClientRecord(
-            client_id, node_id, record.connected_at, metadata, token, incarnation
+        self._set(
+            ClientRecord(client_id, node_id, record.connected_at, metadata, token, incarnation)
         )
         return ReassertOutcome.KEPT
 
@@ -58,7 +79,7 @@ class MemoryRegistryBackend:
         await trio.lowlevel.checkpoint()
         if not owned(self._records.get(client_id), node_id, token):
             return False
-        del self._records[client_id]
+        self._remove(client_id)
         return True
 
     async def update_metadata(
@@ -68,8 +89,10 @@ class MemoryRegistryBackend:
         record = self._records.get(client_id)
         if record is None or not owned(record, node_id, token):
             return False
-        self._records[client_id] = ClientRecord(
-            client_id, node_id, record.connected_at, metadata, record.token, record.incarnation
+        self._set(
+            ClientRecord(
+                client_id, node_id, record.connected_at, metadata, record.token, record.incarnation
+            )
         )
         return True
 
@@ -104,7 +127,7 @@ class MemoryRegistryBackend:
         record = self._records.get(client_id)
         if record is None or not fenced(record, node_id, incarnation):
             return None
-        del self._records[client_id]
+        self._remove(client_id)
         return record
 
     async def cleanup_node(
@@ -115,5 +138,5 @@ class MemoryRegistryBackend:
             record for record in self._records.values() if fenced(record, node_id, incarnation)
         ]
         for record in removed:
-            del self._records[record.client_id]
+            self._remove(record.client_id)
         return removed

@@ -141,6 +141,9 @@ class DisconnectReason(enum.StrEnum):
     """The client broke the protocol (1002, 1003, 1009...)."""
     SERVER_EXIT = "server_exit"
     """The server shut down (closed with 1001, or the shutdown code)."""
+    SUPERSEDED = "superseded"
+    """A newer connection of the same client id took over, on this node or
+    another (closed with 4502, terminal: the client is already elsewhere)."""
 
 
 def node_of_connection(connection_id: str) -> int:
@@ -1707,6 +1710,10 @@ class ConnectionHub:
         """What writes the connections' outboxes (its tasks run in the server's
         nursery)."""
 
+    def adopt_node_id(self, node_id: int) -> None:
+        """Name ``node_id`` in the ids of connections from now on (the mesh's)."""
+        self.settings = attrs.evolve(self.settings, node_id=node_id)
+
     def new_connection_id(self) -> str:
         return f"{self.settings.node_id}.{self.incarnation}.{next(self._ids)}"
 
@@ -1769,6 +1776,11 @@ class ConnectionHub:
             conn._end(DisconnectReason.SERVER_EXIT, CloseCode.GOING_AWAY)
         await conn._run(self.settings.handshake_timeout, nursery)
         return conn
+
+    def supersede(self, conn: Connection) -> bool:
+        """Close ``conn`` as ``superseded`` (4502): a newer connection of its client
+        id took over. False if it was already ending."""
+        return conn._end(DisconnectReason.SUPERSEDED, CloseCode.SUPERSEDED)
 
     def end_all(self, connections: Iterable[Connection], code: int) -> None:
         """Start closing ``connections`` as ``server_exit`` with ``code``."""

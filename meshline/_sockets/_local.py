@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ._connection import fan_out
 from ._roles import check_name
@@ -28,7 +28,26 @@ from ._roles import check_name
 if TYPE_CHECKING:
     from ._connection import Connection
 
-__all__ = ["LocalRegistry", "LocalView", "Room", "Topic"]
+__all__ = ["LocalRegistry", "LocalView", "RegistryObserver", "Room", "Topic"]
+
+
+class RegistryObserver(Protocol):
+    """Hears every change to a :class:`LocalRegistry`, synchronously, after it is
+    made (the cluster layer keeps the presence registry and its subscriptions
+    in line with it)."""
+
+    def attached(self, conn: Connection) -> None: ...
+
+    def detached(self, conn: Connection) -> None:
+        """``conn`` left every room and topic (they are still on ``conn``)."""
+
+    def joined(self, conn: Connection, room: str) -> None: ...
+
+    def left(self, conn: Connection, room: str) -> None: ...
+
+    def subscribed(self, conn: Connection, topic: str) -> None: ...
+
+    def unsubscribed(self, conn: Connection, topic: str) -> None: ...
 
 
 class _MembersView(Mapping[str, frozenset[str]]):
@@ -71,6 +90,7 @@ class LocalRegistry:
         self.connections: dict[str, Connection] = {}
         self.rooms: dict[str, dict[str, Connection]] = {}
         self.topics: dict[str, dict[str, Connection]] = {}
+        self.observer: RegistryObserver | None = None
 
     def attach(self, conn: Connection, rooms: frozenset[str], topics: frozenset[str]) -> None:
         """Make ``conn`` visible, in ``rooms`` and ``topics``."""
@@ -79,6 +99,8 @@ class LocalRegistry:
             self.rooms.setdefault(room, {})[conn.id] = conn
         for topic in topics:
             self.topics.setdefault(topic, {})[conn.id] = conn
+        if self.observer is not None:
+            self.observer.attached(conn)
 
     def detach(self, conn: Connection) -> None:
         """Remove ``conn`` from everything (nothing happens if it was not attached)."""
@@ -88,29 +110,37 @@ class LocalRegistry:
             self._remove(self.rooms, room, conn)
         for topic in conn.topics:
             self._remove(self.topics, topic, conn)
+        if self.observer is not None:
+            self.observer.detached(conn)
 
     def add_to_room(self, room: str, conn: Connection) -> None:
         if conn.id in self.connections:
             self.rooms.setdefault(room, {})[conn.id] = conn
+            if self.observer is not None:
+                self.observer.joined(conn, room)
 
     def remove_from_room(self, room: str, conn: Connection) -> None:
-        self._remove(self.rooms, room, conn)
+        if self._remove(self.rooms, room, conn) and self.observer is not None:
+            self.observer.left(conn, room)
 
     def add_to_topic(self, topic: str, conn: Connection) -> None:
         if conn.id in self.connections:
             self.topics.setdefault(topic, {})[conn.id] = conn
+            if self.observer is not None:
+                self.observer.subscribed(conn, topic)
 
     def remove_from_topic(self, topic: str, conn: Connection) -> None:
-        self._remove(self.topics, topic, conn)
+        if self._remove(self.topics, topic, conn) and self.observer is not None:
+            self.observer.unsubscribed(conn, topic)
 
     @staticmethod
-    def _remove(index: dict[str, dict[str, Connection]], name: str, conn: Connection) -> None:
+    def _remove(index: dict[str, dict[str, Connection]], name: str, conn: Connection) -> bool:
         members = index.get(name)
-        if members is None:
-            return
-        members.pop(conn.id, None)
+        if members is None or members.pop(conn.id, None) is None:
+            return False
         if not members:
             del index[name]
+        return True
 
 
 class _Members:

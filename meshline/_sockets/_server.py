@@ -44,7 +44,7 @@ import secrets
 import ssl
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import attrs
@@ -56,7 +56,19 @@ from trio_websocket import (
     wrap_server_stream,
 )
 
+from .._cluster._link import (
+    ClusterLink,
+    ClusterOrphanHandler,
+    ClusterView,
+    ConnectionTarget,
+    MeshOptions,
+    RoomTarget,
+    TopicTarget,
+    UserTarget,
+    open_cluster_link,
+)
 from .._errors import InvalidArgumentError, MeshlineError
+from .._mesh._node import DEFAULT_REQUEST_TIMEOUT
 from ._codes import CloseCode
 from ._connection import (
     Connection,
@@ -363,6 +375,95 @@ class SocketServer:
         self._listeners: list[trio.SocketListener] | list[trio.SSLListener[trio.SocketStream]] = []
         self._listen_scope: trio.CancelScope | None = None
         self._shutdown_done: trio.Event | None = None
+        self._link: ClusterLink | None = None
+        self._cluster: ClusterView | None = None
+
+    def _join(self, link: ClusterLink) -> None:
+        """Take the node id the mesh gave, and route through ``link``."""
+
+        self.node_id = link.node_id
+        self._hub.adopt_node_id(link.node_id)
+        self._link = link
+        self._cluster = ClusterView(link)
+
+    def _linked(self) -> ClusterLink:
+        if self._link is None:
+            raise MeshlineError("this server has no mesh: open it with mesh=MeshOptions(...)")
+        return self._link
+
+    # --- The cluster ---------------------------------------------------------------------
+
+    @property
+    def cluster(self) -> ClusterView:
+        """Queries over every connection of the cluster, from this node's replica
+        of the presence registry (see :class:`~meshline.ClusterView`).
+
+        :raises MeshlineError: the server has no mesh.
+        """
+        self._linked()
+        assert self._cluster is not None
+        return self._cluster
+
+    def to_conn(self, connection_id: str) -> ConnectionTarget:
+        """One connection, wherever it is: ``await server.to_conn(id).emit(...)``.
+
+        :raises InvalidArgumentError: not a connection id.
+        :raises MeshlineError: the server has no mesh.
+        """
+
+        return ConnectionTarget(self._linked(), connection_id)
+
+    def to_user(self, user_id: str) -> UserTarget:
+        """Every connection of the user, on every node (see :class:`~meshline.UserTarget`).
+
+        :raises InvalidArgumentError: a bad user id.
+        :raises MeshlineError: the server has no mesh.
+        """
+
+        return UserTarget(self._linked(), user_id)
+
+    def to_room(self, name: str) -> RoomTarget:
+        """Every member of the room, on every node (see :class:`~meshline.RoomTarget`).
+        :meth:`room` is this node's members only.
+
+        :raises InvalidArgumentError: a bad room name.
+        :raises MeshlineError: the server has no mesh.
+        """
+
+        return RoomTarget(self._linked(), name)
+
+    def to_topic(self, name: str) -> TopicTarget:
+        """Every subscriber of the topic, on every node (see
+        :class:`~meshline.TopicTarget`). :meth:`topic` is this node's only.
+
+        :raises InvalidArgumentError: a bad topic name.
+        :raises MeshlineError: the server has no mesh.
+        """
+
+        return TopicTarget(self._linked(), name)
+
+    async def invoke(
+        self,
+        client_id: str,
+        name: str,
+        data: Any = None,
+        *,
+        timeout: float = DEFAULT_REQUEST_TIMEOUT,
+    ) -> Any:
+        """Send the server-to-client request ``name`` to the client's current
+        connection, on whichever node holds it, and return its answer.
+
+        Errors are the client service's (:meth:`ClientService.invoke
+        <meshline.ClientService.invoke>`): :class:`~meshline.ClientNotFoundError`,
+        :class:`~meshline.ClientDisconnectedError`,
+        :class:`~meshline.ClientInvocationError` (the client answered with an
+        error, or its connection closed mid-request) and
+        :class:`~meshline.MeshRequestTimeoutError`. Cancellation cancels the
+        request on the owning node.
+
+        :raises MeshlineError: the server has no mesh.
+        """
+        return await self._linked().service.invoke(client_id, name, data, timeout=timeout)
 
     def _check_event(self, event: str) -> None:
         self._hub.check_event(event)
@@ -671,6 +772,9 @@ async def open_socket_server(
     on_disconnect: Callable[[Connection, DisconnectReason], Awaitable[None] | None] | None = None,
     node_id: int | None = None,
     listen: bool = True,
+    mesh: MeshOptions | None = None,
+    describe: Callable[[Connection], Any] | None = None,
+    on_orphaned: ClusterOrphanHandler | None = None,
 ) -> AsyncIterator[SocketServer]:
     """Run a socket server for the duration of the block; yields the :class:`SocketServer`.
 
@@ -690,6 +794,15 @@ async def open_socket_server(
     ``on_disconnect(conn, reason)`` (plain or async), ``node_id`` (the node
     named in connection ids; random by default). ``listen=False`` opens no
     socket: connections come only through :meth:`SocketServer.serve_stream`.
+
+    ``mesh`` (a :class:`~meshline.MeshOptions`) joins the server to a cluster: its
+    node id is then the mesh's, every connection is registered in the presence
+    registry, and :attr:`SocketServer.cluster`, ``to_conn``, ``to_user``,
+    ``to_room``, ``to_topic`` and ``invoke`` reach the whole cluster (see the
+    Cluster sockets docs). ``describe(conn)`` (plain or async) returns a mapping
+    of fields kept in the connection's registration, asked once after
+    ``on_connect``. ``on_orphaned(node_id, connections)`` runs on the leader for
+    the connections of a node that died.
 
     Cancellation: leaving the block (normally, by an exception or cancelled)
     shuts the server down as :meth:`SocketServer.shutdown` does, shielded and
@@ -719,6 +832,33 @@ async def open_socket_server(
         on_disconnect=on_disconnect,
         node_id=node_id,
     )
+    for hook_name, hook in (("describe", describe), ("on_orphaned", on_orphaned)):
+        if hook is not None and not callable(hook):
+            raise InvalidArgumentError(f"{hook_name} must be callable: {hook!r}")
+    async with AsyncExitStack() as stack:
+        if mesh is not None:
+            if not isinstance(mesh, MeshOptions):
+                raise InvalidArgumentError(f"mesh must be MeshOptions: {mesh!r}")
+            if node_id is not None:
+                raise InvalidArgumentError("with a mesh, the mesh gives the node id: drop node_id")
+            link = await stack.enter_async_context(
+                open_cluster_link(
+                    mesh,
+                    server._hub,
+                    server._registry,
+                    describe=describe,
+                    on_orphaned=on_orphaned,
+                )
+            )
+            server._join(link)
+        elif describe is not None or on_orphaned is not None:
+            raise InvalidArgumentError("describe and on_orphaned need a mesh")
+        async with _run_server(server, listen=listen) as running:
+            yield running
+
+
+@asynccontextmanager
+async def _run_server(server: SocketServer, *, listen: bool) -> AsyncIterator[SocketServer]:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(server._keep_timers)
         nursery.start_soon(server._keep_writing, nursery)

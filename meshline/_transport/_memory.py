@@ -149,9 +149,14 @@ class MemoryHub:
 
 class _MemorySubscription(Subscription):
     def __init__(
-        self, subject: str, buffer: MessageBuffer[Message], on_close: Callable[[], None]
+        self,
+        subject: str,
+        buffer: MessageBuffer[Message],
+        on_close: Callable[[], None],
+        *,
+        owns_buffer: bool = True,
     ) -> None:
-        super().__init__(subject, buffer)
+        super().__init__(subject, buffer, owns_buffer=owns_buffer)
         self._on_close = on_close
 
     async def _unsubscribe(self) -> None:
@@ -215,20 +220,23 @@ class MemoryTransport(Transport):
         queue: str | None = None,
         limit: int = DEFAULT_BUFFER,
         overflow: Overflow = Overflow.DROP_NEWEST,
+        into: MessageBuffer[Message] | None = None,
     ) -> Subscription:
         validate_subject(subject, wildcards=True)
         if queue is not None:
             validate_subject(queue)
         await trio.lowlevel.checkpoint()
         self._check_open()
-        buffer: MessageBuffer[Message] = MessageBuffer(limit, overflow, subject)
+        buffer: MessageBuffer[Message] = (
+            MessageBuffer(limit, overflow, subject) if into is None else into
+        )
         hub_sub = _HubSubscription(tuple(subject.split(".")), queue, buffer.push)
 
         def on_close() -> None:
             self.hub._remove(hub_sub)
             self._subscriptions.discard(subscription)
 
-        subscription = _MemorySubscription(subject, buffer, on_close)
+        subscription = _MemorySubscription(subject, buffer, on_close, owns_buffer=into is None)
         self.hub._add(hub_sub)
         self._subscriptions.add(subscription)
         return subscription

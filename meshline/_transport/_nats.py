@@ -473,8 +473,10 @@ class _NatsSubscription(Subscription):
         buffer: MessageBuffer[Message],
         transport: NatsTransport,
         nats_subscription: Any,
+        *,
+        owns_buffer: bool = True,
     ) -> None:
-        super().__init__(subject, buffer)
+        super().__init__(subject, buffer, owns_buffer=owns_buffer)
         self._transport = transport
         self._nats_subscription = nats_subscription
 
@@ -644,12 +646,15 @@ class NatsTransport(Transport):
         queue: str | None = None,
         limit: int = DEFAULT_BUFFER,
         overflow: Overflow = Overflow.DROP_NEWEST,
+        into: MessageBuffer[Message] | None = None,
     ) -> Subscription:
         validate_subject(subject, wildcards=True)
         if queue is not None:
             validate_subject(queue)
         self._check_open()
-        buffer: MessageBuffer[Message] = MessageBuffer(limit, overflow, subject)
+        buffer: MessageBuffer[Message] = (
+            MessageBuffer(limit, overflow, subject) if into is None else into
+        )
 
         async def subscribe() -> Any:
             nats_subscription = await self._nc.subscribe(subject, queue=queue or "")
@@ -658,7 +663,9 @@ class NatsTransport(Transport):
             return nats_subscription
 
         nats_subscription = await self._aio("subscribe", subscribe)
-        subscription = _NatsSubscription(subject, buffer, self, nats_subscription)
+        subscription = _NatsSubscription(
+            subject, buffer, self, nats_subscription, owns_buffer=into is None
+        )
         self._subscriptions.add(subscription)
         return subscription
 

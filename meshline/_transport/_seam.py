@@ -101,9 +101,12 @@ class Subscription:
     transport is closed. Cancelling a task that waits in ``async for`` loses nothing.
     """
 
-    def __init__(self, subject: str, buffer: MessageBuffer[Message]) -> None:
+    def __init__(
+        self, subject: str, buffer: MessageBuffer[Message], *, owns_buffer: bool = True
+    ) -> None:
         self.subject = subject
         self._buffer = buffer
+        self._owns_buffer = owns_buffer
         self._withdrawn = False
 
     @property
@@ -139,7 +142,8 @@ class Subscription:
         This is shielded from cancellation, so interest is always withdrawn, also
         from a subscription whose buffer overflowed under ``Overflow.ERROR``.
         """
-        self._buffer.close()
+        if self._owns_buffer:
+            self._buffer.close()
         if self._withdrawn:
             await trio.lowlevel.checkpoint()
             return
@@ -447,11 +451,17 @@ class Transport(abc.ABC):
         queue: str | None = None,
         limit: int = DEFAULT_BUFFER,
         overflow: Overflow = Overflow.DROP_NEWEST,
+        into: MessageBuffer[Message] | None = None,
     ) -> Subscription:
         """Like :meth:`subscribe`, for subscriptions that outlive one block.
 
         The caller must ``await subscription.aclose()``; closing the transport also
         closes it. Once this returns, the subscription is active at the server.
+
+        ``into`` delivers into a buffer shared with other subscriptions (one task
+        reads many subjects; the messages' subjects tell them apart): ``limit``
+        and ``overflow`` are then the buffer's own, and closing the subscription
+        leaves the buffer open.
         """
 
     @abc.abstractmethod

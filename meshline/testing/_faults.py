@@ -17,7 +17,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 import trio
 
 from .._errors import InvalidArgumentError, TransportError
-from .._transport._buffer import DEFAULT_BUFFER, Overflow
+from .._transport._buffer import DEFAULT_BUFFER, MessageBuffer, Overflow
 from .._transport._seam import (
     ConnectionEvent,
     ConnectionEventKind,
@@ -303,12 +303,13 @@ class FaultyTransport(Transport):
         queue: str | None = None,
         limit: int = DEFAULT_BUFFER,
         overflow: Overflow = Overflow.DROP_NEWEST,
+        into: MessageBuffer[Message] | None = None,
     ) -> Subscription:
         """The inner transport's subscription, opened after the fault gate (waits
         while stalled, raises while cut). Its messages are not subject to faults."""
         await self._gate()
         return await self.inner.open_subscription(
-            subject, queue=queue, limit=limit, overflow=overflow
+            subject, queue=queue, limit=limit, overflow=overflow, into=into
         )
 
     async def request(self, subject: str, data: bytes, *, timeout: float) -> Message:

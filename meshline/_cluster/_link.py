@@ -1,0 +1,903 @@
+"""A socket server's link to the cluster: presence, interest routing, targeted delivery.
+
+:func:`open_cluster_link` joins the server to a client service (its own mesh node
+and presence registry) and keeps three things in line with the server's local
+connections:
+
+Presence
+    Every open connection is registered under its client id, with a
+    :class:`~meshline._cluster._index.Descriptor` (connection id, user, role,
+    rooms, ``describe`` fields) as metadata. The writes of one client id go
+    through one worker at a time, in order: a newer connection's registration is
+    never overtaken by an older one's. A registration of the same client id made
+    elsewhere (another node, or a newer connection here) supersedes this one: the
+    registry's change feed says so, and the connection is closed with 4502.
+
+Interest routing
+    The node subscribes to a user's, room's or topic's subject only while it
+    holds a local member of it; one task reconciles the subscriptions with the
+    local registry, and one task reads them all (they share one buffer).
+
+Targeted delivery
+    ``to_conn``, ``to_user``, ``to_room`` and ``to_topic`` deliver to the local
+    members directly, then publish once on the target's subject: NATS carries it
+    to the nodes that listen, and no other. Nothing on this path reads the
+    registry.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import msgspec
+import trio
+
+from .._errors import InvalidArgumentError, MeshlineError, PayloadError, TransportError
+from .._mesh._identity import mesh_names
+from .._mesh._node import NodeOptions
+from .._registry._core import ChangeFeed, ClientRecord, LocalLookup, RegisteredClient
+from .._service._service import ClientService, open_client_service
+from .._sockets._codes import CloseCode
+from .._sockets._connection import (
+    ConnectionHub,
+    check_close_code,
+    fan_out,
+    node_of_connection,
+)
+from .._sockets._frames import FrameEncodeError
+from .._sockets._local import LocalRegistry
+from .._sockets._roles import check_name
+from .._transport._buffer import MessageBuffer, Overflow
+from .._transport._names import check_name as check_key
+from .._transport._seam import Message, Subscription, Transport
+from ._index import ClusterConnection, ClusterIndex, Descriptor, NodeSummary
+from ._interest import InterestKind, interest_subject
+
+if TYPE_CHECKING:
+    from .._registry._core import RegistryBackend
+    from .._sockets._connection import Connection
+
+__all__ = [
+    "ClusterLink",
+    "ClusterOrphanHandler",
+    "ClusterView",
+    "ConnectionTarget",
+    "MeshOptions",
+    "RoomTarget",
+    "TopicTarget",
+    "UserTarget",
+    "open_cluster_link",
+]
+
+logger = logging.getLogger("meshline.cluster")
+
+SOCKETS_NAMESPACE = "sock"
+
+PRESENCE_WORKERS = 16
+"""Registry writes in flight at once for one server's connections."""
+
+_RETRY_DELAY = 0.5
+"""Seconds before a failed presence write or subscription change is tried again."""
+
+INBOX_LIMIT = 100_000
+"""Routed messages buffered for this node before the oldest are dropped (counted)."""
+
+
+def _check_transport(instance: Any, attribute: Any, value: Any) -> None:
+    if not isinstance(value, Transport):
+        raise InvalidArgumentError(f"transport must be a meshline Transport: {value!r}")
+
+
+def _check_mesh_key(instance: Any, attribute: Any, value: Any) -> None:
+    check_key(value, "mesh key")
+
+
+@attrs.frozen
+class MeshOptions:
+    """Where a socket server joins its cluster: ``open_socket_server(mesh=...)``.
+
+    ``transport`` and ``key`` name the cluster (every node of one cluster uses the
+    same key). ``backend`` is the presence registry's (a KV bucket on the
+    transport by default; it must keep a local replica with a change feed, as
+    the KV and memory backends do). ``node`` holds :func:`~meshline.open_node`'s
+    options (``ttl``, ``heartbeat_interval``...). ``reassert_interval`` is the
+    registry's (see :func:`~meshline.open_client_registry`).
+
+    :raises InvalidArgumentError: a bad transport or key.
+    """
+
+    transport: Transport = attrs.field(validator=_check_transport)
+    key: str = attrs.field(validator=_check_mesh_key)
+    backend: RegistryBackend | None = None
+    node: Mapping[str, Any] = attrs.field(factory=dict)
+    reassert_interval: float = 10.0
+
+
+class _Routed(msgspec.Struct, array_like=True, tag=True):
+    origin: int
+    """The node that published it: it delivered to its own members already."""
+
+
+class _Emit(_Routed, tag="e"):
+    target: str
+    """The connection id, on a node's connection subject; "" elsewhere."""
+    event: str
+    data: msgspec.Raw
+    coalesce: str | None = None
+    skip: str | None = None
+
+
+class _Close(_Routed, tag="c"):
+    target: str
+    code: int
+    reason: str | None = None
+
+
+_decoder = msgspec.msgpack.Decoder(_Emit | _Close)
+_encoder = msgspec.msgpack.Encoder()
+_descriptor_decoder = msgspec.msgpack.Decoder(Descriptor)
+
+
+def _encode_data(data: Any) -> msgspec.Raw:
+    try:
+        return msgspec.Raw(_encoder.encode(data))
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise FrameEncodeError(f"cannot encode the event's data: {exc}") from exc
+
+
+class _Entry:
+    """One local connection's registration, as the presence workers keep it."""
+
+    __slots__ = ("changed", "conn", "fields", "token", "written")
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.token: int | None = None
+        """The registration's token, once it landed."""
+        self.changed = 1
+        """Bumped on each change of the descriptor (rooms)."""
+        self.written = 0
+        """The value of :attr:`changed` the registry holds."""
+        self.fields: dict[str, Any] | None = None
+        """``describe``'s answer, once asked."""
+
+
+class _Slot:
+    """One client id's local connections: the current one, and superseded or
+    closed ones whose registrations are still to be removed."""
+
+    __slots__ = ("busy", "current", "stale")
+
+    def __init__(self) -> None:
+        self.current: _Entry | None = None
+        self.stale: list[_Entry] = []
+        self.busy = False
+
+
+class ClusterLink:
+    """What :func:`open_cluster_link` runs (see the module). Applications use the
+    server's methods and :class:`ClusterView`."""
+
+    def __init__(
+        self,
+        service: ClientService[Descriptor],
+        hub: ConnectionHub,
+        registry: LocalRegistry,
+        *,
+        describe: Callable[[Connection], Any] | None,
+    ) -> None:
+        backend = service.client_registry.backend
+        if not isinstance(backend, ChangeFeed) or not isinstance(backend, LocalLookup):
+            raise InvalidArgumentError(
+                "the mesh's registry backend must keep a local replica with a change feed "
+                f"(the KV and memory backends do): {backend!r}"
+            )
+        self.service = service
+        self.node = service.node
+        self.node_id = service.instance_id
+        self._hub = hub
+        self._registry = registry
+        self._describe = describe
+        self._lookup: Callable[[str], ClientRecord | None] = backend.lookup
+        self._feed: ChangeFeed = backend
+        self.prefix = mesh_names(self.node.key, SOCKETS_NAMESPACE)[1]
+        self.index = ClusterIndex()
+        self.undecodable = 0
+        """Registry records or routed messages that did not decode (logged)."""
+        self.received = 0
+        """Routed messages this node received (its own echoes included)."""
+        self._slots: dict[str, _Slot] = {}
+        self._queue: dict[str, None] = {}
+        self._queue_ready = trio.Event()
+        self._local_users: dict[str, dict[str, Connection]] = {}
+        self._subscriptions: dict[str, Subscription] = {}
+        self._wanted: dict[str, tuple[InterestKind, str]] = {}
+        """Subject -> what it routes, for every interest subject the node listens
+        to or is about to."""
+        self._dirty: dict[str, tuple[InterestKind, str]] = {}
+        self._dirty_ready = trio.Event()
+        self._inbox: MessageBuffer[Message] = MessageBuffer(
+            INBOX_LIMIT, Overflow.DROP_OLDEST, "cluster inbox"
+        )
+        self.conn_subject = self.node_subject(self.node_id)
+
+    # --- Names -------------------------------------------------------------------
+
+    def node_subject(self, node_id: int) -> str:
+        return f"{self.prefix}.conn.{node_id}"
+
+    @property
+    def dropped(self) -> int:
+        """Routed messages this node dropped because it could not keep up."""
+        return self._inbox.dropped
+
+    # --- The registry's change feed ------------------------------------------------
+
+    def _on_change(self, client_id: str, record: ClientRecord | None) -> None:
+        if record is None:
+            self.index.remove(client_id)
+            return
+        try:
+            descriptor = _descriptor_decoder.decode(record.metadata)
+        except msgspec.MsgspecError as exc:
+            self.undecodable += 1
+            logger.warning("cluster: the registration of %r does not decode: %s", client_id, exc)
+            self.index.remove(client_id)
+            return
+        self.index.put(
+            ClusterConnection(
+                connection_id=descriptor.connection_id,
+                client_id=client_id,
+                node_id=record.node_id,
+                user_id=descriptor.user_id,
+                role=descriptor.role,
+                connected_at=descriptor.connected_at,
+                rooms=frozenset(descriptor.rooms),
+                fields=descriptor.fields,
+            )
+        )
+        self._check_superseded(client_id, record)
+
+    def _check_superseded(self, client_id: str, record: ClientRecord | None) -> None:
+        """Close the client's local connection if ``record`` is a newer registration
+        than its own (made on another node, or here for another connection)."""
+        slot = self._slots.get(client_id)
+        entry = None if slot is None else slot.current
+        if entry is None or entry.token is None or record is None:
+            return
+        if record.node_id != self.node_id or record.token != entry.token:
+            logger.info(
+                "cluster: client %r connected again on node %d; closing connection %s",
+                client_id,
+                record.node_id,
+                entry.conn.id,
+            )
+            self._hub.supersede(entry.conn)
+
+    # --- The local registry's observer ------------------------------------------------
+
+    def attached(self, conn: Connection) -> None:
+        slot = self._slots.get(conn.client_id)
+        if slot is None:
+            slot = self._slots[conn.client_id] = _Slot()
+        elif slot.current is not None:
+            logger.info(
+                "cluster: client %r connected again here; closing connection %s",
+                conn.client_id,
+                slot.current.conn.id,
+            )
+            self._hub.supersede(slot.current.conn)  # detaches it: it goes stale
+        slot.current = _Entry(conn)
+        self._queue_write(conn.client_id)
+        if conn.user_id is not None:
+            users = self._local_users.setdefault(conn.user_id, {})
+            users[conn.id] = conn
+            if len(users) == 1:
+                self._interest_changed(InterestKind.USER, conn.user_id)
+        for room in conn.rooms:
+            if len(self._registry.rooms.get(room, ())) == 1:
+                self._interest_changed(InterestKind.ROOM, room)
+        for topic in conn.topics:
+            if len(self._registry.topics.get(topic, ())) == 1:
+                self._interest_changed(InterestKind.TOPIC, topic)
+
+    def detached(self, conn: Connection) -> None:
+        slot = self._slots.get(conn.client_id)
+        if slot is not None and slot.current is not None and slot.current.conn is conn:
+            slot.stale.append(slot.current)
+            slot.current = None
+            self._queue_write(conn.client_id)
+        if conn.user_id is not None:
+            users = self._local_users.get(conn.user_id)
+            if users is not None and users.pop(conn.id, None) is not None and not users:
+                del self._local_users[conn.user_id]
+                self._interest_changed(InterestKind.USER, conn.user_id)
+        for room in conn.rooms:
+            if room not in self._registry.rooms:
+                self._interest_changed(InterestKind.ROOM, room)
+        for topic in conn.topics:
+            if topic not in self._registry.topics:
+                self._interest_changed(InterestKind.TOPIC, topic)
+
+    def joined(self, conn: Connection, room: str) -> None:
+        self._descriptor_changed(conn)
+        if len(self._registry.rooms.get(room, ())) == 1:
+            self._interest_changed(InterestKind.ROOM, room)
+
+    def left(self, conn: Connection, room: str) -> None:
+        self._descriptor_changed(conn)
+        if room not in self._registry.rooms:
+            self._interest_changed(InterestKind.ROOM, room)
+
+    def subscribed(self, conn: Connection, topic: str) -> None:
+        if len(self._registry.topics.get(topic, ())) == 1:
+            self._interest_changed(InterestKind.TOPIC, topic)
+
+    def unsubscribed(self, conn: Connection, topic: str) -> None:
+        if topic not in self._registry.topics:
+            self._interest_changed(InterestKind.TOPIC, topic)
+
+    def _descriptor_changed(self, conn: Connection) -> None:
+        slot = self._slots.get(conn.client_id)
+        if slot is not None and slot.current is not None and slot.current.conn is conn:
+            slot.current.changed += 1
+            self._queue_write(conn.client_id)
+
+    # --- Presence writes --------------------------------------------------------------
+
+    def _queue_write(self, client_id: str) -> None:
+        slot = self._slots.get(client_id)
+        if slot is not None and not slot.busy:
+            self._queue[client_id] = None
+            self._queue_ready.set()
+
+    async def _write_presence(self) -> None:
+        """One presence worker: takes client ids in turn, one at a time each."""
+        while True:
+            while not self._queue:
+                self._queue_ready = trio.Event()
+                await self._queue_ready.wait()
+            client_id = next(iter(self._queue))
+            del self._queue[client_id]
+            slot = self._slots.get(client_id)
+            if slot is None:
+                continue
+            slot.busy = True
+            try:
+                await self._sync(client_id, slot)
+            except (TransportError, MeshlineError) as exc:
+                logger.warning(
+                    "cluster: presence write for client %r failed (%s); retrying in %g s",
+                    client_id,
+                    exc,
+                    _RETRY_DELAY,
+                )
+                await trio.sleep(_RETRY_DELAY)
+            finally:
+                slot.busy = False
+            if self._slots.get(client_id) is slot:
+                if slot.current is None and not slot.stale:
+                    del self._slots[client_id]
+                elif slot.stale or (slot.current is not None and _behind(slot.current)):
+                    self._queue_write(client_id)
+
+    async def _sync(self, client_id: str, slot: _Slot) -> None:
+        """Bring the registry in line with the slot: remove stale registrations,
+        then write the current connection's."""
+        service = self.service
+        while slot.stale:
+            stale = slot.stale[0]
+            if stale.token is not None:
+                await service.unregister_client(client_id, token=stale.token)
+            slot.stale.pop(0)
+        entry = slot.current
+        while entry is not None and _behind(entry):
+            changed = entry.changed
+            descriptor = await self._descriptor(entry)
+            if slot.current is not entry:
+                return  # closed meanwhile: the next turn removes what was written
+            if entry.token is None:
+                registration = await service.register_client(client_id, descriptor)
+                entry.token = registration.token
+                entry.written = changed
+                if slot.current is not entry:
+                    return
+                self._check_superseded(client_id, self._lookup(client_id))
+            else:
+                kept = await service.update_client_metadata(
+                    client_id, descriptor, token=entry.token
+                )
+                entry.written = changed
+                if not kept and slot.current is entry:
+                    record = self._lookup(client_id)
+                    if record is not None:
+                        self._check_superseded(client_id, record)
+                        return
+                    logger.warning(
+                        "cluster: the registration of client %r was gone; writing it again",
+                        client_id,
+                    )
+                    entry.token = None
+
+    async def _descriptor(self, entry: _Entry) -> Descriptor:
+        conn = entry.conn
+        if entry.fields is None:
+            entry.fields = await self._described(conn)
+        return Descriptor(
+            connection_id=conn.id,
+            user_id=conn.user_id,
+            role=conn.role,
+            connected_at=conn.connected_at,
+            rooms=tuple(conn.rooms),
+            fields=entry.fields,
+        )
+
+    async def _described(self, conn: Connection) -> dict[str, Any]:
+        describe = self._describe
+        if describe is None:
+            return {}
+        try:
+            fields = describe(conn)
+            if inspect.isawaitable(fields):
+                fields = await fields
+            if not isinstance(fields, Mapping):
+                raise TypeError(f"describe returned {type(fields).__name__}, not a mapping")
+            fields = {str(key): value for key, value in fields.items()}
+            _encoder.encode(fields)
+        except Exception:
+            logger.exception(
+                "cluster: describe failed for connection %s; registered without fields", conn.id
+            )
+            return {}
+        return fields
+
+    # --- Interest subscriptions ---------------------------------------------------------
+
+    def _interest_changed(self, kind: InterestKind, name: str) -> None:
+        try:
+            subject = interest_subject(self.prefix, kind, name)
+        except InvalidArgumentError:  # checked on join; cannot happen
+            logger.exception("cluster: no subject for %s %r", kind.value, name)
+            return
+        self._dirty[subject] = (kind, name)
+        self._dirty_ready.set()
+
+    def is_listening(self, kind: InterestKind, name: str) -> bool:
+        return interest_subject(self.prefix, kind, name) in self._subscriptions
+
+    def _is_wanted(self, kind: InterestKind, name: str) -> bool:
+        if kind is InterestKind.USER:
+            return name in self._local_users
+        if kind is InterestKind.ROOM:
+            return name in self._registry.rooms
+        return name in self._registry.topics
+
+    async def _keep_subscriptions(self) -> None:
+        """Subscribe to the subjects with local members, and only those."""
+        transport = self.node.transport
+        while True:
+            while not self._dirty:
+                self._dirty_ready = trio.Event()
+                await self._dirty_ready.wait()
+            subject, (kind, name) = next(iter(self._dirty.items()))
+            del self._dirty[subject]
+            try:
+                if self._is_wanted(kind, name):
+                    self._wanted[subject] = (kind, name)
+                    if subject not in self._subscriptions:
+                        self._subscriptions[subject] = await transport.open_subscription(
+                            subject, into=self._inbox
+                        )
+                else:
+                    self._wanted.pop(subject, None)
+                    subscription = self._subscriptions.pop(subject, None)
+                    if subscription is not None:
+                        await subscription.aclose()
+            except TransportError as exc:
+                logger.warning(
+                    "cluster: subscribing to %s %r failed (%s); retrying in %g s",
+                    kind.value,
+                    name,
+                    exc,
+                    _RETRY_DELAY,
+                )
+                self._dirty[subject] = (kind, name)
+                await trio.sleep(_RETRY_DELAY)
+
+    async def _read_inbox(self) -> None:
+        while True:
+            message = await self._inbox.receive()
+            self.received += 1
+            try:
+                routed = _decoder.decode(message.data)
+            except msgspec.MsgspecError as exc:
+                self.undecodable += 1
+                logger.warning("cluster: a message on %s does not decode: %s", message.subject, exc)
+                continue
+            if routed.origin == self.node_id and message.subject != self.conn_subject:
+                continue  # delivered to the local members when it was sent
+            try:
+                self._deliver(message.subject, routed)
+            except Exception:
+                logger.exception("cluster: delivering a message on %s failed", message.subject)
+
+    def _deliver(self, subject: str, routed: _Emit | _Close) -> None:
+        if subject == self.conn_subject:
+            conn = self._registry.connections.get(routed.target)
+            targets: list[Connection] = [] if conn is None else [conn]
+            topic = None
+        else:
+            route = self._wanted.get(subject)
+            if route is None:
+                return  # unsubscribed meanwhile
+            targets, topic = self._members(*route)
+        if isinstance(routed, _Close):
+            for conn in targets:
+                conn.close_nowait(routed.code, routed.reason)
+            return
+        skip = routed.skip
+        if skip is not None:
+            targets = [conn for conn in targets if conn.id != skip]
+        if targets:
+            data = msgspec.msgpack.decode(routed.data)
+            fan_out(targets, routed.event, data, key=routed.coalesce, topic=topic)
+
+    def _members(self, kind: InterestKind, name: str) -> tuple[list[Connection], str | None]:
+        if kind is InterestKind.USER:
+            return list(self._local_users.get(name, {}).values()), None
+        if kind is InterestKind.ROOM:
+            return list(self._registry.rooms.get(name, {}).values()), None
+        return list(self._registry.topics.get(name, {}).values()), name
+
+    # --- Sending ----------------------------------------------------------------------
+
+    async def send(
+        self,
+        kind: InterestKind | None,
+        name: str,
+        event: str,
+        data: Any,
+        *,
+        coalesce: str | None = None,
+        skip: str | None = None,
+    ) -> None:
+        """Emit to the local members of ``name``, then publish for the others;
+        ``kind`` None: ``name`` is a connection id."""
+        self._hub.check_event(event)
+        if coalesce is not None:
+            check_name(coalesce, "coalescing key")
+        raw = _encode_data(data)
+        if kind is None:
+            node_id = node_of_connection(name)
+            if node_id == self.node_id:
+                self._deliver(self.conn_subject, _Emit(self.node_id, name, event, raw, coalesce))
+                return
+            routed: _Emit | _Close = _Emit(self.node_id, name, event, raw, coalesce)
+            await self._publish(self.node_subject(node_id), routed)
+            return
+        subject = interest_subject(self.prefix, kind, name)
+        targets, topic = self._members(kind, name)
+        if skip is not None:
+            targets = [conn for conn in targets if conn.id != skip]
+        if targets:
+            fan_out(targets, event, data, key=coalesce, topic=topic)
+        await self._publish(subject, _Emit(self.node_id, "", event, raw, coalesce, skip))
+
+    async def close(
+        self, kind: InterestKind | None, name: str, code: int, reason: str | None
+    ) -> None:
+        """Close the connection ``name`` (``kind`` None), or every connection of
+        the user ``name``, on whichever nodes hold them."""
+        check_close_code(code)
+        if kind is None:
+            node_id = node_of_connection(name)
+            routed = _Close(self.node_id, name, code, reason)
+            if node_id == self.node_id:
+                self._deliver(self.conn_subject, routed)
+            else:
+                await self._publish(self.node_subject(node_id), routed)
+            return
+        subject = interest_subject(self.prefix, kind, name)
+        for conn in self._members(kind, name)[0]:
+            conn.close_nowait(code, reason)
+        await self._publish(subject, _Close(self.node_id, "", code, reason))
+
+    async def _publish(self, subject: str, routed: _Emit | _Close) -> None:
+        try:
+            payload = _encoder.encode(routed)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise PayloadError(f"cannot encode the routed message: {exc}") from exc
+        await self.node.transport.publish(subject, payload)
+
+    # --- Running ----------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen on this node's connection subject, then keep presence and
+        subscriptions in line until cancelled."""
+        subscription = await self.node.transport.open_subscription(
+            self.conn_subject, into=self._inbox
+        )
+        self._subscriptions[self.conn_subject] = subscription
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._read_inbox)
+                nursery.start_soon(self._keep_subscriptions)
+                for _ in range(PRESENCE_WORKERS):
+                    nursery.start_soon(self._write_presence)
+                task_status.started()
+        finally:
+            with trio.CancelScope(shield=True):
+                for sub in list(self._subscriptions.values()):
+                    await sub.aclose()
+                self._subscriptions.clear()
+
+
+def _behind(entry: _Entry) -> bool:
+    return entry.token is None or entry.written < entry.changed
+
+
+def _cluster_connection(client: RegisteredClient[Any]) -> ClusterConnection | None:
+    descriptor = client.metadata
+    if not isinstance(descriptor, Descriptor):
+        return None
+    return ClusterConnection(
+        connection_id=descriptor.connection_id,
+        client_id=client.client_id,
+        node_id=client.node_id,
+        user_id=descriptor.user_id,
+        role=descriptor.role,
+        connected_at=descriptor.connected_at,
+        rooms=frozenset(descriptor.rooms),
+        fields=descriptor.fields,
+    )
+
+
+class ClusterView:
+    """The cluster's connections, read from this node's replica of the presence
+    registry (``server.cluster``): no round trip, and only live nodes count.
+
+    The replica follows the registry within milliseconds; a connection that just
+    opened on another node may take that long to appear.
+    """
+
+    __slots__ = ("_link",)
+
+    def __init__(self, link: ClusterLink) -> None:
+        self._link = link
+
+    def _alive(self, node_id: int) -> bool:
+        return self._link.node.is_alive(node_id)
+
+    def count(self) -> int:
+        """How many connections the live nodes hold."""
+        return self._link.index.count(self._alive)
+
+    def connections(self) -> list[ClusterConnection]:
+        """Every connection of a live node."""
+        return self._link.index.connections(self._alive)
+
+    def by_user(self, user_id: str) -> list[ClusterConnection]:
+        """The user's connections, on every live node. :raises InvalidArgumentError: a bad id."""
+        return self._link.index.by_user(check_name(user_id, "user id"), self._alive)
+
+    def is_online(self, user_id: str) -> bool:
+        """Whether the user has a connection on a live node."""
+        return self._link.index.is_online(check_name(user_id, "user id"), self._alive)
+
+    def room(self, name: str) -> list[ClusterConnection]:
+        """The room's members, on every live node. :raises InvalidArgumentError: a bad name."""
+        return self._link.index.room(check_name(name, "room name"), self._alive)
+
+    def client(self, client_id: str) -> ClusterConnection | None:
+        """The client's connection, if a live node holds it."""
+        found = self._link.index.get(check_name(client_id, "client id"))
+        return found if found is not None and self._alive(found.node_id) else None
+
+    def topology(self) -> dict[int, NodeSummary]:
+        """Per node (the live ones, and any still holding registrations): its
+        connections, its rooms, and whether it is alive."""
+        return self._link.index.topology(self._link.node.alive_nodes(), self._alive)
+
+    def nodes(self) -> frozenset[int]:
+        """The live nodes, as this node's membership view has them."""
+        return self._link.node.alive_nodes()
+
+    def listening(self, kind: str, name: str) -> bool:
+        """Whether this node listens to the subject of the user, room or topic
+        ``name`` (``kind``: ``"user"``, ``"room"`` or ``"topic"``): it does while
+        it holds a local member, once the subscription is in place.
+
+        :raises InvalidArgumentError: an unknown kind, or a bad name.
+        """
+        try:
+            interest = InterestKind(kind)
+        except ValueError:
+            raise InvalidArgumentError(f"kind must be user, room or topic: {kind!r}") from None
+        return self._link.is_listening(interest, check_name(name, f"{kind} name"))
+
+    @property
+    def received(self) -> int:
+        """How many routed messages (emits and closes sent by any node) this node
+        received: a node with no member of a room receives none of its traffic."""
+        return self._link.received
+
+    @property
+    def dropped(self) -> int:
+        """Routed messages this node dropped because it could not keep up (logged)."""
+        return self._link.dropped
+
+    def __repr__(self) -> str:
+        return f"<ClusterView node={self._link.node_id} connections={self.count()}>"
+
+
+class ConnectionTarget:
+    """One connection, on whichever node holds it (``server.to_conn(id)``).
+
+    The connection id names its node, so delivery goes straight to that node's
+    subject. At most once: a connection that closed meanwhile, or a node that is
+    gone, loses the event silently.
+    """
+
+    __slots__ = ("_link", "connection_id")
+
+    def __init__(self, link: ClusterLink, connection_id: str) -> None:
+        node_of_connection(connection_id)
+        self._link = link
+        self.connection_id = connection_id
+
+    async def emit(self, event: str, data: Any = None, *, coalesce: str | None = None) -> None:
+        """Queue the event for the connection.
+
+        Waits only while the transport's outgoing buffer is full. Cancellation
+        before it returns: not sent.
+
+        :raises InvalidArgumentError: an undeclared event name, or a bad key.
+        :raises FrameEncodeError: ``data`` cannot be encoded.
+        :raises TransportError: the transport is closed.
+        """
+        await self._link.send(None, self.connection_id, event, data, coalesce=coalesce)
+
+    async def close(self, code: int = CloseCode.KICKED, reason: str | None = None) -> None:
+        """Close the connection with ``code`` (4501 kicked by default: terminal).
+        Returns once the order is sent, not once the connection closed."""
+        await self._link.close(None, self.connection_id, code, reason)
+
+    def __repr__(self) -> str:
+        return f"<ConnectionTarget {self.connection_id}>"
+
+
+class _NamedTarget:
+    __slots__ = ("_link", "name")
+    _kind: InterestKind
+
+    def __init__(self, link: ClusterLink, name: str) -> None:
+        self._link = link
+        self.name = check_name(name, f"{self._kind.value} name")
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
+
+
+class UserTarget(_NamedTarget):
+    """Every connection of one user, on every node (``server.to_user(user_id)``)."""
+
+    __slots__ = ()
+    _kind = InterestKind.USER
+
+    async def emit(
+        self,
+        event: str,
+        data: Any = None,
+        *,
+        coalesce: str | None = None,
+        skip: str | None = None,
+    ) -> None:
+        """Queue the event for each of the user's connections (but ``skip``, a
+        connection id): the ones here at once, the others through the nodes that
+        hold them. See :meth:`ConnectionTarget.emit` for what it raises."""
+        await self._link.send(self._kind, self.name, event, data, coalesce=coalesce, skip=skip)
+
+    async def disconnect(self, code: int = CloseCode.KICKED, reason: str | None = None) -> None:
+        """Close every connection of the user with ``code`` (4501 kicked by
+        default: terminal). Returns once the order is sent."""
+        await self._link.close(self._kind, self.name, code, reason)
+
+
+class RoomTarget(_NamedTarget):
+    """Every member of one room, on every node (``server.to_room(name)``)."""
+
+    __slots__ = ()
+    _kind = InterestKind.ROOM
+
+    async def emit(
+        self,
+        event: str,
+        data: Any = None,
+        *,
+        coalesce: str | None = None,
+        skip: str | None = None,
+    ) -> None:
+        """Queue the event for every member (but ``skip``, a connection id). Only
+        the nodes with members receive it. See :meth:`ConnectionTarget.emit`."""
+        await self._link.send(self._kind, self.name, event, data, coalesce=coalesce, skip=skip)
+
+
+class TopicTarget(_NamedTarget):
+    """Every subscriber of one topic, on every node (``server.to_topic(name)``)."""
+
+    __slots__ = ()
+    _kind = InterestKind.TOPIC
+
+    async def publish(self, event: str, data: Any = None, *, coalesce: str | None = None) -> None:
+        """Queue the event, marked with the topic, for every subscriber. Only the
+        nodes with subscribers receive it. See :meth:`ConnectionTarget.emit`."""
+        await self._link.send(self._kind, self.name, event, data, coalesce=coalesce)
+
+
+ClusterOrphanHandler = Callable[[int, list[ClusterConnection]], Awaitable[None] | None]
+
+
+@asynccontextmanager
+async def open_cluster_link(
+    mesh: MeshOptions,
+    hub: ConnectionHub,
+    registry: LocalRegistry,
+    *,
+    describe: Callable[[Connection], Any] | None = None,
+    on_orphaned: ClusterOrphanHandler | None = None,
+) -> AsyncIterator[ClusterLink]:
+    """Join the cluster ``mesh`` names, for the block (see the module).
+
+    The server's connections must not open before this yields (its node id names
+    them). Leaving the block removes this node's registrations and leaves the mesh.
+    """
+    link: ClusterLink | None = None
+
+    async def client_invoke(client_id: str, name: str, data: Any, timeout: float) -> Any:
+        assert link is not None
+        slot = link._slots.get(client_id)
+        if slot is None or slot.current is None:
+            raise LookupError(f"client {client_id!r} is not connected here")
+        limit = None if math.isinf(timeout) else timeout
+        return await slot.current.conn.request(name, data, timeout=limit)
+
+    async def orphaned(node_id: int, clients: list[RegisteredClient[Any]]) -> None:
+        if on_orphaned is None:
+            return
+        found = [conn for conn in map(_cluster_connection, clients) if conn is not None]
+        result = on_orphaned(node_id, found)
+        if inspect.isawaitable(result):
+            await result
+
+    options: NodeOptions = dict(mesh.node)  # type: ignore[assignment]
+    async with open_client_service(
+        mesh.transport,
+        mesh.key,
+        client_invoke=client_invoke,
+        metadata_type=Descriptor,
+        backend=mesh.backend,
+        on_orphaned=orphaned,
+        reassert_interval=mesh.reassert_interval,
+        **options,
+    ) as service:
+        link = ClusterLink(service, hub, registry, describe=describe)
+        stop_feed = link._feed.add_change_listener(link._on_change)
+        for record in await service.client_registry.backend.list_clients():
+            link._on_change(record.client_id, record)
+        registry.observer = link
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(link.run)
+                try:
+                    yield link
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            registry.observer = None
+            stop_feed()
