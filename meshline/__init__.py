@@ -70,6 +70,7 @@ from ._sockets._connection import Connection as Connection
 from ._sockets._connection import DisconnectReason as DisconnectReason
 from ._sockets._connection import node_of_connection as node_of_connection
 from ._sockets._errors import CallFailedError as CallFailedError
+from ._sockets._errors import ConnectionNotFoundError as ConnectionNotFoundError
 from ._sockets._errors import ConnectionRejectedError as ConnectionRejectedError
 from ._sockets._errors import SocketClosedError as SocketClosedError
 from ._sockets._errors import SocketError as SocketError

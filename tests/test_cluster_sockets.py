@@ -422,3 +422,80 @@ async def test_without_a_mesh_the_cluster_api_says_so() -> None:
             server.cluster  # noqa: B018
         with pytest.raises(MeshlineError, match="mesh"):
             server.to_user("u")
+
+
+# --- Requests across nodes --------------------------------------------------------------
+
+
+async def test_requests_across_nodes(
+    open_transport: OpenTransport, unique: Callable[[str], str]
+) -> None:
+    cancelled: list[str] = []
+
+    async def slow(data: Any) -> Any:
+        try:
+            await trio.sleep_forever()
+        finally:
+            cancelled.append(data)
+
+    def refuse(data: Any) -> Any:
+        raise meshline.SocketError("nope", "not today", {"why": data})
+
+    async with cluster_of(open_transport, unique, 2) as (a, b):
+        async with client_of(a) as client:
+            client.implement("double", lambda data: data * 2)
+            client.implement("slow", slow)
+            client.implement("refuse", refuse)
+            target = b.server.to_conn(client.connection_id or "")
+            assert await target.request("double", 21) == 42
+
+            with pytest.raises(meshline.SocketTimeoutError):
+                await target.request("slow", "timed out", timeout=0.5)
+            with trio.fail_after(30):
+                await wait_until(lambda: "timed out" in cancelled)
+
+            with trio.move_on_after(0.5):
+                await target.request("slow", "caller gave up", timeout=60)
+            with trio.fail_after(30):
+                await wait_until(lambda: "caller gave up" in cancelled)
+
+            with pytest.raises(meshline.CallFailedError) as failed:
+                await target.request("refuse", 7)
+            assert failed.value.code == "nope"
+            assert failed.value.message == "not today"
+            assert failed.value.details == {"why": 7}
+            assert failed.value.application
+
+            gone = client.connection_id or ""
+        # The connection is closed: its node says so at once (well within the timeout).
+        with trio.fail_after(30):
+            with pytest.raises(meshline.ConnectionNotFoundError):
+                await b.server.to_conn(gone).request("double", 1, timeout=3600)
+            with pytest.raises(meshline.ConnectionNotFoundError):
+                await b.server.to_conn("999.x.1").request("double", 1, timeout=3600)
+
+
+async def test_a_request_fails_at_once_when_the_connection_drops_mid_request(
+    open_transport: OpenTransport, unique: Callable[[str], str]
+) -> None:
+    async with cluster_of(open_transport, unique, 2) as (a, b):
+        async with client_of(a) as client:
+            started = trio.Event()
+
+            async def hang(data: Any) -> Any:
+                started.set()
+                await trio.sleep_forever()
+
+            client.implement("hang", hang)
+            conn_id = client.connection_id or ""
+            async with trio.open_nursery() as nursery:
+
+                async def close_when_started() -> None:
+                    await started.wait()
+                    conn = a.server.connection(conn_id)
+                    assert conn is not None
+                    conn.close_nowait(meshline.CloseCode.RECONNECT)
+
+                nursery.start_soon(close_when_started)
+                with trio.fail_after(30), pytest.raises(meshline.SocketClosedError):
+                    await b.server.to_conn(conn_id).request("hang", None, timeout=3600)

@@ -9,6 +9,7 @@ EXPECTED = {
     "Admission",
     "ClusterConnection",
     "ClusterView",
+    "ConnectionNotFoundError",
     "ConnectionTarget",
     "MeshOptions",
     "NodeSummary",

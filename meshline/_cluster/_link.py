@@ -38,17 +38,32 @@ import attrs
 import msgspec
 import trio
 
-from .._errors import InvalidArgumentError, MeshlineError, PayloadError, TransportError
+from .._errors import (
+    InvalidArgumentError,
+    MeshlineError,
+    MeshRequestTimeoutError,
+    NodeNotAliveError,
+    NoHandlerError,
+    PayloadError,
+    RemoteHandlerError,
+    TransportError,
+)
 from .._mesh._identity import mesh_names
 from .._mesh._node import NodeOptions
 from .._registry._core import ChangeFeed, ClientRecord, LocalLookup, RegisteredClient
 from .._service._service import ClientService, open_client_service
-from .._sockets._codes import CloseCode
+from .._sockets._codes import CloseCode, ErrorCode
 from .._sockets._connection import (
     ConnectionHub,
     check_close_code,
     fan_out,
     node_of_connection,
+)
+from .._sockets._errors import (
+    CallFailedError,
+    ConnectionNotFoundError,
+    SocketClosedError,
+    SocketTimeoutError,
 )
 from .._sockets._frames import FrameEncodeError
 from .._sockets._local import LocalRegistry
@@ -84,6 +99,15 @@ PRESENCE_WORKERS = 16
 
 _RETRY_DELAY = 0.5
 """Seconds before a failed presence write or subscription change is tried again."""
+
+REQUEST_MARGIN = 1.0
+"""Seconds a request across nodes waits for the owning node beyond the request's
+own timeout, so that the owning node's answer (a timeout included) comes first."""
+
+SOCKET_REQUEST = "meshline.socket-request"
+"""The node request type that carries server-to-client requests to the owning
+node. Its data is ``[connection_id, name, timeout, data]`` (timeout None: none);
+its answer one of :class:`_Answer`'s forms."""
 
 INBOX_LIMIT = 100_000
 """Routed messages buffered for this node before the oldest are dropped (counted)."""
@@ -137,6 +161,20 @@ class _Close(_Routed, tag="c"):
     target: str
     code: int
     reason: str | None = None
+
+
+class _Answer(msgspec.Struct, array_like=True, frozen=True):
+    """The owning node's answer to a request across nodes: ``kind`` is ``"ok"``
+    (``value`` is the reply), ``"missing"`` (no such connection there),
+    ``"closed"``, ``"timeout"`` or ``"error"`` (the client's error: ``code``,
+    ``message``, ``details``, ``application``)."""
+
+    kind: str
+    value: Any = None
+    code: str = ""
+    message: str = ""
+    details: Any = None
+    application: bool = False
 
 
 _decoder = msgspec.msgpack.Decoder(_Emit | _Close)
@@ -608,6 +646,87 @@ class ClusterLink:
             conn.close_nowait(code, reason)
         await self._publish(subject, _Close(self.node_id, "", code, reason))
 
+    async def request(self, connection_id: str, name: str, data: Any, timeout: float | None) -> Any:
+        """Ask the connection's client ``name`` on whichever node holds it."""
+        output = self._hub.request_output(name)
+        node_id = node_of_connection(connection_id)
+        if node_id == self.node_id:
+            conn = self._registry.connections.get(connection_id)
+            if conn is None:
+                raise ConnectionNotFoundError(connection_id)
+            return await conn.request(name, data, timeout=timeout)
+        if timeout is None:
+            timeout = self._hub.settings.call_timeout
+        elif isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+            raise InvalidArgumentError(f"timeout must be a positive number of seconds: {timeout!r}")
+        _encode_data(data)
+        if not self.node.is_alive(node_id):
+            raise ConnectionNotFoundError(connection_id)
+        wire_timeout = None if math.isinf(timeout) else float(timeout)
+        try:
+            reply = await self.node.request(
+                node_id,
+                SOCKET_REQUEST,
+                (connection_id, name, wire_timeout, data),
+                timeout=timeout + REQUEST_MARGIN,
+            )
+        except (NodeNotAliveError, NoHandlerError):
+            raise ConnectionNotFoundError(connection_id) from None
+        except MeshRequestTimeoutError:
+            raise SocketTimeoutError(
+                f"no answer to request {name!r} from node {node_id} within {timeout:g} s"
+            ) from None
+        except RemoteHandlerError as exc:
+            raise CallFailedError(ErrorCode.INTERNAL, exc.error_message) from None
+        try:
+            answer = msgspec.convert(reply, _Answer)
+        except msgspec.ValidationError as exc:
+            raise CallFailedError(
+                ErrorCode.INTERNAL, f"node {node_id} answered oddly: {exc}"
+            ) from None
+        if answer.kind == "ok":
+            if output is Any:
+                return answer.value
+            try:
+                return msgspec.convert(answer.value, output, strict=False)
+            except msgspec.ValidationError as exc:
+                raise CallFailedError(
+                    ErrorCode.BAD_INPUT, f"the reply to {name!r} did not validate: {exc}"
+                ) from None
+        if answer.kind == "missing":
+            raise ConnectionNotFoundError(connection_id)
+        if answer.kind == "closed":
+            raise SocketClosedError(answer.message or "the connection closed")
+        if answer.kind == "timeout":
+            raise SocketTimeoutError(answer.message or "no answer in time")
+        raise CallFailedError(
+            answer.code, answer.message, answer.details, application=answer.application
+        )
+
+    async def _serve_request(self, request: Any, sender: int) -> _Answer:
+        try:
+            connection_id, name, timeout, data = request
+        except (TypeError, ValueError):
+            raise PayloadError(f"malformed socket request from node {sender}") from None
+        conn = self._registry.connections.get(connection_id)
+        if conn is None:
+            return _Answer("missing")
+        try:
+            value = await conn.request(name, data, timeout=math.inf if timeout is None else timeout)
+        except SocketTimeoutError as exc:
+            return _Answer("timeout", message=exc.message)
+        except SocketClosedError as exc:
+            return _Answer("closed", message=exc.message)
+        except CallFailedError as exc:
+            return _Answer(
+                "error",
+                code=exc.code,
+                message=exc.message,
+                details=exc.details,
+                application=exc.application,
+            )
+        return _Answer("ok", value)
+
     async def _publish(self, subject: str, routed: _Emit | _Close) -> None:
         try:
             payload = _encoder.encode(routed)
@@ -768,6 +887,28 @@ class ConnectionTarget:
         Returns once the order is sent, not once the connection closed."""
         await self._link.close(None, self.connection_id, code, reason)
 
+    async def request(self, name: str, data: Any = None, *, timeout: float | None = None) -> Any:
+        """Send the server-to-client request ``name`` to the connection's client, on
+        whichever node holds it; return its reply, decoded into the declared
+        output type.
+
+        ``timeout`` as for :meth:`Connection.request <meshline.Connection.request>`
+        (None: the server's ``call_timeout``).
+
+        Cancellation: the request is cancelled on the owning node, and the client
+        is sent a cancel.
+
+        :raises ConnectionNotFoundError: no node holds the connection (at once: its
+            node is not alive, or answers that it does not have it).
+        :raises SocketClosedError: the connection closed mid-request (at once).
+        :raises SocketTimeoutError: no answer within ``timeout``.
+        :raises CallFailedError: the client answered with an error (its code and
+            message), or a reply that does not fit the declared output type.
+        :raises InvalidArgumentError: ``name`` is not declared, or a bad timeout.
+        :raises FrameEncodeError: ``data`` cannot be encoded.
+        """
+        return await self._link.request(self.connection_id, name, data, timeout)
+
     def __repr__(self) -> str:
         return f"<ConnectionTarget {self.connection_id}>"
 
@@ -887,6 +1028,7 @@ async def open_cluster_link(
         **options,
     ) as service:
         link = ClusterLink(service, hub, registry, describe=describe)
+        service.node.register_handler(SOCKET_REQUEST, link._serve_request)
         stop_feed = link._feed.add_change_listener(link._on_change)
         for record in await service.client_registry.backend.list_clients():
             link._on_change(record.client_id, record)

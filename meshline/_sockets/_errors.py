@@ -15,6 +15,7 @@ from ._codes import ErrorCode
 
 __all__ = [
     "CallFailedError",
+    "ConnectionNotFoundError",
     "ConnectionRejectedError",
     "SocketClosedError",
     "SocketError",
@@ -81,6 +82,15 @@ class SocketClosedError(CallFailedError):
         super().__init__(ErrorCode.DISCONNECTED, message)
         self.close_code = close_code
         self.reason = reason
+
+
+class ConnectionNotFoundError(SocketClosedError):
+    """No node of the cluster holds the connection (it closed, its node is gone,
+    or it never existed): found out at once, not at the request's timeout."""
+
+    def __init__(self, connection_id: str) -> None:
+        super().__init__(f"no node holds connection {connection_id!r}")
+        self.connection_id = connection_id
 
 
 class ConnectionRejectedError(MeshlineError):
