@@ -499,3 +499,139 @@ async def test_a_request_fails_at_once_when_the_connection_drops_mid_request(
                 nursery.start_soon(close_when_started)
                 with trio.fail_after(30), pytest.raises(meshline.SocketClosedError):
                     await b.server.to_conn(conn_id).request("hang", None, timeout=3600)
+
+
+# --- Hooks ------------------------------------------------------------------------------
+
+
+class Hooks:
+    """Every hook call of every node, in one list: (kind, subject)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    def options(self, **extra: Any) -> dict[str, Any]:
+        calls = self.calls
+
+        def online(user_id: str) -> None:
+            calls.append(("online", user_id))
+
+        async def offline(user_id: str) -> None:
+            await trio.lowlevel.checkpoint()
+            calls.append(("offline", user_id))
+
+        def connected(conn: meshline.Connection) -> None:
+            calls.append(("connected", conn.id))
+
+        def disconnected(conn: meshline.Connection, reason: DisconnectReason) -> None:
+            calls.append(("disconnected", conn.id))
+
+        return {
+            "on_user_online": online,
+            "on_user_offline": offline,
+            "on_client_connected": connected,
+            "on_client_disconnected": disconnected,
+            **extra,
+        }
+
+    def of(self, kind: str) -> list[str]:
+        return [subject for called, subject in self.calls if called == kind]
+
+    async def until(self, kind: str, subject: str) -> None:
+        with trio.fail_after(30):
+            await wait_until(lambda: subject in self.of(kind))
+
+
+async def test_user_hooks_fire_once_for_the_cluster(
+    open_transport: OpenTransport, unique: Callable[[str], str]
+) -> None:
+    hooks = Hooks()
+    async with cluster_of(open_transport, unique, 2, **hooks.options()) as (a, b):
+        async with client_of(a, user="ada") as phone:
+            await hooks.until("online", "ada")
+            async with client_of(b, user="ada") as laptop:
+                await settled([a, b], lambda server: len(server.cluster.by_user("ada")) == 2)
+                await hooks.until("connected", laptop.connection_id or "")
+            await hooks.until("disconnected", laptop.connection_id or "")
+            await settled([a, b], lambda server: len(server.cluster.by_user("ada")) == 1)
+            assert hooks.of("offline") == []  # one device left: still online
+            phone_id = phone.connection_id or ""
+        await hooks.until("offline", "ada")
+        await hooks.until("disconnected", phone_id)
+        # Later transitions would have shown up by the time the users are settled.
+        async with client_of(b, user="bob"):
+            await hooks.until("online", "bob")
+        await hooks.until("offline", "bob")
+        assert hooks.of("online") == ["ada", "bob"]
+        assert hooks.of("offline") == ["ada", "bob"]
+
+
+async def test_a_user_back_within_the_grace_period_is_never_offline(
+    open_transport: OpenTransport, unique: Callable[[str], str]
+) -> None:
+    hooks = Hooks()
+    options = hooks.options(offline_grace=30.0)
+    async with cluster_of(open_transport, unique, 2, **options) as (a, b):
+        async with client_of(a, user="ada", client_id="ada-1"):
+            await hooks.until("online", "ada")
+        await settled([a, b], lambda server: server.cluster.in_grace("ada"))
+        assert b.server.cluster.is_online("ada") is False  # no connection: not listed
+        # Back, from another device, on the other node, within the grace period.
+        async with client_of(b, user="ada", client_id="ada-2"):
+            await settled([a, b], lambda server: not server.cluster.in_grace("ada"))
+        await settled([a, b], lambda server: server.cluster.in_grace("ada"))
+        assert hooks.of("offline") == []
+        assert hooks.of("online") == ["ada"]
+
+
+async def test_a_client_back_within_the_grace_period_did_not_leave(
+    open_transport: OpenTransport, unique: Callable[[str], str]
+) -> None:
+    hooks = Hooks()
+    async with cluster_of(open_transport, unique, 2, **hooks.options(offline_grace=1.0)) as (
+        a,
+        b,
+    ):
+        async with client_of(a, client_id="phone") as first:
+            first_id = first.connection_id or ""
+        async with client_of(b, client_id="phone") as again:
+            # The first connection's grace period ends while the client is back.
+            with trio.fail_after(30):
+                await wait_until(lambda: a.server.cluster.returns == 1)
+            again_id = again.connection_id or ""
+        await hooks.until("disconnected", again_id)
+        assert first_id not in hooks.of("disconnected")
+        assert hooks.of("disconnected") == [again_id]
+
+
+async def test_a_superseded_connection_is_no_departure(
+    open_transport: OpenTransport, unique: Callable[[str], str]
+) -> None:
+    hooks = Hooks()
+    async with cluster_of(open_transport, unique, 2, **hooks.options()) as (a, b):
+        async with client_of(a, client_id="roamer") as old:
+            old_id = old.connection_id or ""
+            await hooks.until("connected", old_id)
+            async with client_of(b, client_id="roamer") as new:
+                await hooks.until("connected", new.connection_id or "")
+                with trio.fail_after(30):
+                    await wait_until(lambda: (old_id, DisconnectReason.SUPERSEDED) in a.ended)
+                new_id = new.connection_id or ""
+            await hooks.until("disconnected", new_id)
+        assert hooks.of("disconnected") == [new_id]
+
+
+async def test_the_users_of_a_dead_node_go_offline(
+    open_transport: OpenTransport, unique: Callable[[str], str]
+) -> None:
+    hooks = Hooks()
+    async with cluster_of(open_transport, unique, 2, **hooks.options()) as (a, b):
+        async with AsyncExitStack() as stack:
+            await stack.enter_async_context(client_of(a, user="lost"))
+            await stack.enter_async_context(client_of(b, user="kept"))
+            await hooks.until("online", "lost")
+            await hooks.until("online", "kept")
+            a.faults.cut()
+            await hooks.until("offline", "lost")
+            assert "kept" not in hooks.of("offline")
+            a.scope.cancel()

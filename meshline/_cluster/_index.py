@@ -125,6 +125,10 @@ class ClusterIndex:
         """The client's registration, whatever its node's state."""
         return self._by_client.get(client_id)
 
+    def of_node(self, node_id: int) -> list[ClusterConnection]:
+        """The node's registrations, whatever its state."""
+        return [self._by_client[client_id] for client_id in self._by_node.get(node_id, ())]
+
     def _live(self, client_ids: Iterable[str], alive: Alive) -> list[ClusterConnection]:
         found = []
         for client_id in client_ids:

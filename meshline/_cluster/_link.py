@@ -49,6 +49,7 @@ from .._errors import (
     TransportError,
 )
 from .._mesh._identity import mesh_names
+from .._mesh._membership import MembershipEvent, MembershipEventKind
 from .._mesh._node import NodeOptions
 from .._registry._core import ChangeFeed, ClientRecord, LocalLookup, RegisteredClient
 from .._service._service import ClientService, open_client_service
@@ -73,6 +74,12 @@ from .._transport._names import check_name as check_key
 from .._transport._seam import Message, Subscription, Transport
 from ._index import ClusterConnection, ClusterIndex, Descriptor, NodeSummary
 from ._interest import InterestKind, interest_subject
+from ._reporting import (
+    ClientConnectedHook,
+    ClientDisconnectedHook,
+    PresenceReporter,
+    UserHook,
+)
 
 if TYPE_CHECKING:
     from .._registry._core import RegistryBackend
@@ -229,6 +236,7 @@ class ClusterLink:
         registry: LocalRegistry,
         *,
         describe: Callable[[Connection], Any] | None,
+        reporter: PresenceReporter,
     ) -> None:
         backend = service.client_registry.backend
         if not isinstance(backend, ChangeFeed) or not isinstance(backend, LocalLookup):
@@ -242,6 +250,7 @@ class ClusterLink:
         self._hub = hub
         self._registry = registry
         self._describe = describe
+        self.reporter = reporter
         self._lookup: Callable[[str], ClientRecord | None] = backend.lookup
         self._feed: ChangeFeed = backend
         self.prefix = mesh_names(self.node.key, SOCKETS_NAMESPACE)[1]
@@ -278,6 +287,10 @@ class ClusterLink:
     # --- The registry's change feed ------------------------------------------------
 
     def _on_change(self, client_id: str, record: ClientRecord | None) -> None:
+        self._index_change(client_id, record)
+        self.reporter.registration(client_id, self.index.get(client_id))
+
+    def _index_change(self, client_id: str, record: ClientRecord | None) -> None:
         if record is None:
             self.index.remove(client_id)
             return
@@ -346,6 +359,7 @@ class ClusterLink:
                 self._interest_changed(InterestKind.TOPIC, topic)
 
     def detached(self, conn: Connection) -> None:
+        self.reporter.client_closed(conn)
         slot = self._slots.get(conn.client_id)
         if slot is not None and slot.current is not None and slot.current.conn is conn:
             slot.stale.append(slot.current)
@@ -442,10 +456,13 @@ class ClusterLink:
                 return  # closed meanwhile: the next turn removes what was written
             if entry.token is None:
                 registration = await service.register_client(client_id, descriptor)
+                first = entry.token is None and entry.written == 0
                 entry.token = registration.token
                 entry.written = changed
                 if slot.current is not entry:
                     return
+                if first:
+                    self.reporter.client_connected(entry.conn)
                 self._check_superseded(client_id, self._lookup(client_id))
             else:
                 kept = await service.update_client_metadata(
@@ -494,6 +511,27 @@ class ClusterLink:
             )
             return {}
         return fields
+
+    # --- Membership -----------------------------------------------------------------------
+
+    def on_membership(self, event: MembershipEvent) -> None:
+        if event.node_id is None:
+            return
+        if event.kind is MembershipEventKind.DOWN:
+            self.reporter.node_down(event.node_id)
+        elif event.kind is MembershipEventKind.UP:
+            for conn in self.index.of_node(event.node_id):
+                self.reporter.registration(conn.client_id, conn)
+
+    def _still_here(self, conn: Connection) -> bool:
+        """Whether the client of ``conn`` is connected again (another connection
+        of its client id is registered on a live node)."""
+        current = self.index.get(conn.client_id)
+        return (
+            current is not None
+            and current.connection_id != conn.id
+            and self.node.is_alive(current.node_id)
+        )
 
     # --- Interest subscriptions ---------------------------------------------------------
 
@@ -747,6 +785,8 @@ class ClusterLink:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._read_inbox)
                 nursery.start_soon(self._keep_subscriptions)
+                nursery.start_soon(self.reporter.keep_time, self._still_here)
+                nursery.start_soon(self.reporter.report)
                 for _ in range(PRESENCE_WORKERS):
                     nursery.start_soon(self._write_presence)
                 task_status.started()
@@ -822,6 +862,17 @@ class ClusterView:
         """Per node (the live ones, and any still holding registrations): its
         connections, its rooms, and whether it is alive."""
         return self._link.index.topology(self._link.node.alive_nodes(), self._alive)
+
+    def in_grace(self, user_id: str) -> bool:
+        """Whether the user has no connection left anywhere but is still within
+        the offline grace period (not reported offline yet)."""
+        return self._link.reporter.users.in_grace(check_name(user_id, "user id"))
+
+    @property
+    def returns(self) -> int:
+        """Connections of this node whose client connected again, anywhere, within
+        the offline grace period (so no departure was reported for them)."""
+        return self._link.reporter.returns
 
     def nodes(self) -> frozenset[int]:
         """The live nodes, as this node's membership view has them."""
@@ -992,6 +1043,11 @@ async def open_cluster_link(
     *,
     describe: Callable[[Connection], Any] | None = None,
     on_orphaned: ClusterOrphanHandler | None = None,
+    on_user_online: UserHook | None = None,
+    on_user_offline: UserHook | None = None,
+    on_client_connected: ClientConnectedHook | None = None,
+    on_client_disconnected: ClientDisconnectedHook | None = None,
+    offline_grace: float = 0.0,
 ) -> AsyncIterator[ClusterLink]:
     """Join the cluster ``mesh`` names, for the block (see the module).
 
@@ -1027,11 +1083,24 @@ async def open_cluster_link(
         reassert_interval=mesh.reassert_interval,
         **options,
     ) as service:
-        link = ClusterLink(service, hub, registry, describe=describe)
-        service.node.register_handler(SOCKET_REQUEST, link._serve_request)
+        node = service.node
+        reporter = PresenceReporter(
+            grace=offline_grace,
+            replay_window=2.0 * node.ttl + 1.0,
+            alive=node.is_alive,
+            on_user_online=on_user_online,
+            on_user_offline=on_user_offline,
+            on_client_connected=on_client_connected,
+            on_client_disconnected=on_client_disconnected,
+        )
+        link = ClusterLink(service, hub, registry, describe=describe, reporter=reporter)
+        node.register_handler(SOCKET_REQUEST, link._serve_request)
         stop_feed = link._feed.add_change_listener(link._on_change)
         for record in await service.client_registry.backend.list_clients():
-            link._on_change(record.client_id, record)
+            link._index_change(record.client_id, record)
+        reporter.load(link.index.connections(node.is_alive))
+        stop_membership = node.add_membership_handler(link.on_membership)
+        stop_leading = node.add_leader_duty(reporter.lead)
         registry.observer = link
         try:
             async with trio.open_nursery() as nursery:
@@ -1042,4 +1111,6 @@ async def open_cluster_link(
                     nursery.cancel_scope.cancel()
         finally:
             registry.observer = None
+            stop_leading()
+            stop_membership()
             stop_feed()

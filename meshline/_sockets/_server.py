@@ -775,6 +775,12 @@ async def open_socket_server(
     mesh: MeshOptions | None = None,
     describe: Callable[[Connection], Any] | None = None,
     on_orphaned: ClusterOrphanHandler | None = None,
+    on_user_online: Callable[[str], Awaitable[None] | None] | None = None,
+    on_user_offline: Callable[[str], Awaitable[None] | None] | None = None,
+    on_client_connected: Callable[[Connection], Awaitable[None] | None] | None = None,
+    on_client_disconnected: Callable[[Connection, DisconnectReason], Awaitable[None] | None]
+    | None = None,
+    offline_grace: float = 0.0,
 ) -> AsyncIterator[SocketServer]:
     """Run a socket server for the duration of the block; yields the :class:`SocketServer`.
 
@@ -804,6 +810,15 @@ async def open_socket_server(
     ``on_connect``. ``on_orphaned(node_id, connections)`` runs on the leader for
     the connections of a node that died.
 
+    The cluster's hooks (plain or async; see the Cluster sockets docs):
+    ``on_user_online(user_id)`` when a user's first connection anywhere appears
+    and ``on_user_offline(user_id)`` when their last one anywhere has been gone
+    for ``offline_grace`` seconds (both run on the leader, once);
+    ``on_client_connected(conn)`` on the node a client connected to, once its
+    registration landed; ``on_client_disconnected(conn, reason)`` on the node
+    its connection ended on, ``offline_grace`` seconds later, only if the client
+    truly left (not superseded, not connected again anywhere).
+
     Cancellation: leaving the block (normally, by an exception or cancelled)
     shuts the server down as :meth:`SocketServer.shutdown` does, shielded and
     bounded; then every remaining task is cancelled.
@@ -832,9 +847,25 @@ async def open_socket_server(
         on_disconnect=on_disconnect,
         node_id=node_id,
     )
-    for hook_name, hook in (("describe", describe), ("on_orphaned", on_orphaned)):
+    cluster_hooks = {
+        "describe": describe,
+        "on_orphaned": on_orphaned,
+        "on_user_online": on_user_online,
+        "on_user_offline": on_user_offline,
+        "on_client_connected": on_client_connected,
+        "on_client_disconnected": on_client_disconnected,
+    }
+    for hook_name, hook in cluster_hooks.items():
         if hook is not None and not callable(hook):
             raise InvalidArgumentError(f"{hook_name} must be callable: {hook!r}")
+    if (
+        isinstance(offline_grace, bool)
+        or not isinstance(offline_grace, int | float)
+        or not 0 <= offline_grace < 1e9
+    ):
+        raise InvalidArgumentError(
+            f"offline_grace must be a finite number of seconds >= 0: {offline_grace!r}"
+        )
     async with AsyncExitStack() as stack:
         if mesh is not None:
             if not isinstance(mesh, MeshOptions):
@@ -848,11 +879,18 @@ async def open_socket_server(
                     server._registry,
                     describe=describe,
                     on_orphaned=on_orphaned,
+                    on_user_online=on_user_online,
+                    on_user_offline=on_user_offline,
+                    on_client_connected=on_client_connected,
+                    on_client_disconnected=on_client_disconnected,
+                    offline_grace=offline_grace,
                 )
             )
             server._join(link)
-        elif describe is not None or on_orphaned is not None:
-            raise InvalidArgumentError("describe and on_orphaned need a mesh")
+        else:
+            given = sorted(name for name, hook in cluster_hooks.items() if hook is not None)
+            if given:
+                raise InvalidArgumentError(f"{', '.join(given)} need a mesh")
         async with _run_server(server, listen=listen) as running:
             yield running
 

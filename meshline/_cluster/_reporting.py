@@ -1,0 +1,236 @@
+"""The cluster layer's hooks: which users came online or went offline anywhere in the
+cluster (reported once, by the leader), and which clients connected to or truly left
+this node.
+
+:class:`PresenceReporter` is fed by the cluster link with every registration as the
+replica sees it, and with the live nodes; it decides what counts as a live connection
+(a registration on a live node), drives a :class:`~meshline._cluster._users.UserPresence`
+with it, and runs the hooks.
+
+User hooks
+    Every node keeps the same user presence from its replica; only the leader
+    reports it, in order, one hook at a time. When leadership moves, the new
+    leader reports again the transitions it saw in the last ``replay_window``
+    seconds (the old leader may have died before reporting them): at a leader
+    change a transition may be reported twice, never lost, so the hooks end in
+    the truth.
+
+Client hooks
+    ``on_client_connected(conn)`` runs on the node the client connected to, once
+    its registration landed. ``on_client_disconnected(conn, reason)`` runs on the
+    node its connection ended on, ``grace`` seconds after the end, unless the
+    connection was superseded or the client id is connected again by then
+    (anywhere in the cluster): only a client that truly left is reported.
+"""
+
+from __future__ import annotations
+
+import heapq
+import inspect
+import itertools
+import logging
+import math
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from .._sockets._connection import DisconnectReason
+from ._index import ClusterConnection
+from ._users import UserOffline, UserOnline, UserPresence, UserTransition
+
+if TYPE_CHECKING:
+    from .._sockets._connection import Connection
+
+__all__ = ["ClientConnectedHook", "ClientDisconnectedHook", "PresenceReporter", "UserHook"]
+
+logger = logging.getLogger("meshline.cluster")
+
+UserHook = Callable[[str], Awaitable[None] | None]
+ClientConnectedHook = Callable[["Connection"], Awaitable[None] | None]
+ClientDisconnectedHook = Callable[["Connection", DisconnectReason], Awaitable[None] | None]
+
+
+async def _call(hook: Callable[..., Any], name: str, *args: Any) -> None:
+    try:
+        result = hook(*args)
+        if inspect.isawaitable(result):
+            await result
+    except Exception:
+        logger.exception("cluster: the %s hook failed", name)
+
+
+class PresenceReporter:
+    """Live connections, user transitions and the hooks (see the module)."""
+
+    def __init__(
+        self,
+        *,
+        grace: float,
+        replay_window: float,
+        alive: Callable[[int], bool],
+        on_user_online: UserHook | None = None,
+        on_user_offline: UserHook | None = None,
+        on_client_connected: ClientConnectedHook | None = None,
+        on_client_disconnected: ClientDisconnectedHook | None = None,
+    ) -> None:
+        self.users = UserPresence(grace=grace)
+        self.grace = self.users.grace
+        self._replay_window = replay_window
+        self._alive = alive
+        self._on_user_online = on_user_online
+        self._on_user_offline = on_user_offline
+        self._on_client_connected = on_client_connected
+        self._on_client_disconnected = on_client_disconnected
+        self._live: dict[str, ClusterConnection] = {}
+        """Client id -> its registration, while it counts as live."""
+        self._recent: dict[str, tuple[UserTransition, float]] = {}
+        """User -> their latest transition and when, for a new leader to replay."""
+        self._leading = False
+        self._user_reports: deque[UserTransition] = deque()
+        self._local_reports: deque[tuple[str, tuple[Any, ...]]] = deque()
+        self._reports_ready = trio.Event()
+        self._departures: list[tuple[float, int, Connection]] = []
+        self._order = itertools.count()
+        self._wake = trio.Event()
+        self.returns = 0
+        """Connections of this node whose client was connected again, anywhere,
+        within the grace period: no departure was reported for them."""
+
+    # --- Inputs --------------------------------------------------------------------
+
+    def load(self, connections: list[ClusterConnection]) -> None:
+        """Start from the replica's registrations, reporting nothing."""
+        self._live = {conn.client_id: conn for conn in connections if self._alive(conn.node_id)}
+        self.users.load(
+            (conn.user_id, conn.connection_id)
+            for conn in self._live.values()
+            if conn.user_id is not None
+        )
+
+    def registration(self, client_id: str, conn: ClusterConnection | None) -> None:
+        """The client's registration is ``conn`` now (None: gone)."""
+        should = conn if conn is not None and self._alive(conn.node_id) else None
+        have = self._live.get(client_id)
+        if have is should or (
+            have is not None
+            and should is not None
+            and have.connection_id == should.connection_id
+            and have.user_id == should.user_id
+        ):
+            if should is not None:
+                self._live[client_id] = should
+            return
+        now = trio.current_time()
+        if have is not None:
+            del self._live[client_id]
+            if have.user_id is not None:
+                self._transitions(self.users.disconnected(have.user_id, have.connection_id, now))
+        if should is not None:
+            self._live[client_id] = should
+            if should.user_id is not None:
+                self._transitions(self.users.connected(should.user_id, should.connection_id, now))
+
+    def node_down(self, node_id: int) -> None:
+        """``node_id`` was declared dead: its connections are not live any more."""
+        for client_id, conn in list(self._live.items()):
+            if conn.node_id == node_id:
+                self.registration(client_id, conn)  # re-checked against ``alive``
+
+    def client_connected(self, conn: Connection) -> None:
+        """A connection's first registration landed on this node."""
+        if self._on_client_connected is not None:
+            self._local_reports.append(("on_client_connected", (conn,)))
+            self._reports_ready.set()
+
+    def client_closed(self, conn: Connection) -> None:
+        """A connection of this node ended (its reason may be set a moment later)."""
+        if self._on_client_disconnected is None:
+            return
+        deadline = trio.current_time() + self.grace
+        heapq.heappush(self._departures, (deadline, next(self._order), conn))
+        self._wake.set()
+
+    def _transitions(self, transitions: list[UserTransition]) -> None:
+        now = trio.current_time()
+        for transition in transitions:
+            self._recent[transition.user_id] = (transition, now)
+            if self._leading:
+                self._user_reports.append(transition)
+                self._reports_ready.set()
+        if len(self._recent) > 2 * len(self.users.online) + 1024:
+            self._forget_old(now)
+        if transitions or self.users.next_deadline() < math.inf:
+            self._wake.set()
+
+    def _forget_old(self, now: float) -> None:
+        horizon = now - self._replay_window
+        self._recent = {user: seen for user, seen in self._recent.items() if seen[1] >= horizon}
+
+    # --- Tasks -------------------------------------------------------------------------
+
+    async def keep_time(self, still_here: Callable[[Connection], bool]) -> None:
+        """End grace periods, and decide the departures once theirs is over.
+
+        ``still_here(conn)`` says whether the client of ``conn`` is connected again
+        (a newer registration of its client id on a live node).
+        """
+        while True:
+            now = trio.current_time()
+            self._transitions(self.users.expire(now))
+            departures = self._departures
+            while departures and departures[0][0] <= now:
+                _, _, conn = heapq.heappop(departures)
+                if conn.disconnect_reason is DisconnectReason.SUPERSEDED:
+                    continue
+                if still_here(conn):
+                    self.returns += 1
+                    continue
+                self._local_reports.append(
+                    (
+                        "on_client_disconnected",
+                        (conn, conn.disconnect_reason or DisconnectReason.SERVER_EXIT),
+                    )
+                )
+                self._reports_ready.set()
+            deadline = min(self.users.next_deadline(), departures[0][0] if departures else math.inf)
+            self._wake = trio.Event()
+            with trio.move_on_at(deadline):
+                await self._wake.wait()
+
+    async def lead(self) -> None:
+        """The leader's duty: report the user transitions, the recent ones first."""
+        now = trio.current_time()
+        self._forget_old(now)
+        replay = sorted(self._recent.values(), key=lambda seen: seen[1])
+        self._user_reports.extend(transition for transition, _ in replay)
+        self._leading = True
+        self._reports_ready.set()
+        try:
+            await trio.sleep_forever()
+        finally:
+            self._leading = False
+            self._user_reports.clear()
+
+    async def report(self) -> None:
+        """Run the hooks, one at a time, in order."""
+        while True:
+            while not self._user_reports and not self._local_reports:
+                self._reports_ready = trio.Event()
+                await self._reports_ready.wait()
+            if self._local_reports:
+                name, args = self._local_reports.popleft()
+                hook = (
+                    self._on_client_connected
+                    if name == "on_client_connected"
+                    else self._on_client_disconnected
+                )
+                if hook is not None:
+                    await _call(hook, name, *args)
+                continue
+            transition = self._user_reports.popleft()
+            if isinstance(transition, UserOnline) and self._on_user_online is not None:
+                await _call(self._on_user_online, "on_user_online", transition.user_id)
+            elif isinstance(transition, UserOffline) and self._on_user_offline is not None:
+                await _call(self._on_user_offline, "on_user_offline", transition.user_id)
