@@ -635,3 +635,37 @@ async def test_the_users_of_a_dead_node_go_offline(
             await hooks.until("offline", "lost")
             assert "kept" not in hooks.of("offline")
             a.scope.cancel()
+
+
+async def test_metadata_updates_and_broadcasts(
+    open_transport: OpenTransport, unique: Callable[[str], str]
+) -> None:
+    async with cluster_of(open_transport, unique, 2) as (a, b):
+        heard: list[tuple[Any, int]] = []
+        b.server.register_broadcast_handler(
+            "news", lambda data, sender: heard.append((data, sender))
+        )
+        await a.server.broadcast("news", {"n": 1})
+        with trio.fail_after(30):
+            await wait_until(lambda: heard == [({"n": 1}, a.id)])
+        async with client_of(a, client_id="c") as client:
+            assert a.server.update_client_metadata("c", {"status": "away"})
+            await settled(
+                [b],
+                lambda server: (
+                    (found := server.cluster.client("c")) is not None
+                    and found.fields == {"status": "away"}
+                ),
+            )
+            assert not b.server.update_client_metadata("c", {"x": 1})  # not held by b
+            with pytest.raises(meshline.PayloadError):
+                a.server.update_client_metadata("c", {"bad": object()})
+            with pytest.raises(InvalidArgumentError):
+                a.server.update_client_metadata("c", ["not", "a", "mapping"])  # type: ignore[arg-type]
+            # Nothing bad was kept: the next write of the registration keeps the fields.
+            conn = a.server.connection(client.connection_id or "")
+            assert conn is not None
+            conn.join("later")
+            await settled([b], lambda server: bool(server.cluster.room("later")))
+            assert (found := b.server.cluster.client("c")) is not None
+            assert found.fields == {"status": "away"}

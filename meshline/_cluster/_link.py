@@ -395,6 +395,26 @@ class ClusterLink:
         if topic not in self._registry.topics:
             self._interest_changed(InterestKind.TOPIC, topic)
 
+    def update_fields(self, client_id: str, fields: Mapping[str, Any]) -> bool:
+        """Replace the ``describe`` fields of the client's connection on this node
+        in its registration (written in the background); False if this node has
+        no open connection of that client."""
+        slot = self._slots.get(client_id)
+        if slot is None or slot.current is None:
+            return False
+        if not isinstance(fields, Mapping):
+            raise InvalidArgumentError(f"fields must be a mapping: {fields!r}")
+        copied = {str(key): value for key, value in fields.items()}
+        try:
+            _encoder.encode(copied)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise PayloadError(f"cannot encode the fields: {exc}") from exc
+        entry = slot.current
+        entry.fields = copied
+        entry.changed += 1
+        self._queue_write(client_id)
+        return True
+
     def _descriptor_changed(self, conn: Connection) -> None:
         slot = self._slots.get(conn.client_id)
         if slot is not None and slot.current is not None and slot.current.conn is conn:

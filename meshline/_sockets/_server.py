@@ -68,6 +68,7 @@ from .._cluster._link import (
     open_cluster_link,
 )
 from .._errors import InvalidArgumentError, MeshlineError
+from .._mesh._declarations import BroadcastType
 from .._mesh._node import DEFAULT_REQUEST_TIMEOUT
 from ._codes import CloseCode
 from ._connection import (
@@ -441,6 +442,40 @@ class SocketServer:
         """
 
         return TopicTarget(self._linked(), name)
+
+    def update_client_metadata(self, client_id: str, fields: Mapping[str, Any]) -> bool:
+        """Replace the ``describe`` fields in the registration of the client's
+        connection on this node; the registry is written in the background (other
+        nodes see it within milliseconds). Returns False if no connection of that
+        client is open here.
+
+        :raises InvalidArgumentError: ``fields`` is not a mapping.
+        :raises PayloadError: ``fields`` cannot be encoded (nothing changed).
+        :raises MeshlineError: the server has no mesh.
+        """
+        return self._linked().update_fields(check_name(client_id, "client id"), fields)
+
+    def register_broadcast_handler(
+        self, kind: str | BroadcastType[Any], handler: Callable[[Any, int], Any]
+    ) -> Callable[[], None]:
+        """Call ``handler(data, sender_node_id)`` for every :meth:`broadcast` of
+        ``kind`` (see :meth:`Node.register_broadcast_handler
+        <meshline.Node.register_broadcast_handler>`); returns a function that
+        removes it.
+
+        :raises MeshlineError: the server has no mesh.
+        """
+        return self._linked().service.register_broadcast_handler(kind, handler)
+
+    async def broadcast(
+        self, kind: str | BroadcastType[Any], data: Any, *, skip_self: bool = False
+    ) -> None:
+        """Send ``data`` to the broadcast handlers of ``kind`` on every node of the
+        cluster (see :meth:`Node.broadcast <meshline.Node.broadcast>`).
+
+        :raises MeshlineError: the server has no mesh.
+        """
+        await self._linked().service.broadcast(kind, data, skip_self=skip_self)
 
     async def invoke(
         self,
