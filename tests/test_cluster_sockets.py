@@ -18,11 +18,11 @@ from meshline import (
     ClusterConnection,
     DisconnectReason,
     InvalidArgumentError,
-    MeshlineError,
     MeshOptions,
     Role,
     SocketRequest,
     SocketServer,
+    node_of_connection,
 )
 from meshline.testing import HOSTILE_CLIENT_IDS, FaultyTransport, open_memory_client
 
@@ -416,12 +416,42 @@ async def test_bad_arguments_get_clear_errors(
         MeshOptions("not a transport", "k")  # type: ignore[arg-type]
 
 
-async def test_without_a_mesh_the_cluster_api_says_so() -> None:
-    async with meshline.open_socket_server(roles=[ROLE], listen=False) as server:
-        with pytest.raises(MeshlineError, match="mesh"):
-            server.cluster  # noqa: B018
-        with pytest.raises(MeshlineError, match="mesh"):
-            server.to_user("u")
+async def test_without_a_mesh_a_server_is_a_cluster_of_one() -> None:
+    hooks = Hooks()
+    async with meshline.open_socket_server(
+        roles=[ROLE], authenticate=by_query, listen=False, **hooks.options()
+    ) as server:
+        async with open_memory_client(server, client_id="solo", query={"user": "sam"}) as client:
+            client.implement("ping", lambda data: "pong")
+            inbox = Inbox(client)
+            with trio.fail_after(30):
+                await wait_until(lambda: server.cluster.is_online("sam"))
+            await hooks.until("online", "sam")
+            assert server.cluster.count() == 1
+            assert node_of_connection(client.connection_id or "") == server.node_id
+            await server.to_user("sam").emit("note", 1)
+            await server.to_conn(client.connection_id or "").emit("note", 2)
+            assert await inbox.wait_for(2) == [1, 2]
+            assert await server.to_conn(client.connection_id or "").request("ping") == "pong"
+            assert await server.invoke("solo", "ping") == "pong"
+        await hooks.until("offline", "sam")
+
+
+async def test_a_server_alone_keeps_the_node_id_it_was_given() -> None:
+    async with meshline.open_socket_server(roles=[ROLE], listen=False, node_id=77) as server:
+        assert server.node_id == 77
+        async with open_memory_client(server, client_id="solo") as client:
+            conn_id = client.connection_id or ""
+            assert node_of_connection(conn_id) == 77
+            client.implement("ping", lambda data: "pong")
+            inbox = Inbox(client)
+            await server.to_conn(conn_id).emit("note", "here")
+            assert await inbox.wait_for(1) == ["here"]
+            assert await server.to_conn(conn_id).request("ping") == "pong"
+            with trio.fail_after(30):
+                await wait_until(lambda: server.cluster.client("solo") is not None)
+            with pytest.raises(meshline.ConnectionNotFoundError):
+                await server.to_conn("78.x.1").request("ping")
 
 
 # --- Requests across nodes --------------------------------------------------------------

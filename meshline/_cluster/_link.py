@@ -237,6 +237,7 @@ class ClusterLink:
         *,
         describe: Callable[[Connection], Any] | None,
         reporter: PresenceReporter,
+        route_id: int | None = None,
     ) -> None:
         backend = service.client_registry.backend
         if not isinstance(backend, ChangeFeed) or not isinstance(backend, LocalLookup):
@@ -247,6 +248,9 @@ class ClusterLink:
         self.service = service
         self.node = service.node
         self.node_id = service.instance_id
+        self.route_id = self.node_id if route_id is None else route_id
+        """The node id this server's connection ids name: the mesh's, unless a
+        server on a private mesh was given its own."""
         self._hub = hub
         self._registry = registry
         self._describe = describe
@@ -272,7 +276,7 @@ class ClusterLink:
         self._inbox: MessageBuffer[Message] = MessageBuffer(
             INBOX_LIMIT, Overflow.DROP_OLDEST, "cluster inbox"
         )
-        self.conn_subject = self.node_subject(self.node_id)
+        self.conn_subject = self.node_subject(self.route_id)
 
     # --- Names -------------------------------------------------------------------
 
@@ -671,7 +675,7 @@ class ClusterLink:
         raw = _encode_data(data)
         if kind is None:
             node_id = node_of_connection(name)
-            if node_id == self.node_id:
+            if node_id == self.route_id:
                 self._deliver(self.conn_subject, _Emit(self.node_id, name, event, raw, coalesce))
                 return
             routed: _Emit | _Close = _Emit(self.node_id, name, event, raw, coalesce)
@@ -694,7 +698,7 @@ class ClusterLink:
         if kind is None:
             node_id = node_of_connection(name)
             routed = _Close(self.node_id, name, code, reason)
-            if node_id == self.node_id:
+            if node_id == self.route_id:
                 self._deliver(self.conn_subject, routed)
             else:
                 await self._publish(self.node_subject(node_id), routed)
@@ -708,7 +712,7 @@ class ClusterLink:
         """Ask the connection's client ``name`` on whichever node holds it."""
         output = self._hub.request_output(name)
         node_id = node_of_connection(connection_id)
-        if node_id == self.node_id:
+        if node_id == self.route_id:
             conn = self._registry.connections.get(connection_id)
             if conn is None:
                 raise ConnectionNotFoundError(connection_id)
@@ -1068,11 +1072,14 @@ async def open_cluster_link(
     on_client_connected: ClientConnectedHook | None = None,
     on_client_disconnected: ClientDisconnectedHook | None = None,
     offline_grace: float = 0.0,
+    route_id: int | None = None,
 ) -> AsyncIterator[ClusterLink]:
     """Join the cluster ``mesh`` names, for the block (see the module).
 
     The server's connections must not open before this yields (its node id names
-    them). Leaving the block removes this node's registrations and leaves the mesh.
+    them). ``route_id`` is the node id the server's connection ids name when it
+    is not the mesh's (a server on a private mesh given its own ``node_id``).
+    Leaving the block removes this node's registrations and leaves the mesh.
     """
     link: ClusterLink | None = None
 
@@ -1113,7 +1120,9 @@ async def open_cluster_link(
             on_client_connected=on_client_connected,
             on_client_disconnected=on_client_disconnected,
         )
-        link = ClusterLink(service, hub, registry, describe=describe, reporter=reporter)
+        link = ClusterLink(
+            service, hub, registry, describe=describe, reporter=reporter, route_id=route_id
+        )
         node.register_handler(SOCKET_REQUEST, link._serve_request)
         stop_feed = link._feed.add_change_listener(link._on_change)
         for record in await service.client_registry.backend.list_clients():

@@ -70,6 +70,8 @@ from .._cluster._link import (
 from .._errors import InvalidArgumentError, MeshlineError
 from .._mesh._declarations import BroadcastType
 from .._mesh._node import DEFAULT_REQUEST_TIMEOUT
+from .._registry._memory import MemoryRegistryBackend
+from .._transport._memory import MemoryHub, open_memory_transport
 from ._codes import CloseCode
 from ._connection import (
     Connection,
@@ -98,6 +100,10 @@ __all__ = [
 logger = logging.getLogger("meshline.sockets")
 
 MiB = 1024 * 1024
+
+PRIVATE_MESH_KEY = "local"
+"""The key of the mesh a server without ``mesh`` runs alone on (on a memory
+transport of its own)."""
 
 
 def _positive_number(what: str, *, allow_inf: bool = False) -> Callable[[Any, Any, Any], None]:
@@ -380,16 +386,15 @@ class SocketServer:
         self._cluster: ClusterView | None = None
 
     def _join(self, link: ClusterLink) -> None:
-        """Take the node id the mesh gave, and route through ``link``."""
-
-        self.node_id = link.node_id
-        self._hub.adopt_node_id(link.node_id)
+        """Take the node id the link routes by, and route through ``link``."""
+        self.node_id = link.route_id
+        self._hub.adopt_node_id(link.route_id)
         self._link = link
         self._cluster = ClusterView(link)
 
     def _linked(self) -> ClusterLink:
         if self._link is None:
-            raise MeshlineError("this server has no mesh: open it with mesh=MeshOptions(...)")
+            raise MeshlineError("the server is not running: use open_socket_server")
         return self._link
 
     # --- The cluster ---------------------------------------------------------------------
@@ -399,7 +404,6 @@ class SocketServer:
         """Queries over every connection of the cluster, from this node's replica
         of the presence registry (see :class:`~meshline.ClusterView`).
 
-        :raises MeshlineError: the server has no mesh.
         """
         self._linked()
         assert self._cluster is not None
@@ -409,18 +413,14 @@ class SocketServer:
         """One connection, wherever it is: ``await server.to_conn(id).emit(...)``.
 
         :raises InvalidArgumentError: not a connection id.
-        :raises MeshlineError: the server has no mesh.
         """
-
         return ConnectionTarget(self._linked(), connection_id)
 
     def to_user(self, user_id: str) -> UserTarget:
         """Every connection of the user, on every node (see :class:`~meshline.UserTarget`).
 
         :raises InvalidArgumentError: a bad user id.
-        :raises MeshlineError: the server has no mesh.
         """
-
         return UserTarget(self._linked(), user_id)
 
     def to_room(self, name: str) -> RoomTarget:
@@ -428,9 +428,7 @@ class SocketServer:
         :meth:`room` is this node's members only.
 
         :raises InvalidArgumentError: a bad room name.
-        :raises MeshlineError: the server has no mesh.
         """
-
         return RoomTarget(self._linked(), name)
 
     def to_topic(self, name: str) -> TopicTarget:
@@ -438,9 +436,7 @@ class SocketServer:
         :class:`~meshline.TopicTarget`). :meth:`topic` is this node's only.
 
         :raises InvalidArgumentError: a bad topic name.
-        :raises MeshlineError: the server has no mesh.
         """
-
         return TopicTarget(self._linked(), name)
 
     def update_client_metadata(self, client_id: str, fields: Mapping[str, Any]) -> bool:
@@ -451,7 +447,6 @@ class SocketServer:
 
         :raises InvalidArgumentError: ``fields`` is not a mapping.
         :raises PayloadError: ``fields`` cannot be encoded (nothing changed).
-        :raises MeshlineError: the server has no mesh.
         """
         return self._linked().update_fields(check_name(client_id, "client id"), fields)
 
@@ -463,7 +458,6 @@ class SocketServer:
         <meshline.Node.register_broadcast_handler>`); returns a function that
         removes it.
 
-        :raises MeshlineError: the server has no mesh.
         """
         return self._linked().service.register_broadcast_handler(kind, handler)
 
@@ -473,7 +467,6 @@ class SocketServer:
         """Send ``data`` to the broadcast handlers of ``kind`` on every node of the
         cluster (see :meth:`Node.broadcast <meshline.Node.broadcast>`).
 
-        :raises MeshlineError: the server has no mesh.
         """
         await self._linked().service.broadcast(kind, data, skip_self=skip_self)
 
@@ -496,7 +489,6 @@ class SocketServer:
         :class:`~meshline.MeshRequestTimeoutError`. Cancellation cancels the
         request on the owning node.
 
-        :raises MeshlineError: the server has no mesh.
         """
         return await self._linked().service.invoke(client_id, name, data, timeout=timeout)
 
@@ -833,17 +825,21 @@ async def open_socket_server(
     ``too_many_calls``), ``shutdown``, ``authorize_topic(conn, topic) -> bool``
     (plain or async; None: every topic allowed), ``on_connect(conn)`` and
     ``on_disconnect(conn, reason)`` (plain or async), ``node_id`` (the node
-    named in connection ids; random by default). ``listen=False`` opens no
+    named in connection ids, for a server without a mesh; the mesh's node id by
+    default). ``listen=False`` opens no
     socket: connections come only through :meth:`SocketServer.serve_stream`.
 
     ``mesh`` (a :class:`~meshline.MeshOptions`) joins the server to a cluster: its
     node id is then the mesh's, every connection is registered in the presence
     registry, and :attr:`SocketServer.cluster`, ``to_conn``, ``to_user``,
     ``to_room``, ``to_topic`` and ``invoke`` reach the whole cluster (see the
-    Cluster sockets docs). ``describe(conn)`` (plain or async) returns a mapping
-    of fields kept in the connection's registration, asked once after
-    ``on_connect``. ``on_orphaned(node_id, connections)`` runs on the leader for
-    the connections of a node that died.
+    Cluster sockets docs). Without a mesh, the server runs alone on a mesh of its
+    own, on a memory transport: the same API, for one node.
+
+    ``describe(conn)`` (plain or async) returns a mapping of fields kept in the
+    connection's registration, asked once after ``on_connect``.
+    ``on_orphaned(node_id, connections)`` runs on the leader for the connections
+    of a node that died.
 
     The cluster's hooks (plain or async; see the Cluster sockets docs):
     ``on_user_online(user_id)`` when a user's first connection anywhere appears
@@ -907,25 +903,27 @@ async def open_socket_server(
                 raise InvalidArgumentError(f"mesh must be MeshOptions: {mesh!r}")
             if node_id is not None:
                 raise InvalidArgumentError("with a mesh, the mesh gives the node id: drop node_id")
-            link = await stack.enter_async_context(
-                open_cluster_link(
-                    mesh,
-                    server._hub,
-                    server._registry,
-                    describe=describe,
-                    on_orphaned=on_orphaned,
-                    on_user_online=on_user_online,
-                    on_user_offline=on_user_offline,
-                    on_client_connected=on_client_connected,
-                    on_client_disconnected=on_client_disconnected,
-                    offline_grace=offline_grace,
-                )
-            )
-            server._join(link)
+            route_id = None
         else:
-            given = sorted(name for name, hook in cluster_hooks.items() if hook is not None)
-            if given:
-                raise InvalidArgumentError(f"{', '.join(given)} need a mesh")
+            transport = await stack.enter_async_context(open_memory_transport(MemoryHub()))
+            mesh = MeshOptions(transport, PRIVATE_MESH_KEY, backend=MemoryRegistryBackend())
+            route_id = node_id
+        link = await stack.enter_async_context(
+            open_cluster_link(
+                mesh,
+                server._hub,
+                server._registry,
+                describe=describe,
+                on_orphaned=on_orphaned,
+                on_user_online=on_user_online,
+                on_user_offline=on_user_offline,
+                on_client_connected=on_client_connected,
+                on_client_disconnected=on_client_disconnected,
+                offline_grace=offline_grace,
+                route_id=route_id,
+            )
+        )
+        server._join(link)
         async with _run_server(server, listen=listen) as running:
             yield running
 
