@@ -71,7 +71,8 @@ from .._sockets._local import LocalRegistry
 from .._sockets._roles import check_name
 from .._transport._buffer import MessageBuffer, Overflow
 from .._transport._names import check_name as check_key
-from .._transport._seam import Message, Subscription, Transport
+from .._transport._names import encode_bounded_token
+from .._transport._seam import KeyValue, KVOperation, Message, Subscription, Transport
 from ._index import ClusterConnection, ClusterIndex, Descriptor, NodeSummary
 from ._interest import InterestKind, interest_subject
 from ._reporting import (
@@ -115,6 +116,10 @@ SOCKET_REQUEST = "meshline.socket-request"
 """The node request type that carries server-to-client requests to the owning
 node. Its data is ``[connection_id, name, timeout, data]`` (timeout None: none);
 its answer one of :class:`_Answer`'s forms."""
+
+USERS_NAMESPACE = "users"
+"""The namespace of the KV bucket where the leader records the users it reported
+online (see :class:`~meshline._cluster._reporting.ReportedUsers`)."""
 
 INBOX_LIMIT = 100_000
 """Routed messages buffered for this node before the oldest are dropped (counted)."""
@@ -196,6 +201,37 @@ def _encode_data(data: Any) -> msgspec.Raw:
         raise FrameEncodeError(f"cannot encode the event's data: {exc}") from exc
 
 
+class _KVReportedUsers:
+    """The users the leader reported online, one key each in a KV bucket (the value
+    is the user id: keys of long ids are hashed)."""
+
+    def __init__(self, kv: KeyValue) -> None:
+        self._kv = kv
+
+    @staticmethod
+    def _key(user_id: str) -> str:
+        return "u." + encode_bounded_token(user_id, 200, "user id")
+
+    async def load(self) -> set[str]:
+        async with self._kv.watch("u.>", removals=False) as watch:
+            entries = watch.take_snapshot()
+        users = set()
+        for entry in entries:
+            if entry.operation is KVOperation.PUT:
+                try:
+                    users.add(entry.value.decode("utf-8", "surrogatepass"))
+                except UnicodeDecodeError:
+                    logger.warning("cluster: a reported user's record does not decode")
+        return users
+
+    async def record(self, user_id: str, online: bool) -> None:
+        key = self._key(user_id)
+        if online:
+            await self._kv.put(key, user_id.encode("utf-8", "surrogatepass"))
+        else:
+            await self._kv.delete(key)
+
+
 class _Entry:
     """One local connection's registration, as the presence workers keep it."""
 
@@ -255,6 +291,7 @@ class ClusterLink:
         self._registry = registry
         self._describe = describe
         self.reporter = reporter
+        self._reported: _KVReportedUsers | None = None
         self._lookup: Callable[[str], ClientRecord | None] = backend.lookup
         self._feed: ChangeFeed = backend
         self.prefix = mesh_names(self.node.key, SOCKETS_NAMESPACE)[1]
@@ -547,6 +584,12 @@ class ClusterLink:
             for conn in self.index.of_node(event.node_id):
                 self.reporter.registration(conn.client_id, conn)
 
+    async def _lead(self) -> None:
+        if self._reported is None:
+            bucket = mesh_names(self.node.key, USERS_NAMESPACE)[0]
+            self._reported = _KVReportedUsers(await self.node.transport.key_value(bucket))
+        await self.reporter.lead(self._reported)
+
     def _still_here(self, conn: Connection) -> bool:
         """Whether the client of ``conn`` is connected again (another connection
         of its client id is registered on a live node)."""
@@ -810,7 +853,8 @@ class ClusterLink:
                 nursery.start_soon(self._read_inbox)
                 nursery.start_soon(self._keep_subscriptions)
                 nursery.start_soon(self.reporter.keep_time, self._still_here)
-                nursery.start_soon(self.reporter.report)
+                nursery.start_soon(self.reporter.report_users)
+                nursery.start_soon(self.reporter.report_clients)
                 for _ in range(PRESENCE_WORKERS):
                     nursery.start_soon(self._write_presence)
                 task_status.started()
@@ -1113,7 +1157,6 @@ async def open_cluster_link(
         node = service.node
         reporter = PresenceReporter(
             grace=offline_grace,
-            replay_window=2.0 * node.ttl + 1.0,
             alive=node.is_alive,
             on_user_online=on_user_online,
             on_user_offline=on_user_offline,
@@ -1129,7 +1172,7 @@ async def open_cluster_link(
             link._index_change(record.client_id, record)
         reporter.load(link.index.connections(node.is_alive))
         stop_membership = node.add_membership_handler(link.on_membership)
-        stop_leading = node.add_leader_duty(reporter.lead)
+        stop_leading = node.add_leader_duty(link._lead)
         registry.observer = link
         try:
             async with trio.open_nursery() as nursery:

@@ -9,10 +9,12 @@ with it, and runs the hooks.
 
 User hooks
     Every node keeps the same user presence from its replica; only the leader
-    reports it, in order, one hook at a time. When leadership moves, the new
-    leader reports again the transitions it saw in the last ``replay_window``
-    seconds (the old leader may have died before reporting them): at a leader
-    change a transition may be reported twice, never lost, so the hooks end in
+    reports it, in order, one hook at a time. The leader records what it
+    reported in a :class:`ReportedUsers` store shared by the cluster (a KV
+    bucket): a new leader loads it and reports the difference between it and
+    the truth, so nothing the old leader missed (it died first, or there was no
+    leader when it happened) is lost. A state may be reported twice (the old
+    leader died between its hook and its record), never lost: the hooks end in
     the truth.
 
 Client hooks
@@ -32,10 +34,11 @@ import logging
 import math
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
+from .._errors import MeshlineError, TransportError
 from .._sockets._connection import DisconnectReason
 from ._index import ClusterConnection
 from ._users import UserOffline, UserOnline, UserPresence, UserTransition
@@ -43,13 +46,32 @@ from ._users import UserOffline, UserOnline, UserPresence, UserTransition
 if TYPE_CHECKING:
     from .._sockets._connection import Connection
 
-__all__ = ["ClientConnectedHook", "ClientDisconnectedHook", "PresenceReporter", "UserHook"]
+__all__ = [
+    "ClientConnectedHook",
+    "ClientDisconnectedHook",
+    "PresenceReporter",
+    "ReportedUsers",
+    "UserHook",
+]
 
 logger = logging.getLogger("meshline.cluster")
 
 UserHook = Callable[[str], Awaitable[None] | None]
 ClientConnectedHook = Callable[["Connection"], Awaitable[None] | None]
 ClientDisconnectedHook = Callable[["Connection", DisconnectReason], Awaitable[None] | None]
+
+
+class ReportedUsers(Protocol):
+    """Where the leader records the users it reported online (shared by the
+    cluster, so that the next leader can pick up where it stopped)."""
+
+    async def load(self) -> set[str]:
+        """The users last reported online."""
+        ...
+
+    async def record(self, user_id: str, online: bool) -> None:
+        """Record that ``user_id`` was reported online (or offline)."""
+        ...
 
 
 async def _call(hook: Callable[..., Any], name: str, *args: Any) -> None:
@@ -68,7 +90,6 @@ class PresenceReporter:
         self,
         *,
         grace: float,
-        replay_window: float,
         alive: Callable[[int], bool],
         on_user_online: UserHook | None = None,
         on_user_offline: UserHook | None = None,
@@ -77,7 +98,6 @@ class PresenceReporter:
     ) -> None:
         self.users = UserPresence(grace=grace)
         self.grace = self.users.grace
-        self._replay_window = replay_window
         self._alive = alive
         self._on_user_online = on_user_online
         self._on_user_offline = on_user_offline
@@ -85,12 +105,12 @@ class PresenceReporter:
         self._on_client_disconnected = on_client_disconnected
         self._live: dict[str, ClusterConnection] = {}
         """Client id -> its registration, while it counts as live."""
-        self._recent: dict[str, tuple[UserTransition, float]] = {}
-        """User -> their latest transition and when, for a new leader to replay."""
-        self._leading = False
+        self._leading: ReportedUsers | None = None
+        """Where reports are recorded, while this node leads."""
         self._user_reports: deque[UserTransition] = deque()
         self._local_reports: deque[tuple[str, tuple[Any, ...]]] = deque()
         self._reports_ready = trio.Event()
+        self._clients_ready = trio.Event()
         self._departures: list[tuple[float, int, Connection]] = []
         self._order = itertools.count()
         self._wake = trio.Event()
@@ -142,7 +162,7 @@ class PresenceReporter:
         """A connection's first registration landed on this node."""
         if self._on_client_connected is not None:
             self._local_reports.append(("on_client_connected", (conn,)))
-            self._reports_ready.set()
+            self._clients_ready.set()
 
     def client_closed(self, conn: Connection) -> None:
         """A connection of this node ended (its reason may be set a moment later)."""
@@ -153,20 +173,11 @@ class PresenceReporter:
         self._wake.set()
 
     def _transitions(self, transitions: list[UserTransition]) -> None:
-        now = trio.current_time()
-        for transition in transitions:
-            self._recent[transition.user_id] = (transition, now)
-            if self._leading:
-                self._user_reports.append(transition)
-                self._reports_ready.set()
-        if len(self._recent) > 2 * len(self.users.online) + 1024:
-            self._forget_old(now)
+        if transitions and self._leading is not None:
+            self._user_reports.extend(transitions)
+            self._reports_ready.set()
         if transitions or self.users.next_deadline() < math.inf:
             self._wake.set()
-
-    def _forget_old(self, now: float) -> None:
-        horizon = now - self._replay_window
-        self._recent = {user: seen for user, seen in self._recent.items() if seen[1] >= horizon}
 
     # --- Tasks -------------------------------------------------------------------------
 
@@ -193,44 +204,69 @@ class PresenceReporter:
                         (conn, conn.disconnect_reason or DisconnectReason.SERVER_EXIT),
                     )
                 )
-                self._reports_ready.set()
+                self._clients_ready.set()
             deadline = min(self.users.next_deadline(), departures[0][0] if departures else math.inf)
             self._wake = trio.Event()
             with trio.move_on_at(deadline):
                 await self._wake.wait()
 
-    async def lead(self) -> None:
-        """The leader's duty: report the user transitions, the recent ones first."""
-        now = trio.current_time()
-        self._forget_old(now)
-        replay = sorted(self._recent.values(), key=lambda seen: seen[1])
-        self._user_reports.extend(transition for transition, _ in replay)
-        self._leading = True
+    async def lead(self, reported: ReportedUsers) -> None:
+        """The leader's duty: report what differs between ``reported`` and the
+        truth, then every transition as it happens.
+
+        :raises TransportError: ``reported`` could not be loaded (the duty is
+            started again after a heartbeat interval).
+        """
+        before = await reported.load()
+        online = self.users.online
+        self._user_reports.extend(UserOnline(user) for user in sorted(online - before))
+        self._user_reports.extend(UserOffline(user) for user in sorted(before - online))
+        self._leading = reported
         self._reports_ready.set()
         try:
             await trio.sleep_forever()
         finally:
-            self._leading = False
+            self._leading = None
             self._user_reports.clear()
 
-    async def report(self) -> None:
-        """Run the hooks, one at a time, in order."""
+    async def report_clients(self) -> None:
+        """Run the client hooks, one at a time, in order (a task of their own, so
+        a slow client hook never holds up the user hooks)."""
         while True:
-            while not self._user_reports and not self._local_reports:
+            while not self._local_reports:
+                self._clients_ready = trio.Event()
+                await self._clients_ready.wait()
+            name, args = self._local_reports.popleft()
+            hook: Callable[..., Any] | None = (
+                self._on_client_connected
+                if name == "on_client_connected"
+                else self._on_client_disconnected
+            )
+            if hook is not None:
+                await _call(hook, name, *args)
+
+    async def report_users(self) -> None:
+        """Run the user hooks (on the leader), one at a time, in order, and record
+        each report."""
+        while True:
+            while not self._user_reports:
                 self._reports_ready = trio.Event()
                 await self._reports_ready.wait()
-            if self._local_reports:
-                name, args = self._local_reports.popleft()
-                hook = (
-                    self._on_client_connected
-                    if name == "on_client_connected"
-                    else self._on_client_disconnected
-                )
-                if hook is not None:
-                    await _call(hook, name, *args)
-                continue
             transition = self._user_reports.popleft()
-            if isinstance(transition, UserOnline) and self._on_user_online is not None:
-                await _call(self._on_user_online, "on_user_online", transition.user_id)
-            elif isinstance(transition, UserOffline) and self._on_user_offline is not None:
-                await _call(self._on_user_offline, "on_user_offline", transition.user_id)
+            reported = self._leading
+            online = isinstance(transition, UserOnline)
+            hook = self._on_user_online if online else self._on_user_offline
+            if hook is not None:
+                name = "on_user_online" if online else "on_user_offline"
+                await _call(hook, name, transition.user_id)
+            if reported is not None:
+                try:
+                    await reported.record(transition.user_id, online)
+                except (MeshlineError, TransportError) as exc:
+                    logger.warning(
+                        "cluster: could not record that user %r was reported %s (%s); "
+                        "the next leader may report it again",
+                        transition.user_id,
+                        "online" if online else "offline",
+                        exc,
+                    )
