@@ -18,17 +18,19 @@ many nodes the cluster has: ``wait`` waits until it sees them all).
 has client id and user id ``PREFIX + str(i)``. IMPL ``meshline``: meshline's own
 client (``open_socket_client``, ``reconnect=None``), with a handler per event
 name (``client.on``) and ``client.implement("echo", ...)`` answering the
-server's requests with their data. IMPL ``socketio``: a bare WebSocket client
-(trio-websocket, as meshline's client is built on) speaking Engine.IO 4 and
-Socket.IO 5 (the protocols python-socketio serves): it opens
-``/socket.io/?EIO=4&transport=websocket``, connects to the namespace ``/`` with
-``{"user": id}`` as its auth data, answers pings, and decodes every event with
-``json.loads``. It does less per event than meshline's client (no handler task,
-no typed decoding), which can only favour the baseline. Its first line is
-``{"connected": n}``.
+server's requests with their data. IMPL ``socketio``: bare clients, wsproto (the
+WebSocket machine trio-websocket and so meshline's client use) over a trio TCP
+stream, speaking Engine.IO 4 and Socket.IO 5 (the protocols python-socketio
+serves): each opens ``/socket.io/?EIO=4&transport=websocket``, connects to the
+namespace ``/`` with ``{"user": id}`` as its auth data, answers pings, and
+decodes every event with ``json.loads``, in one task that reads, parses and
+counts. They do less per event than meshline's client (no reader task and
+channel, no handler task, no typed decoding), which can only favour the
+baseline. Its first line is ``{"connected": n}``.
 
 Each process reads commands, one a line, from stdin, and writes JSON objects, one
-a line, to stdout. Closing its stdin ends it at once (``os._exit``). Times are
+a line, to stdout (the driver ignores other lines there). Closing its stdin ends it
+at once (``os._exit``). Times are
 ``time.monotonic()``: one clock for every process on the machine.
 
 Server commands:
@@ -68,11 +70,10 @@ import collections
 import json
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import trio
-import trio_websocket
 from _sockets_worker import (
     PAYLOAD,
     Commands,
@@ -345,33 +346,75 @@ def meshline_opener(
 def socketio_opener(
     url: str, prefix: str, counters: Counters
 ) -> Callable[[int, trio.TaskStatus[Any]], Awaitable[None]]:
-    endpoint = url.rstrip("/") + "/socket.io/?EIO=4&transport=websocket"
+    """Bare clients: wsproto over a trio TCP stream, one task per connection that
+    reads, parses and counts (no channel, no task switch per message)."""
+    from urllib.parse import urlsplit
+
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import (
+        CloseConnection,
+        Ping,
+        RejectConnection,
+        Request,
+        TextMessage,
+    )
+
+    address = urlsplit(url)
+    host, port = address.hostname or "127.0.0.1", address.port or 80
+    target = "/socket.io/?EIO=4&transport=websocket"
     loads = json.loads
 
     async def open_one(index: int, task_status: trio.TaskStatus[Any]) -> None:
-        async with trio_websocket.open_websocket_url(endpoint) as ws:
-            opened = await ws.get_message()
-            if not isinstance(opened, str) or not opened.startswith("0"):
+        stream = await trio.open_tcp_stream(host, port)
+        ws = WSConnection(ConnectionType.CLIENT)
+        partial: list[str] = []
+
+        async def send(text: str) -> None:
+            await stream.send_all(ws.send(TextMessage(data=text)))
+
+        async def messages() -> AsyncIterator[str]:
+            """Whole text messages, once the upgrade is accepted; WebSocket pings
+            answered on the way."""
+            while True:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                ws.receive_data(data)
+                for event in ws.events():
+                    if isinstance(event, TextMessage):
+                        partial.append(event.data)
+                        if event.message_finished:
+                            yield "".join(partial)
+                            partial.clear()
+                    elif isinstance(event, Ping):
+                        await stream.send_all(ws.send(event.response()))
+                    elif isinstance(event, RejectConnection):
+                        raise RuntimeError("the WebSocket upgrade was refused")
+                    elif isinstance(event, CloseConnection):
+                        return
+
+        async with stream:
+            await stream.send_all(ws.send(Request(host=f"{host}:{port}", target=target)))
+            incoming = messages()
+            opened = await anext(incoming)
+            if not opened.startswith("0"):
                 raise RuntimeError(f"no Engine.IO open packet: {opened!r}")
-            await ws.send_message("40" + json.dumps({"user": f"{prefix}{index}"}))
-            while True:  # the namespace's CONNECT answer (a ping may come first)
-                message = await ws.get_message()
+            await send("40" + json.dumps({"user": f"{prefix}{index}"}))
+            async for message in incoming:  # the namespace's CONNECT answer
                 if message == "2":
-                    await ws.send_message("3")
-                elif isinstance(message, str) and message.startswith("40"):
+                    await send("3")
+                elif message.startswith("40"):
                     break
                 else:
                     raise RuntimeError(f"namespace connect refused: {message!r}")
             task_status.started(ws)
             try:
-                while True:
-                    message = await ws.get_message()
-                    if message == "2":
-                        await ws.send_message("3")
-                    elif message.startswith("42"):
-                        event = loads(message[2:])[0]
-                        counters.arrived(event)
-            except trio_websocket.ConnectionClosed:
+                async for message in incoming:
+                    if message.startswith("42"):
+                        counters.arrived(loads(message[2:])[0])
+                    elif message == "2":
+                        await send("3")
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
             finally:
                 counters.closed += 1

@@ -19,10 +19,13 @@ all the sending.
   client_manager=socketio.AsyncRedisManager(url))`` attached to an aiohttp
   application, every other option at its default; its ``connect`` handler enters
   the room and a room ``user:<id>`` (``_socketio_worker.py``). Clients: bare
-  WebSocket clients on trio-websocket (what meshline's client is built on) that
-  speak Engine.IO 4 / Socket.IO 5 over the websocket transport, answer pings and
-  ``json.loads`` every event; they do less per event than meshline's client
-  does, which can only favour the baseline.
+  ones, wsproto (the WebSocket machine under trio-websocket, which meshline's
+  client uses) over a trio TCP stream, speaking Engine.IO 4 / Socket.IO 5 over
+  the websocket transport: one task per connection reads, answers pings,
+  ``json.loads`` every event and counts it. They do less per event than
+  meshline's client (no reader task and channel, no handler task, no typed
+  decoding), which can only favour the baseline; the table shows what each
+  side's clients spent.
 
 Both sides send the same data (``PAYLOAD`` of ``_sockets_worker.py``: a map of
 about 170 bytes; meshline's clients receive it as msgpack, python-socketio's as
@@ -257,13 +260,17 @@ class Worker:
             cwd=HERE,
         )
         self._lines: queue.Queue[str | None] = queue.Queue()
+        self.stray: list[str] = []
+        """Lines on stdout that are not JSON objects (shown with the stderr tail)."""
         threading.Thread(target=self._pump, daemon=True).start()
 
     def _pump(self) -> None:
         assert self.process.stdout is not None
         for line in self.process.stdout:
-            if line.strip() and not line.startswith("py-spy>"):
+            if line.startswith("{"):
                 self._lines.put(line)
+            elif line.strip() and not line.startswith("py-spy>"):
+                self.stray.append(line.rstrip())  # someone's print(): not an answer
         self._lines.put(None)
 
     def read(self, timeout: float) -> dict[str, Any]:
@@ -318,8 +325,9 @@ class Worker:
         try:
             text = self.stderr_path.read_text(errors="replace")
         except OSError:
-            return []
-        return [line for line in text.strip().splitlines() if line.strip()][-lines:]
+            text = ""
+        shown = [f"(stdout) {line}" for line in self.stray[-lines:]]
+        return shown + [line for line in text.strip().splitlines() if line.strip()][-lines:]
 
 
 def cpu_seconds(pid: int) -> float:
