@@ -108,6 +108,10 @@ PRESENCE_WORKERS = 16
 _RETRY_DELAY = 0.5
 """Seconds before a failed presence write or subscription change is tried again."""
 
+DESCRIBE_TIMEOUT = 5.0
+"""Seconds an async ``describe`` hook may take; after that the connection is
+registered without fields (the presence workers cannot wait on it for ever)."""
+
 REQUEST_MARGIN = 1.0
 """Seconds a request across nodes waits for the owning node beyond the request's
 own timeout, so that the owning node's answer (a timeout included) comes first."""
@@ -134,6 +138,16 @@ def _check_mesh_key(instance: Any, attribute: Any, value: Any) -> None:
     check_key(value, "mesh key")
 
 
+def _check_node_options(instance: Any, attribute: Any, value: Any) -> None:
+    if not isinstance(value, Mapping):
+        raise InvalidArgumentError(f"node must be a mapping of open_node options: {value!r}")
+    unknown = sorted(set(value) - set(NodeOptions.__optional_keys__))
+    if unknown:
+        raise InvalidArgumentError(
+            f"unknown node options {unknown}: use {sorted(NodeOptions.__optional_keys__)}"
+        )
+
+
 @attrs.frozen
 class MeshOptions:
     """Where a socket server joins its cluster: ``open_socket_server(mesh=...)``.
@@ -151,7 +165,7 @@ class MeshOptions:
     transport: Transport = attrs.field(validator=_check_transport)
     key: str = attrs.field(validator=_check_mesh_key)
     backend: RegistryBackend | None = None
-    node: Mapping[str, Any] = attrs.field(factory=dict)
+    node: Mapping[str, Any] = attrs.field(factory=dict, validator=_check_node_options)
     reassert_interval: float = 10.0
 
 
@@ -235,18 +249,21 @@ class _KVReportedUsers:
 class _Entry:
     """One local connection's registration, as the presence workers keep it."""
 
-    __slots__ = ("changed", "conn", "fields", "token", "written")
+    __slots__ = ("attempted", "changed", "conn", "fields", "token", "written")
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.token: int | None = None
         """The registration's token, once it landed."""
+        self.attempted = False
+        """A register was sent and did not answer (it failed, or was cancelled):
+        it may have landed, under a token never learned."""
         self.changed = 1
         """Bumped on each change of the descriptor (rooms)."""
         self.written = 0
         """The value of :attr:`changed` the registry holds."""
         self.fields: dict[str, Any] | None = None
-        """``describe``'s answer, once asked."""
+        """``describe``'s answer, once it came (no write before)."""
 
 
 class _Slot:
@@ -291,6 +308,8 @@ class ClusterLink:
         self._registry = registry
         self._describe = describe
         self.reporter = reporter
+        self._nursery: trio.Nursery | None = None
+        """Where ``describe`` calls run (the link's, once it runs)."""
         self._reported: _KVReportedUsers | None = None
         self._lookup: Callable[[str], ClientRecord | None] = backend.lookup
         self._feed: ChangeFeed = backend
@@ -354,23 +373,43 @@ class ClusterLink:
                 fields=descriptor.fields,
             )
         )
-        self._check_superseded(client_id, record)
+        self._check_superseded(client_id)
 
-    def _check_superseded(self, client_id: str, record: ClientRecord | None) -> None:
-        """Close the client's local connection if ``record`` is a newer registration
-        than its own (made on another node, or here for another connection)."""
+    def _check_superseded(self, client_id: str) -> None:
+        """Act on the client's registration as the replica has it now, for the
+        client's local connection, once that connection holds a registration.
+
+        A registration of another connection of the client that opened later (here
+        or on another node) supersedes this one: it is closed with 4502. One that
+        opened earlier and overwrote this one (its write landed late) is
+        overwritten in turn: this connection is the client's newest. A removed
+        registration changes nothing here (re-assertion writes it back)."""
         slot = self._slots.get(client_id)
         entry = None if slot is None else slot.current
-        if entry is None or entry.token is None or record is None:
+        if entry is None or entry.token is None:
             return
-        if record.node_id != self.node_id or record.token != entry.token:
+        seen = self.index.get(client_id)
+        if seen is None or seen.connection_id == entry.conn.id:
+            return
+        if seen.connected_at >= entry.conn.connected_at:
             logger.info(
                 "cluster: client %r connected again on node %d; closing connection %s",
                 client_id,
-                record.node_id,
+                seen.node_id,
                 entry.conn.id,
             )
             self._hub.supersede(entry.conn)
+            return
+        logger.info(
+            "cluster: an older connection of client %r (%s, node %d) was registered over "
+            "connection %s; registering it again",
+            client_id,
+            seen.connection_id,
+            seen.node_id,
+            entry.conn.id,
+        )
+        entry.token = None
+        self._queue_write(client_id)
 
     # --- The local registry's observer ------------------------------------------------
 
@@ -385,8 +424,12 @@ class ClusterLink:
                 slot.current.conn.id,
             )
             self._hub.supersede(slot.current.conn)  # detaches it: it goes stale
-        slot.current = _Entry(conn)
-        self._queue_write(conn.client_id)
+        entry = slot.current = _Entry(conn)
+        if self._describe is None:
+            entry.fields = {}
+            self._queue_write(conn.client_id)
+        elif self._nursery is not None:
+            self._nursery.start_soon(self._describe_entry, entry)
         if conn.user_id is not None:
             users = self._local_users.setdefault(conn.user_id, {})
             users[conn.id] = conn
@@ -440,9 +483,6 @@ class ClusterLink:
         """Replace the ``describe`` fields of the client's connection on this node
         in its registration (written in the background); False if this node has
         no open connection of that client."""
-        slot = self._slots.get(client_id)
-        if slot is None or slot.current is None:
-            return False
         if not isinstance(fields, Mapping):
             raise InvalidArgumentError(f"fields must be a mapping: {fields!r}")
         copied = {str(key): value for key, value in fields.items()}
@@ -450,6 +490,9 @@ class ClusterLink:
             _encoder.encode(copied)
         except (TypeError, ValueError, OverflowError) as exc:
             raise PayloadError(f"cannot encode the fields: {exc}") from exc
+        slot = self._slots.get(client_id)
+        if slot is None or slot.current is None:
+            return False
         entry = slot.current
         entry.fields = copied
         entry.changed += 1
@@ -501,50 +544,83 @@ class ClusterLink:
                     self._queue_write(client_id)
 
     async def _sync(self, client_id: str, slot: _Slot) -> None:
-        """Bring the registry in line with the slot: remove stale registrations,
-        then write the current connection's."""
+        """Bring the registry in line with the slot.
+
+        In order: registrations of closed connections whose write may have landed
+        under a token never learned (a failed or cancelled register) are removed
+        first; then the current connection's registration is written (it replaces
+        any older one of this node at once, so the client never looks gone); then
+        the closed connections' known registrations are removed (a no-op once
+        replaced, a real removal when the client is gone)."""
         service = self.service
+        for stale in slot.stale:
+            if stale.token is None and stale.attempted:
+                await service.unregister_client(client_id)  # this node's, whatever token
+                stale.attempted = False
+        entry = slot.current
+        while entry is not None and _behind(entry) and slot.current is entry:
+            await self._write(client_id, slot, entry)
         while slot.stale:
             stale = slot.stale[0]
             if stale.token is not None:
                 await service.unregister_client(client_id, token=stale.token)
             slot.stale.pop(0)
-        entry = slot.current
-        while entry is not None and _behind(entry):
-            changed = entry.changed
-            descriptor = await self._descriptor(entry)
-            if slot.current is not entry:
-                return  # closed meanwhile: the next turn removes what was written
-            if entry.token is None:
-                registration = await service.register_client(client_id, descriptor)
-                first = entry.token is None and entry.written == 0
-                entry.token = registration.token
-                entry.written = changed
-                if slot.current is not entry:
-                    return
-                if first:
-                    self.reporter.client_connected(entry.conn)
-                self._check_superseded(client_id, self._lookup(client_id))
-            else:
-                kept = await service.update_client_metadata(
-                    client_id, descriptor, token=entry.token
-                )
-                entry.written = changed
-                if not kept and slot.current is entry:
-                    record = self._lookup(client_id)
-                    if record is not None:
-                        self._check_superseded(client_id, record)
-                        return
-                    logger.warning(
-                        "cluster: the registration of client %r was gone; writing it again",
-                        client_id,
-                    )
-                    entry.token = None
 
-    async def _descriptor(self, entry: _Entry) -> Descriptor:
+    async def _write(self, client_id: str, slot: _Slot, entry: _Entry) -> None:
+        """One registry write for the slot's current connection."""
+        service = self.service
+        changed = entry.changed
+        descriptor = self._descriptor(entry)
+        if entry.token is None:
+            first = entry.written == 0
+            entry.attempted = True
+            try:
+                registration = await service.register_client(client_id, descriptor)
+            except PayloadError as exc:
+                logger.error(
+                    "cluster: the registration of connection %s cannot be written (%s); "
+                    "registering it without its rooms and fields",
+                    entry.conn.id,
+                    exc,
+                )
+                descriptor = _minimal(descriptor)
+                registration = await service.register_client(client_id, descriptor)
+            entry.token = registration.token
+            entry.attempted = False
+            entry.written = changed
+            if slot.current is not entry:
+                return  # closed meanwhile: the stale pass removes it
+            if first:
+                self.reporter.client_connected(entry.conn)
+            self._check_superseded(client_id)
+            return
+        try:
+            kept = await service.update_client_metadata(client_id, descriptor, token=entry.token)
+        except PayloadError as exc:
+            logger.error(
+                "cluster: the registration of connection %s cannot be updated (%s); "
+                "it keeps its last written rooms and fields",
+                entry.conn.id,
+                exc,
+            )
+            entry.written = changed
+            return
+        entry.written = changed
+        if kept or slot.current is not entry:
+            return
+        seen = self.index.get(client_id)
+        if seen is not None and seen.connection_id != entry.conn.id:
+            self._check_superseded(client_id)  # a newer connection: closed; else written again
+            return
+        logger.warning(
+            "cluster: the registration of connection %s was gone; writing it again",
+            entry.conn.id,
+        )
+        entry.token = None
+
+    def _descriptor(self, entry: _Entry) -> Descriptor:
         conn = entry.conn
-        if entry.fields is None:
-            entry.fields = await self._described(conn)
+        assert entry.fields is not None  # described before any write
         return Descriptor(
             connection_id=conn.id,
             user_id=conn.user_id,
@@ -554,6 +630,14 @@ class ClusterLink:
             fields=entry.fields,
         )
 
+    async def _describe_entry(self, entry: _Entry) -> None:
+        """Ask ``describe`` in a task of its own (the presence workers never wait
+        on it), then queue the registration."""
+        fields = await self._described(entry.conn)
+        if entry.fields is None:  # update_fields may have set them meanwhile
+            entry.fields = fields
+        self._queue_write(entry.conn.client_id)
+
     async def _described(self, conn: Connection) -> dict[str, Any]:
         describe = self._describe
         if describe is None:
@@ -561,7 +645,16 @@ class ClusterLink:
         try:
             fields = describe(conn)
             if inspect.isawaitable(fields):
-                fields = await fields
+                with trio.move_on_after(DESCRIBE_TIMEOUT) as scope:
+                    fields = await fields
+                if scope.cancelled_caught:
+                    logger.warning(
+                        "cluster: describe took over %g s for connection %s; "
+                        "registered without fields",
+                        DESCRIBE_TIMEOUT,
+                        conn.id,
+                    )
+                    return {}
             if not isinstance(fields, Mapping):
                 raise TypeError(f"describe returned {type(fields).__name__}, not a mapping")
             fields = {str(key): value for key, value in fields.items()}
@@ -850,6 +943,7 @@ class ClusterLink:
         self._subscriptions[self.conn_subject] = subscription
         try:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 nursery.start_soon(self._read_inbox)
                 nursery.start_soon(self._keep_subscriptions)
                 nursery.start_soon(self.reporter.keep_time, self._still_here)
@@ -865,8 +959,18 @@ class ClusterLink:
                 self._subscriptions.clear()
 
 
+def _minimal(descriptor: Descriptor) -> Descriptor:
+    return Descriptor(
+        connection_id=descriptor.connection_id,
+        user_id=descriptor.user_id,
+        role=descriptor.role,
+        connected_at=descriptor.connected_at,
+    )
+
+
 def _behind(entry: _Entry) -> bool:
-    return entry.token is None or entry.written < entry.changed
+    """Whether the entry has a write to make (once described)."""
+    return entry.fields is not None and (entry.token is None or entry.written < entry.changed)
 
 
 def _cluster_connection(client: RegisteredClient[Any]) -> ClusterConnection | None:
@@ -1111,6 +1215,7 @@ async def open_cluster_link(
     *,
     describe: Callable[[Connection], Any] | None = None,
     on_orphaned: ClusterOrphanHandler | None = None,
+    on_restored: ClusterOrphanHandler | None = None,
     on_user_online: UserHook | None = None,
     on_user_offline: UserHook | None = None,
     on_client_connected: ClientConnectedHook | None = None,
@@ -1132,16 +1237,22 @@ async def open_cluster_link(
         slot = link._slots.get(client_id)
         if slot is None or slot.current is None:
             raise LookupError(f"client {client_id!r} is not connected here")
-        limit = None if math.isinf(timeout) else timeout
-        return await slot.current.conn.request(name, data, timeout=limit)
+        return await slot.current.conn.request(name, data, timeout=timeout)
 
-    async def orphaned(node_id: int, clients: list[RegisteredClient[Any]]) -> None:
-        if on_orphaned is None:
-            return
-        found = [conn for conn in map(_cluster_connection, clients) if conn is not None]
-        result = on_orphaned(node_id, found)
-        if inspect.isawaitable(result):
-            await result
+    def passed_on(
+        hook: ClusterOrphanHandler | None,
+    ) -> Callable[[int, list[RegisteredClient[Any]]], Awaitable[None]] | None:
+        if hook is None:
+            return None
+
+        async def call(node_id: int, clients: list[RegisteredClient[Any]]) -> None:
+            assert hook is not None
+            found = [conn for conn in map(_cluster_connection, clients) if conn is not None]
+            result = hook(node_id, found)
+            if inspect.isawaitable(result):
+                await result
+
+        return call
 
     options: NodeOptions = dict(mesh.node)  # type: ignore[assignment]
     async with open_client_service(
@@ -1150,7 +1261,8 @@ async def open_cluster_link(
         client_invoke=client_invoke,
         metadata_type=Descriptor,
         backend=mesh.backend,
-        on_orphaned=orphaned,
+        on_orphaned=passed_on(on_orphaned),
+        on_restored=passed_on(on_restored),
         reassert_interval=mesh.reassert_interval,
         **options,
     ) as service:

@@ -143,14 +143,16 @@ class PresenceReporter:
                 self._live[client_id] = should
             return
         now = trio.current_time()
-        if have is not None:
-            del self._live[client_id]
-            if have.user_id is not None:
-                self._transitions(self.users.disconnected(have.user_id, have.connection_id, now))
+        # The new connection first: a client that moved never leaves its user
+        # without a connection, even for an instant.
         if should is not None:
             self._live[client_id] = should
             if should.user_id is not None:
                 self._transitions(self.users.connected(should.user_id, should.connection_id, now))
+        else:
+            del self._live[client_id]
+        if have is not None and have.user_id is not None:
+            self._transitions(self.users.disconnected(have.user_id, have.connection_id, now))
 
     def node_down(self, node_id: int) -> None:
         """``node_id`` was declared dead: its connections are not live any more."""

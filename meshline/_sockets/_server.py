@@ -802,6 +802,7 @@ async def open_socket_server(
     mesh: MeshOptions | None = None,
     describe: Callable[[Connection], Any] | None = None,
     on_orphaned: ClusterOrphanHandler | None = None,
+    on_restored: ClusterOrphanHandler | None = None,
     on_user_online: Callable[[str], Awaitable[None] | None] | None = None,
     on_user_offline: Callable[[str], Awaitable[None] | None] | None = None,
     on_client_connected: Callable[[Connection], Awaitable[None] | None] | None = None,
@@ -839,7 +840,8 @@ async def open_socket_server(
     ``describe(conn)`` (plain or async) returns a mapping of fields kept in the
     connection's registration, asked once after ``on_connect``.
     ``on_orphaned(node_id, connections)`` runs on the leader for the connections
-    of a node that died.
+    of a node that died; ``on_restored(node_id, connections)`` on a node whose
+    registrations had gone missing (it was thought dead) and were written again.
 
     The cluster's hooks (plain or async; see the Cluster sockets docs):
     ``on_user_online(user_id)`` when a user's first connection anywhere appears
@@ -881,6 +883,7 @@ async def open_socket_server(
     cluster_hooks = {
         "describe": describe,
         "on_orphaned": on_orphaned,
+        "on_restored": on_restored,
         "on_user_online": on_user_online,
         "on_user_offline": on_user_offline,
         "on_client_connected": on_client_connected,
@@ -915,6 +918,7 @@ async def open_socket_server(
                 server._registry,
                 describe=describe,
                 on_orphaned=on_orphaned,
+                on_restored=on_restored,
                 on_user_online=on_user_online,
                 on_user_offline=on_user_offline,
                 on_client_connected=on_client_connected,
