@@ -699,3 +699,59 @@ async def test_metadata_updates_and_broadcasts(
             await settled([b], lambda server: bool(server.cluster.room("later")))
             assert (found := b.server.cluster.client("c")) is not None
             assert found.fields == {"status": "away"}
+
+
+# --- Clients with several URLs, over real WebSockets ------------------------------------
+
+
+async def test_a_client_with_several_urls_moves_to_a_survivor_when_its_node_dies(
+    open_transport: OpenTransport, unique: Callable[[str], str]
+) -> None:
+    key = unique("urls")
+    async with trio.open_nursery() as nursery:
+
+        async def node(
+            task_status: trio.TaskStatus[tuple[SocketServer, trio.CancelScope, FaultyTransport]],
+        ) -> None:
+            with trio.CancelScope() as scope:
+                async with open_transport() as inner:
+                    faults = FaultyTransport(inner)
+                    async with meshline.open_socket_server(
+                        roles=[ROLE],
+                        authenticate=by_query,
+                        mesh=MeshOptions(faults, key, node={"ttl": 2}),
+                        shutdown=meshline.ShutdownOptions(code=meshline.CloseCode.GOING_AWAY),
+                    ) as server:
+                        task_status.started((server, scope, faults))
+                        await trio.sleep_forever()
+
+        a, a_scope, a_faults = await nursery.start(node)
+        b, _, _ = await nursery.start(node)
+        urls = [a.url, b.url]
+        reconnect = meshline.ReconnectOptions(base=0.05, cap=0.2)
+        async with meshline.open_socket_client(
+            urls, client_id="wanderer", query={"user": "wen"}, reconnect=reconnect
+        ) as client:
+            with trio.fail_after(30):
+                await wait_until(
+                    lambda: (
+                        (found := b.cluster.client("wanderer")) is not None
+                        and found.node_id == a.node_id
+                    )
+                )
+            # Node A dies: its mesh connection is cut (it cannot unregister anyone),
+            # then its sockets close (1001, in the reconnect band).
+            a_faults.cut()
+            a_scope.cancel()
+            with trio.fail_after(30):
+                await wait_until(
+                    lambda: (
+                        (found := b.cluster.client("wanderer")) is not None
+                        and found.node_id == b.node_id
+                        and client.state is meshline.ClientState.CONNECTED
+                    )
+                )
+            inbox = Inbox(client)
+            await b.to_user("wen").emit("note", "found you")
+            assert await inbox.wait_for(1) == ["found you"]
+        nursery.cancel_scope.cancel()

@@ -1,4 +1,4 @@
-"""The complete example on the client service docs page runs and prints what it says."""
+"""The complete examples on the docs pages run and print what they say."""
 
 from __future__ import annotations
 
@@ -6,11 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-PAGE = Path(__file__).parent.parent / "docs" / "service.rst"
+import pytest
+
+DOCS = Path(__file__).parent.parent / "docs"
 
 
-def test_service_page_example_runs_as_documented(tmp_path: Path) -> None:
-    text = PAGE.read_text()
+@pytest.mark.parametrize("page", ["service.rst", "cluster.rst"])
+def test_page_example_runs_as_documented(tmp_path: Path, page: str) -> None:
+    text = (DOCS / page).read_text()
     block = text.split(".. code-block:: python\n\n", 1)[1].split("\nIt prints::", 1)[0]
     code = "\n".join(line.removeprefix("    ") for line in block.splitlines())
     expected = text.split("It prints::\n\n", 1)[1].split("\n\n", 1)[0]
