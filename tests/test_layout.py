@@ -30,6 +30,7 @@ THIRD_PARTY_INTERNALS = {
         "_pending_queue",
         "_process_msg",
         "_received",
+        "_send_ping",
         "_sseq",
         "_sub",
         "_subs",

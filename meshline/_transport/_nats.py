@@ -17,7 +17,8 @@ once per call. Everything nats-py raises is mapped onto meshline's errors here.
 
 The fast paths touch these nats-py internals: ``Client._pending``,
 ``_pending_data_size``, ``_flush_queue``, ``_flush_pending``, ``_max_payload``,
-``_max_pending_size``, ``_process_msg`` and ``_subs``; ``Subscription._pending_queue``
+``_max_pending_size``, ``_process_msg``, ``_subs`` and ``_send_ping`` (a flush
+that is safe to cancel); ``Subscription._pending_queue``
 ``_pending_size``, ``_received`` and ``_jsi``; the ordered consumer's state
 (``JetStreamContext._JSI._dseq``, ``_sseq``, ``_active``, ``track_sequences``) and
 ``PushSubscription._sub`` / ``_pending_queue``, for KV watches; and the command builders
@@ -185,6 +186,7 @@ _CLIENT_INTERNALS = (
     "_process_msg",
     "_subs",
     "_ps",
+    "_send_ping",
 )
 _SUBSCRIPTION_INTERNALS = ("_pending_queue", "_pending_size", "_received", "_jsi")
 _ORDERED_CONSUMER_INTERNALS = ("_dseq", "_sseq", "_active", "track_sequences")
@@ -492,15 +494,31 @@ class _NatsSubscription(Subscription):
             logger.warning("unsubscribing from %r failed: %s", self.subject, exc)
 
 
+async def _round_trip(nc: Any) -> None:
+    """asyncio side: ``nc.flush()`` (a PING, then wait for its PONG), safe to cancel.
+
+    nats-py's ``flush`` leaves the PONG's future in ``Client._pongs`` when it is
+    cancelled or times out; the late PONG then fails on the cancelled future and
+    ends nats-py's read loop, leaving a connection that says it is connected and
+    receives nothing. The wait here is shielded: cancelling it leaves the future
+    pending, for the late PONG to complete harmlessly.
+    """
+    if nc.is_closed:
+        raise nats.errors.ConnectionClosedError
+    future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    await nc._send_ping(future)
+    await asyncio.shield(future)
+
+
 async def _confirm_subscriptions(nc: Any) -> None:
     """asyncio side: return once the server has processed every SUB sent so far.
 
-    nats-py queues SUB in its outgoing buffer, but writes the PING of ``flush()``
+    nats-py queues SUB in its outgoing buffer, but writes the PING of a flush
     straight to the socket, so a PONG alone can come back before the SUB was even
     sent. First wait until the flusher has written the buffer, then PING.
     """
     await nc._flush_pending(force_flush=True)
-    await nc.flush()
+    await _round_trip(nc)
 
 
 class NatsTransport(Transport):
@@ -631,7 +649,7 @@ class NatsTransport(Transport):
         await trio.lowlevel.checkpoint_if_cancelled()
         self._enqueue(subject, reply or "", data)
         if self._nc._pending_data_size > OUTGOING_HIGH_WATER and self._nc.is_connected:
-            await self._aio("flush", self._nc.flush)
+            await self._aio("flush", _round_trip, self._nc)
             return
         self._since_yield += 1
         if self._since_yield >= PUBLISH_FAIRNESS_INTERVAL:
@@ -682,7 +700,7 @@ class NatsTransport(Transport):
         await trio.lowlevel.checkpoint_if_cancelled()
         self._enqueue(subject, "", data)
         if self._nc._pending_data_size > OUTGOING_HIGH_WATER and self._nc.is_connected:
-            await self._aio("flush", self._nc.flush)
+            await self._aio("flush", _round_trip, self._nc)
 
     async def _request(
         self, subject: str, data: bytes, timeout: float, headers: bytes = b""
