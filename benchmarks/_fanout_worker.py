@@ -24,9 +24,9 @@ stream, speaking Engine.IO 4 and Socket.IO 5 (the protocols python-socketio
 serves): each opens ``/socket.io/?EIO=4&transport=websocket``, connects to the
 namespace ``/`` with ``{"user": id}`` as its auth data, answers pings, and
 decodes every event with ``json.loads``, in one task that reads, parses and
-counts. They do less per event than meshline's client (no reader task and
-channel, no handler task, no typed decoding), which can only favour the
-baseline. Its first line is ``{"connected": n}``.
+counts: in Python, less per event than meshline's client does (no reader task
+and channel, no handler task, no typed decoding). Its first line is
+``{"connected": n}``.
 
 Each process reads commands, one a line, from stdin, and writes JSON objects, one
 a line, to stdout (the driver ignores other lines there). Closing its stdin ends it
