@@ -418,6 +418,8 @@ def _resp(reader: Any) -> Any:
 
 LOCK: Path | None = None
 """``--lock``: the file measurements take in turn (None: no locking)."""
+LOCK_WAITED = 0.0
+"""Seconds spent waiting for :data:`LOCK` (left out of the run's time)."""
 
 
 @contextlib.contextmanager
@@ -427,12 +429,14 @@ def turn() -> Iterator[None]:
     if LOCK is None:
         yield
         return
-    waited = False
+    global LOCK_WAITED
+    waited, began = False, time.monotonic()
     while LOCK.exists() or others_testing():
         if not waited:
             print(f"waiting for {LOCK} (or a pytest run) to go away ...", file=sys.stderr)
             waited = True
         time.sleep(5)
+    LOCK_WAITED += time.monotonic() - began
     LOCK.write_text("fanout\n")
     try:
         yield
@@ -890,7 +894,10 @@ def main() -> None:
     results = run_benchmark(profile, sections, missing)
     print(
         f"profile {profile.name}, {profile.rounds} round(s), meshline sources "
-        f"{meta['meshline_sources']}, {meta['machine']}, {time.monotonic() - began:.0f} s; "
+        f"{meta['meshline_sources']}, {meta['machine']}, "
+        f"{time.monotonic() - began - LOCK_WAITED:.0f} s"
+        + (f" (and {LOCK_WAITED:.0f} s waiting for the lock)" if LOCK_WAITED else "")
+        + "; "
         f"worker logs in {Worker.log_dir}"
         + (f"; py-spy profiles in {Worker.profile_dir} (figures slowed)" if args.profile else "")
     )
