@@ -1,5 +1,7 @@
 """``meshline demo``: transports and mesh nodes at work against an embedded NATS server,
-then the socket layer on its own (a server, clients, a slow reader, a silent client)."""
+then the socket layer on its own (a server, clients, a slow reader, a silent client),
+then two socket servers as one cluster (users on both, a kick, a request across nodes,
+a node crash with its clients moving to the survivor)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import trio
 import trio.lowlevel
 import trio_websocket
 
+from ._cluster._link import MeshOptions
 from ._errors import (
     ClientNotFoundError,
     KeyExistsError,
@@ -24,13 +27,23 @@ from ._errors import (
 from ._mesh._node import Node, open_node
 from ._registry._core import RegisteredClient
 from ._service._service import ClientService, open_client_service
+from ._sockets._backoff import ReconnectOptions
+from ._sockets._client import ClientState, open_socket_client
 from ._sockets._connection import Connection, DisconnectReason
 from ._sockets._frames import JSON_SUBPROTOCOL
 from ._sockets._roles import Role
-from ._sockets._server import BackpressureOptions, HeartbeatOptions, SocketServer
+from ._sockets._server import (
+    Admission,
+    BackpressureOptions,
+    HeartbeatOptions,
+    SocketRequest,
+    SocketServer,
+    open_socket_server,
+)
 from ._transport._names import encode_token
 from ._transport._nats import open_nats_transport
 from ._transport._seam import KVOperation, Transport
+from .testing._faults import FaultyTransport
 from .testing._server import NatsServer
 from .testing._sockets import open_test_client, open_test_socket_server
 
@@ -414,6 +427,113 @@ async def show_sockets() -> None:
     say("  the socket server is stopped")
 
 
+async def show_cluster_sockets(url: str) -> None:
+    say("\n== cluster sockets: two socket servers on one mesh, clients with both URLs ==")
+    ttl = 1
+
+    def admit(request: SocketRequest) -> Admission:
+        return Admission("user", user_id=request.query.get("user"))
+
+    said: list[tuple[str, str]] = []
+
+    def hook(kind: str, node: str) -> Callable[[str], None]:
+        def report(user: str) -> None:
+            said.append((kind, user))
+            say(f"  [hooks] {user} is {kind} (said by {node}, the leader)")
+
+        return report
+
+    def hooks(node: str) -> dict[str, Any]:
+        return {
+            "on_user_online": hook("online", node),
+            "on_user_offline": hook("offline", node),
+            "on_orphaned": lambda node_id, conns: say(
+                f"  [hooks] node {node_id} died; orphaned: {sorted(c.client_id for c in conns)}"
+            ),
+        }
+
+    async def serve(
+        name: str, task_status: trio.TaskStatus[tuple[SocketServer, Callable[[], None]]]
+    ) -> None:
+        with trio.CancelScope() as scope:
+            async with open_nats_transport(url, name=name) as inner:
+                transport = FaultyTransport(inner)
+
+                def crash() -> None:
+                    transport.cut()  # as if the process died: nothing is cleaned up
+                    scope.cancel()
+
+                async with open_socket_server(
+                    roles=[demo_role()],
+                    authenticate=admit,
+                    mesh=MeshOptions(transport, "demo-sockets", node={"ttl": ttl}),
+                    client_requests={"confirm": (str, bool)},
+                    client_events={"news": str},
+                    **hooks(name),
+                ) as server:
+                    task_status.started((server, crash))
+                    await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        east, crash_east = await nursery.start(serve, "east")
+        west, _ = await nursery.start(serve, "west")
+        await poll(lambda: {east.node_id, west.node_id} <= west.cluster.nodes())
+        say(
+            f"  east is node {east.node_id} on {east.url},"
+            f" west is node {west.node_id} on {west.url}"
+        )
+        urls = [east.url, west.url]
+        again = ReconnectOptions(base=0.1, cap=0.5)
+        async with (
+            open_socket_client(urls, client_id="phone", query={"user": "ana"}) as phone,
+            open_socket_client(
+                urls[::-1], client_id="laptop", query={"user": "ana"}, reconnect=again
+            ) as laptop,
+            open_socket_client(urls, client_id="bo", query={"user": "bo"}) as bo,
+        ):
+            await poll(lambda: west.cluster.count() == 3)
+            where = {c.client_id: c.node_id for c in west.cluster.connections()}
+            say(f"  west sees every connection: {dict(sorted(where.items()))}")
+            heard: list[str] = []
+            phone.on("news", lambda data: heard.append(f"phone got {data!r}"))
+            laptop.on("news", lambda data: heard.append(f"laptop got {data!r}"))
+            await west.to_user("ana").emit("news", "dinner at eight")
+            await poll(lambda: len(heard) == 2)
+            say(f"  west emits to user ana, on both nodes: {', '.join(sorted(heard))}")
+
+            laptop.implement("confirm", lambda question: question == "sync now?")
+            answer = await east.to_conn(laptop.connection_id or "").request("confirm", "sync now?")
+            say(f"  east asks ana's laptop (on west) 'sync now?': {answer!r}")
+
+            await west.to_conn(bo.connection_id or "").close(reason="spam")
+            await poll(lambda: bo.state is ClientState.FAILED)
+            say("  west kicks bo, who is on east: bo's client stops for good (4501, terminal)")
+            await poll(lambda: ("offline", "bo") in said)
+
+            phone_was = phone.connection_id
+            crash_east()
+            say("  east crashes")
+            await poll(
+                lambda: phone.state is ClientState.CONNECTED and phone.connection_id != phone_was,
+                20,
+            )
+            await poll(
+                lambda: (
+                    (c := west.cluster.client("phone")) is not None and c.node_id == west.node_id
+                ),
+                20,
+            )
+            say(
+                f"  ana's phone moved to west with the same client id; west sees"
+                f" {sorted(c.client_id for c in west.cluster.by_user('ana'))} for ana"
+                f" and {west.cluster.count()} connections in all"
+            )
+            say("  ana and the laptop leave:")
+        await poll(lambda: ("offline", "ana") in said, 20)
+        nursery.cancel_scope.cancel()
+    say("  the cluster is stopped")
+
+
 async def run_demo(url: str) -> None:
     async with (
         open_nats_transport(url, name="alpha") as alpha,
@@ -427,6 +547,7 @@ async def run_demo(url: str) -> None:
         await show_nodes({"alpha": alpha, "beta": beta, "gamma": gamma})
     await show_service(url)
     await show_sockets()
+    await show_cluster_sockets(url)
 
 
 def demo(url: str | None = None) -> None:

@@ -22,8 +22,8 @@ application keeps from ``on_user_online``/``on_user_offline`` (heard from any no
 that is not crashed) equals the model's users with a connection.
 
 The machine runs in a worker thread; the Trio loop (on ``MockClock`` for memory)
-serves its steps, as in ``test_presence_machine.py``. 100 examples on memory;
-``HYPOTHESIS_PROFILE=thorough`` runs 1000. Over NATS (marked slow): 10, or 100.
+serves its steps, as in ``test_presence_machine.py``. 50 examples on memory;
+``HYPOTHESIS_PROFILE=thorough`` runs 500. Over NATS (marked slow): 5, or 50.
 """
 
 from __future__ import annotations
@@ -435,7 +435,7 @@ def test_cluster_sockets_on_memory() -> None:
         lambda: meshline.open_memory_transport(hub),
         clock=trio.testing.MockClock(autojump_threshold=math.inf),
         deadline=60.0,
-        examples=1000 if THOROUGH else 100,
+        examples=500 if THOROUGH else 50,
     )
     steps = ClusterMachine.steps
     assert min(steps[action] for action in ACTIONS) > 0, f"some actions never ran: {steps}"
@@ -448,4 +448,4 @@ def test_cluster_sockets_over_nats(nats_server: NatsServer) -> None:
         async with meshline.open_nats_transport(nats_server.url) as transport:
             yield transport
 
-    run_machine(open_transport, clock=None, deadline=20.0, examples=100 if THOROUGH else 10)
+    run_machine(open_transport, clock=None, deadline=20.0, examples=50 if THOROUGH else 5)

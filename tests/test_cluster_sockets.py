@@ -133,7 +133,7 @@ class Inbox:
 
 
 async def test_every_node_sees_every_connection_with_its_descriptor(
-    open_transport: OpenTransport, unique: Callable[[str], str]
+    open_transport: OpenTransport, unique: Callable[[str], str], clock: Any
 ) -> None:
     def describe(conn: meshline.Connection) -> dict[str, Any]:
         return {"device": "phone", "remote": conn.remote}
@@ -177,7 +177,7 @@ async def test_every_node_sees_every_connection_with_its_descriptor(
 
 
 async def test_a_users_devices_on_two_nodes(
-    open_transport: OpenTransport, unique: Callable[[str], str]
+    open_transport: OpenTransport, unique: Callable[[str], str], clock: Any
 ) -> None:
     async with cluster_of(open_transport, unique, 2) as (a, b):
         async with client_of(a, user="ada") as phone, client_of(b, user="ada") as laptop:
@@ -193,7 +193,7 @@ async def test_a_users_devices_on_two_nodes(
 
 
 async def test_a_room_across_nodes_reaches_only_the_nodes_with_members(
-    open_transport: OpenTransport, unique: Callable[[str], str]
+    open_transport: OpenTransport, unique: Callable[[str], str], clock: Any
 ) -> None:
     def on_connect(conn: meshline.Connection) -> None:
         conn.join("hall")
@@ -221,7 +221,7 @@ async def test_a_room_across_nodes_reaches_only_the_nodes_with_members(
 
 
 async def test_topics_across_nodes(
-    open_transport: OpenTransport, unique: Callable[[str], str]
+    open_transport: OpenTransport, unique: Callable[[str], str], clock: Any
 ) -> None:
     async with cluster_of(open_transport, unique, 2) as (a, b):
         async with client_of(a) as reader:
@@ -238,7 +238,7 @@ async def test_topics_across_nodes(
 
 
 async def test_kick_across_nodes_is_terminal(
-    open_transport: OpenTransport, unique: Callable[[str], str]
+    open_transport: OpenTransport, unique: Callable[[str], str], clock: Any
 ) -> None:
     async with cluster_of(open_transport, unique, 2) as (a, b):
         async with client_of(a, user="eve") as client:
@@ -251,7 +251,7 @@ async def test_kick_across_nodes_is_terminal(
 
 
 async def test_disconnecting_a_user_closes_every_device(
-    open_transport: OpenTransport, unique: Callable[[str], str]
+    open_transport: OpenTransport, unique: Callable[[str], str], clock: Any
 ) -> None:
     async with cluster_of(open_transport, unique, 2) as (a, b):
         async with client_of(a, user="eve") as one, client_of(b, user="eve") as two:
@@ -267,7 +267,7 @@ async def test_disconnecting_a_user_closes_every_device(
 
 
 async def test_emit_to_a_connection_on_another_node(
-    open_transport: OpenTransport, unique: Callable[[str], str]
+    open_transport: OpenTransport, unique: Callable[[str], str], clock: Any
 ) -> None:
     async with cluster_of(open_transport, unique, 2) as (a, b):
         async with client_of(a) as client:
@@ -279,7 +279,7 @@ async def test_emit_to_a_connection_on_another_node(
 
 
 async def test_a_client_connecting_elsewhere_supersedes_its_old_connection(
-    open_transport: OpenTransport, unique: Callable[[str], str]
+    open_transport: OpenTransport, unique: Callable[[str], str], clock: Any
 ) -> None:
     async with cluster_of(open_transport, unique, 2) as (a, b):
         async with client_of(a, client_id="roamer") as old:
@@ -302,7 +302,7 @@ async def test_a_client_connecting_elsewhere_supersedes_its_old_connection(
 
 
 async def test_a_second_connection_on_the_same_node_supersedes_the_first(
-    open_transport: OpenTransport, unique: Callable[[str], str]
+    open_transport: OpenTransport, unique: Callable[[str], str], clock: Any
 ) -> None:
     async with cluster_of(open_transport, unique, 1) as (a,):
         async with client_of(a, client_id="twin") as first:
@@ -322,7 +322,7 @@ async def test_a_second_connection_on_the_same_node_supersedes_the_first(
 
 
 async def test_invoke_across_nodes(
-    open_transport: OpenTransport, unique: Callable[[str], str]
+    open_transport: OpenTransport, unique: Callable[[str], str], clock: Any
 ) -> None:
     async with cluster_of(open_transport, unique, 2) as (a, b):
         async with client_of(a, client_id="callee") as client:
@@ -338,7 +338,7 @@ async def test_invoke_across_nodes(
 
 
 async def test_a_dead_nodes_connections_leave_the_views_and_are_reported_orphaned(
-    open_transport: OpenTransport, unique: Callable[[str], str]
+    open_transport: OpenTransport, unique: Callable[[str], str], clock: Any
 ) -> None:
     orphaned: list[tuple[int, int, list[ClusterConnection]]] = []
 
@@ -369,7 +369,7 @@ async def test_a_dead_nodes_connections_leave_the_views_and_are_reported_orphane
 
 
 async def test_hostile_names_route_and_index(
-    open_transport: OpenTransport, unique: Callable[[str], str]
+    open_transport: OpenTransport, unique: Callable[[str], str], clock: Any
 ) -> None:
     names = [name for name in HOSTILE_CLIENT_IDS if name][:6]
 
@@ -393,7 +393,7 @@ async def test_hostile_names_route_and_index(
 
 
 async def test_bad_arguments_get_clear_errors(
-    open_transport: OpenTransport, unique: Callable[[str], str]
+    open_transport: OpenTransport, unique: Callable[[str], str], clock: Any
 ) -> None:
     async with cluster_of(open_transport, unique, 1) as (a,):
         with pytest.raises(InvalidArgumentError):
@@ -458,7 +458,7 @@ async def test_a_server_alone_keeps_the_node_id_it_was_given() -> None:
 
 
 async def test_requests_across_nodes(
-    open_transport: OpenTransport, unique: Callable[[str], str]
+    open_transport: OpenTransport, unique: Callable[[str], str], clock: Any
 ) -> None:
     cancelled: list[str] = []
 
@@ -506,7 +506,7 @@ async def test_requests_across_nodes(
 
 
 async def test_a_request_fails_at_once_when_the_connection_drops_mid_request(
-    open_transport: OpenTransport, unique: Callable[[str], str]
+    open_transport: OpenTransport, unique: Callable[[str], str], clock: Any
 ) -> None:
     async with cluster_of(open_transport, unique, 2) as (a, b):
         async with client_of(a) as client:
@@ -573,7 +573,7 @@ class Hooks:
 
 
 async def test_user_hooks_fire_once_for_the_cluster(
-    open_transport: OpenTransport, unique: Callable[[str], str]
+    open_transport: OpenTransport, unique: Callable[[str], str], clock: Any
 ) -> None:
     hooks = Hooks()
     async with cluster_of(open_transport, unique, 2, **hooks.options()) as (a, b):
@@ -597,7 +597,7 @@ async def test_user_hooks_fire_once_for_the_cluster(
 
 
 async def test_a_user_back_within_the_grace_period_is_never_offline(
-    open_transport: OpenTransport, unique: Callable[[str], str]
+    open_transport: OpenTransport, unique: Callable[[str], str], clock: Any
 ) -> None:
     hooks = Hooks()
     options = hooks.options(offline_grace=30.0)
@@ -615,7 +615,7 @@ async def test_a_user_back_within_the_grace_period_is_never_offline(
 
 
 async def test_a_client_back_within_the_grace_period_did_not_leave(
-    open_transport: OpenTransport, unique: Callable[[str], str]
+    open_transport: OpenTransport, unique: Callable[[str], str], clock: Any
 ) -> None:
     hooks = Hooks()
     async with cluster_of(open_transport, unique, 2, **hooks.options(offline_grace=1.0)) as (
@@ -635,7 +635,7 @@ async def test_a_client_back_within_the_grace_period_did_not_leave(
 
 
 async def test_a_superseded_connection_is_no_departure(
-    open_transport: OpenTransport, unique: Callable[[str], str]
+    open_transport: OpenTransport, unique: Callable[[str], str], clock: Any
 ) -> None:
     hooks = Hooks()
     async with cluster_of(open_transport, unique, 2, **hooks.options()) as (a, b):
@@ -652,7 +652,7 @@ async def test_a_superseded_connection_is_no_departure(
 
 
 async def test_the_users_of_a_dead_node_go_offline(
-    open_transport: OpenTransport, unique: Callable[[str], str]
+    open_transport: OpenTransport, unique: Callable[[str], str], clock: Any
 ) -> None:
     hooks = Hooks()
     async with cluster_of(open_transport, unique, 2, **hooks.options()) as (a, b):
@@ -668,7 +668,7 @@ async def test_the_users_of_a_dead_node_go_offline(
 
 
 async def test_metadata_updates_and_broadcasts(
-    open_transport: OpenTransport, unique: Callable[[str], str]
+    open_transport: OpenTransport, unique: Callable[[str], str], clock: Any
 ) -> None:
     async with cluster_of(open_transport, unique, 2) as (a, b):
         heard: list[tuple[Any, int]] = []
@@ -705,7 +705,7 @@ async def test_metadata_updates_and_broadcasts(
 
 
 async def test_a_client_with_several_urls_moves_to_a_survivor_when_its_node_dies(
-    open_transport: OpenTransport, unique: Callable[[str], str]
+    open_transport: OpenTransport, unique: Callable[[str], str], clock: Any
 ) -> None:
     key = unique("urls")
     async with trio.open_nursery() as nursery:

@@ -40,6 +40,14 @@ def test_demo_runs_and_shows_each_feature() -> None:
         "[server] on_disconnect 'silent': reaped, close code 4001",
         "[server] on_disconnect 'cy': client_closed, close code 1000",
         "the socket server is stopped",
+        "[hooks] ana is online (said by east, the leader)",
+        "west emits to user ana, on both nodes: laptop got 'dinner at eight', phone got",
+        "east asks ana's laptop (on west) 'sync now?': True",
+        "bo's client stops for good (4501, terminal)",
+        "[hooks] bo is offline",
+        "ana's phone moved to west with the same client id; west sees ['laptop', 'phone']",
+        "[hooks] ana is offline (said by west, the leader)",
+        "the cluster is stopped",
         "the embedded server is stopped",
     ]:
         assert expected in result.stdout
