@@ -86,19 +86,18 @@ import json
 import math
 import os
 import platform
-import queue
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import attrs
+from _runner import Worker, WorkerFailed
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "_sockets_worker.py"
@@ -188,106 +187,6 @@ def connect_limit(connections: int) -> float:
 # --------------------------------------------------------------------- workers
 
 
-class WorkerFailed(Exception):
-    """A worker crashed, said something unexpected, or was too slow."""
-
-    def __init__(self, message: str, *, timeout: float | None = None) -> None:
-        super().__init__(message)
-        self.timeout = timeout
-
-
-class Worker:
-    """One ``_sockets_worker.py`` process: commands to its stdin, JSON lines from its
-    stdout (read by a thread, so that reads can time out), stderr to a file."""
-
-    profile_dir: Path | None = None
-    log_dir: Path = Path(tempfile.gettempdir())
-
-    def __init__(self, name: str, *arguments: object) -> None:
-        self.name = name
-        command = [sys.executable, str(WORKER), *map(str, arguments)]
-        if Worker.profile_dir is not None:
-            out = Worker.profile_dir / f"{name}.txt"
-            command = ["py-spy", "record", "-f", "raw", "-r", "200", "-o", str(out), "--", *command]
-        self.stderr_path = Worker.log_dir / f"{name}.stderr"
-        self._stderr: TextIO = self.stderr_path.open("w")
-        self.process = subprocess.Popen(
-            command,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-            text=True,
-            cwd=HERE,
-        )
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            if line.strip() and not line.startswith("py-spy>"):  # py-spy's, under --profile
-                self._lines.put(line)
-        self._lines.put(None)
-
-    def read(self, timeout: float) -> dict[str, Any]:
-        """The next JSON object the worker prints.
-
-        :raises WorkerFailed: it exited, printed something else, or took longer.
-        """
-        try:
-            line = self._lines.get(timeout=timeout)
-        except queue.Empty:
-            raise WorkerFailed(
-                f"{self.name}: no answer within {timeout:g} s", timeout=timeout
-            ) from None
-        if line is None:
-            self.process.wait()
-            raise WorkerFailed(f"{self.name}: exited with status {self.process.returncode}")
-        try:
-            result: dict[str, Any] = json.loads(line)
-        except json.JSONDecodeError:
-            raise WorkerFailed(f"{self.name}: printed {line.strip()!r}") from None
-        return result
-
-    def cpu_seconds(self) -> float:
-        """CPU time (user + system) the worker's Python process used so far."""
-        pid = self.process.pid
-        if Worker.profile_dir is not None:  # the worker is py-spy's child
-            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-            pid = int(children[0]) if children else pid
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def send(self, command: str) -> None:
-        assert self.process.stdin is not None
-        try:
-            self.process.stdin.write(command + "\n")
-            self.process.stdin.flush()
-        except BrokenPipeError:
-            raise WorkerFailed(f"{self.name}: gone before {command!r}") from None
-
-    def stop(self) -> None:
-        """Close its stdin (it exits at once), wait a little, then kill it."""
-        try:
-            assert self.process.stdin is not None
-            self.process.stdin.close()
-        except BrokenPipeError:
-            pass
-        try:
-            self.process.wait(timeout=30 if Worker.profile_dir else 5)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self._stderr.close()
-
-    def stderr_tail(self, lines: int = 12) -> list[str]:
-        try:
-            text = self.stderr_path.read_text(errors="replace")
-        except OSError:
-            return []
-        return [line for line in text.strip().splitlines() if line.strip()][-lines:]
-
-
 LOCK: Path | None = None
 """``--lock``: the file measurements take in turn (None: no locking)."""
 
@@ -348,7 +247,7 @@ def report(headline: str, workers: list[Worker]) -> None:
 def start_server(
     workers: list[Worker], name: str, impl: str, scenario: str, options: dict[str, Any]
 ) -> tuple[Worker, str, int]:
-    server = Worker(name, "server", impl, scenario, json.dumps(options))
+    server = Worker(name, WORKER, "server", impl, scenario, json.dumps(options))
     workers.append(server)
     hello = server.read(START_LIMIT)
     return server, f"ws://127.0.0.1:{hello['port']}/", int(hello["rss"])
@@ -376,7 +275,7 @@ def measure_calls(profile: Profile, impl: str, tag: str) -> dict[str, Any]:
             "duration": profile.call_duration,
         }
         clients = Worker(
-            f"call-{impl}-clients{tag}", "clients", impl, "call", url, json.dumps(options)
+            f"call-{impl}-clients{tag}", WORKER, "clients", impl, "call", url, json.dumps(options)
         )
         workers.append(clients)
         limit = START_LIMIT + connect_limit(profile.call_clients) + profile.call_warmup
@@ -418,6 +317,7 @@ def measure_fanout(profile: Profile, impl: str, tag: str) -> dict[str, Any]:
         for index, count in enumerate(split(profile.fanout_connections, profile.fanout_processes)):
             worker = Worker(
                 f"fanout-{impl}-clients{index}{tag}",
+                WORKER,
                 "clients",
                 impl,
                 "fanout",
@@ -490,6 +390,7 @@ def measure_idle(profile: Profile, impl: str, tag: str) -> dict[str, Any]:
         for index, count in enumerate(split(total, profile.idle_processes)):
             worker = Worker(
                 f"idle-{impl}-clients{index}{tag}",
+                WORKER,
                 "clients",
                 impl,
                 "idle",

@@ -3,9 +3,25 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import inspect
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
 
-__all__ = ["single_exceptions"]
+__all__ = ["call_hook", "single_exceptions"]
+
+
+async def call_hook(
+    hook: Callable[..., Any], name: str, *args: Any, logger: logging.Logger
+) -> None:
+    """Call an application hook (plain or async) with ``args``; an exception it
+    raises is logged on ``logger`` as the ``name`` hook's failure, never raised."""
+    try:
+        result = hook(*args)
+        if inspect.isawaitable(result):
+            await result
+    except Exception:
+        logger.exception("the %s hook failed", name)
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:

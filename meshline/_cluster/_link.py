@@ -1148,11 +1148,8 @@ class _NamedTarget:
         return f"<{type(self).__name__} {self.name!r}>"
 
 
-class UserTarget(_NamedTarget):
-    """Every connection of one user, on every node (``server.to_user(user_id)``)."""
-
+class _EmittingTarget(_NamedTarget):
     __slots__ = ()
-    _kind = InterestKind.USER
 
     async def emit(
         self,
@@ -1162,10 +1159,18 @@ class UserTarget(_NamedTarget):
         coalesce: str | None = None,
         skip: str | None = None,
     ) -> None:
-        """Queue the event for each of the user's connections (but ``skip``, a
-        connection id): the ones here at once, the others through the nodes that
-        hold them. See :meth:`ConnectionTarget.emit` for what it raises."""
+        """Queue the event for every member (but ``skip``, a connection id): the
+        members on this node at once, the others through the nodes that hold
+        them, and no other node. See :meth:`ConnectionTarget.emit` for what it
+        raises."""
         await self._link.send(self._kind, self.name, event, data, coalesce=coalesce, skip=skip)
+
+
+class UserTarget(_EmittingTarget):
+    """Every connection of one user, on every node (``server.to_user(user_id)``)."""
+
+    __slots__ = ()
+    _kind = InterestKind.USER
 
     async def disconnect(self, code: int = CloseCode.KICKED, reason: str | None = None) -> None:
         """Close every connection of the user with ``code`` (4501 kicked by
@@ -1173,23 +1178,11 @@ class UserTarget(_NamedTarget):
         await self._link.close(self._kind, self.name, code, reason)
 
 
-class RoomTarget(_NamedTarget):
+class RoomTarget(_EmittingTarget):
     """Every member of one room, on every node (``server.to_room(name)``)."""
 
     __slots__ = ()
     _kind = InterestKind.ROOM
-
-    async def emit(
-        self,
-        event: str,
-        data: Any = None,
-        *,
-        coalesce: str | None = None,
-        skip: str | None = None,
-    ) -> None:
-        """Queue the event for every member (but ``skip``, a connection id). Only
-        the nodes with members receive it. See :meth:`ConnectionTarget.emit`."""
-        await self._link.send(self._kind, self.name, event, data, coalesce=coalesce, skip=skip)
 
 
 class TopicTarget(_NamedTarget):

@@ -28,7 +28,6 @@ Client hooks
 from __future__ import annotations
 
 import heapq
-import inspect
 import itertools
 import logging
 import math
@@ -40,6 +39,7 @@ import trio
 
 from .._errors import MeshlineError, TransportError
 from .._sockets._connection import DisconnectReason
+from .._util import call_hook
 from ._index import ClusterConnection
 from ._users import UserOffline, UserOnline, UserPresence, UserTransition
 
@@ -72,15 +72,6 @@ class ReportedUsers(Protocol):
     async def record(self, user_id: str, online: bool) -> None:
         """Record that ``user_id`` was reported online (or offline)."""
         ...
-
-
-async def _call(hook: Callable[..., Any], name: str, *args: Any) -> None:
-    try:
-        result = hook(*args)
-        if inspect.isawaitable(result):
-            await result
-    except Exception:
-        logger.exception("cluster: the %s hook failed", name)
 
 
 class PresenceReporter:
@@ -245,7 +236,7 @@ class PresenceReporter:
                 else self._on_client_disconnected
             )
             if hook is not None:
-                await _call(hook, name, *args)
+                await call_hook(hook, name, *args, logger=logger)
 
     async def report_users(self) -> None:
         """Run the user hooks (on the leader), one at a time, in order, and record
@@ -260,7 +251,7 @@ class PresenceReporter:
             hook = self._on_user_online if online else self._on_user_offline
             if hook is not None:
                 name = "on_user_online" if online else "on_user_offline"
-                await _call(hook, name, transition.user_id)
+                await call_hook(hook, name, transition.user_id, logger=logger)
             if reported is not None:
                 try:
                     await reported.record(transition.user_id, online)

@@ -29,7 +29,7 @@ from .._errors import InvalidArgumentError, TransportClosedError, TransportError
 from .._mesh._membership import MembershipEvent, MembershipEventKind
 from .._mesh._node import Node
 from .._transport._seam import ConnectionEvent, ConnectionEventKind, check_timeout
-from .._util import single_exceptions
+from .._util import call_hook, single_exceptions
 from ._core import (
     ClientRecord,
     ClientRegistry,
@@ -355,15 +355,6 @@ class NodeClientRegistry(ClientRegistry[MetadataT], Generic[MetadataT]):
         self._removals.clear()
 
 
-async def _call_hook(hook: Callable[..., Any], name: str, *args: Any) -> None:
-    try:
-        result = hook(*args)
-        if result is not None:
-            await result
-    except Exception:
-        logger.exception("%s hook failed", name)
-
-
 @overload
 def open_client_registry(
     node: Node,
@@ -488,7 +479,7 @@ async def open_client_registry(
                 if hook is None:
                     continue
                 clients = [registry.decode_client(record, lenient=True) for record in records]
-                await _call_hook(hook, name, node_id, clients)
+                await call_hook(hook, name, node_id, clients, logger=logger)
 
     cleaning: dict[int, int | None] = {}
     """Dead nodes being cleaned up now -> the incarnation being cleaned up."""
