@@ -8,6 +8,7 @@ lags the store. Each runs on the memory transport and on NATS.
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
@@ -267,3 +268,65 @@ async def test_a_client_reconnecting_on_the_same_node_never_flaps_its_user(
                 async with client_of(a, user="bob"):
                     await hooks.until("online", "bob")
                     assert hooks.of("offline") == []
+
+
+# --- From a second review ------------------------------------------------------------------
+
+
+async def test_requests_across_nodes_without_a_timeout(
+    open_transport: OpenTransport, unique: Callable[[str], str], clock: Any
+) -> None:
+    async with cluster_of(open_transport, unique, 2, call_timeout=None) as (a, b):
+        async with client_of(a) as client:
+            client.implement("double", lambda data: data * 2)
+            target = b.server.to_conn(client.connection_id or "")
+            assert await target.request("double", 21, timeout=math.inf) == 42
+            assert await target.request("double", 4) == 8  # call_timeout None: none
+
+
+async def test_a_second_connection_being_described_never_flaps_its_user(
+    open_transport: OpenTransport, unique: Callable[[str], str], clock: Any
+) -> None:
+    hooks = Hooks()
+
+    async def describe(conn: meshline.Connection) -> dict[str, Any]:
+        await trio.sleep(0.5)
+        return {"x": 1}
+
+    async with cluster_of(open_transport, unique, 1, describe=describe, **hooks.options()) as (a,):
+        async with client_of(a, user="ada", client_id="twin") as first:
+            await hooks.until("online", "ada")
+            async with client_of(a, user="ada", client_id="twin") as second:
+                await until(lambda: first.state is meshline.ClientState.FAILED)
+                await settled(
+                    [a],
+                    lambda server: (
+                        (found := server.cluster.client("twin")) is not None
+                        and found.connection_id == second.connection_id
+                    ),
+                )
+                async with client_of(a, user="bob"):
+                    await hooks.until("online", "bob")
+                    assert hooks.of("offline") == []
+
+
+async def test_a_client_back_and_gone_again_within_the_grace_period_left_once(
+    open_transport: OpenTransport, unique: Callable[[str], str], clock: Any
+) -> None:
+    hooks = Hooks()
+    async with cluster_of(open_transport, unique, 2, **hooks.options(offline_grace=5.0)) as (
+        a,
+        b,
+    ):
+        async with client_of(a, client_id="flaky") as first:
+            await hooks.until("connected", first.connection_id or "")
+        async with client_of(b, client_id="flaky") as second:
+            await hooks.until("connected", second.connection_id or "")
+            second_id = second.connection_id or ""
+        await hooks.until("disconnected", second_id)
+        # A later departure's report comes after anything the first one would cause.
+        async with client_of(a, client_id="other") as other:
+            other_id = other.connection_id or ""
+            await hooks.until("connected", other_id)
+        await hooks.until("disconnected", other_id)
+        assert hooks.of("disconnected") == [second_id, other_id]

@@ -33,6 +33,8 @@ class Descriptor(msgspec.Struct, array_like=True, frozen=True):
     connected_at: float
     rooms: tuple[str, ...] = ()
     fields: dict[str, Any] = {}
+    previous: str = ""
+    """The connection id the client had before this one, as its hello said."""
 
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
@@ -55,6 +57,9 @@ class ClusterConnection:
     connected_at: float
     rooms: frozenset[str] = frozenset()
     fields: Mapping[str, Any] = _EMPTY
+    previous_connection_id: str = ""
+    """The connection the client had before this one, as it said when it connected
+    ("" for a first connection, or a client that does not say)."""
 
 
 @attrs.frozen

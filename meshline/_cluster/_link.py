@@ -112,6 +112,10 @@ DESCRIBE_TIMEOUT = 5.0
 """Seconds an async ``describe`` hook may take; after that the connection is
 registered without fields (the presence workers cannot wait on it for ever)."""
 
+NO_LIMIT = 1e9
+"""Seconds a node request waits when the socket request has no timeout (it ends
+when the connection does: its node answers then)."""
+
 REQUEST_MARGIN = 1.0
 """Seconds a request across nodes waits for the owning node beyond the request's
 own timeout, so that the owning node's answer (a timeout included) comes first."""
@@ -229,14 +233,18 @@ class _KVReportedUsers:
     async def load(self) -> set[str]:
         async with self._kv.watch("u.>", removals=False) as watch:
             entries = watch.take_snapshot()
-        users = set()
+        users: dict[str, str] = {}
+        """Key -> user, in the snapshot's order: a removal that arrived while it
+        loaded undoes the value before it."""
         for entry in entries:
-            if entry.operation is KVOperation.PUT:
-                try:
-                    users.add(entry.value.decode("utf-8", "surrogatepass"))
-                except UnicodeDecodeError:
-                    logger.warning("cluster: a reported user's record does not decode")
-        return users
+            if entry.operation is not KVOperation.PUT:
+                users.pop(entry.key, None)
+                continue
+            try:
+                users[entry.key] = entry.value.decode("utf-8", "surrogatepass")
+            except UnicodeDecodeError:
+                logger.warning("cluster: a reported user's record does not decode")
+        return set(users.values())
 
     async def record(self, user_id: str, online: bool) -> None:
         key = self._key(user_id)
@@ -249,12 +257,14 @@ class _KVReportedUsers:
 class _Entry:
     """One local connection's registration, as the presence workers keep it."""
 
-    __slots__ = ("attempted", "changed", "conn", "fields", "token", "written")
+    __slots__ = ("announced", "attempted", "changed", "conn", "fields", "token", "written")
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.token: int | None = None
         """The registration's token, once it landed."""
+        self.announced = False
+        """``on_client_connected`` was called for it (its first registration landed)."""
         self.attempted = False
         """A register was sent and did not answer (it failed, or was cancelled):
         it may have landed, under a token never learned."""
@@ -371,6 +381,7 @@ class ClusterLink:
                 connected_at=descriptor.connected_at,
                 rooms=frozenset(descriptor.rooms),
                 fields=descriptor.fields,
+                previous_connection_id=descriptor.previous,
             )
         )
         self._check_superseded(client_id)
@@ -379,11 +390,11 @@ class ClusterLink:
         """Act on the client's registration as the replica has it now, for the
         client's local connection, once that connection holds a registration.
 
-        A registration of another connection of the client that opened later (here
-        or on another node) supersedes this one: it is closed with 4502. One that
-        opened earlier and overwrote this one (its write landed late) is
-        overwritten in turn: this connection is the client's newest. A removed
-        registration changes nothing here (re-assertion writes it back)."""
+        A registration of a newer connection of the client (see :func:`_is_newer`),
+        here or on another node, supersedes this one: it is closed with 4502. One
+        of an older connection that overwrote this one (its write landed late) is
+        overwritten in turn. A removed registration changes nothing here
+        (re-assertion writes it back)."""
         slot = self._slots.get(client_id)
         entry = None if slot is None else slot.current
         if entry is None or entry.token is None:
@@ -391,7 +402,11 @@ class ClusterLink:
         seen = self.index.get(client_id)
         if seen is None or seen.connection_id == entry.conn.id:
             return
-        if seen.connected_at >= entry.conn.connected_at:
+        conn = entry.conn
+        if _is_newer(
+            (seen.connection_id, seen.previous_connection_id, seen.connected_at),
+            (conn.id, conn.previous_connection_id, conn.connected_at),
+        ):
             logger.info(
                 "cluster: client %r connected again on node %d; closing connection %s",
                 client_id,
@@ -418,12 +433,25 @@ class ClusterLink:
         if slot is None:
             slot = self._slots[conn.client_id] = _Slot()
         elif slot.current is not None:
+            old = slot.current.conn
+            if _is_newer(
+                (old.id, old.previous_connection_id, old.connected_at),
+                (conn.id, conn.previous_connection_id, conn.connected_at),
+            ):
+                logger.info(
+                    "cluster: client %r has a newer connection here (%s); closing %s",
+                    conn.client_id,
+                    old.id,
+                    conn.id,
+                )
+                self._hub.supersede(conn)  # detaches it at once
+                return
             logger.info(
                 "cluster: client %r connected again here; closing connection %s",
                 conn.client_id,
-                slot.current.conn.id,
+                old.id,
             )
-            self._hub.supersede(slot.current.conn)  # detaches it: it goes stale
+            self._hub.supersede(old)  # detaches it: it goes stale
         entry = slot.current = _Entry(conn)
         if self._describe is None:
             entry.fields = {}
@@ -443,9 +471,10 @@ class ClusterLink:
                 self._interest_changed(InterestKind.TOPIC, topic)
 
     def detached(self, conn: Connection) -> None:
-        self.reporter.client_closed(conn)
         slot = self._slots.get(conn.client_id)
         if slot is not None and slot.current is not None and slot.current.conn is conn:
+            if slot.current.announced:
+                self.reporter.client_closed(conn)
             slot.stale.append(slot.current)
             slot.current = None
             self._queue_write(conn.client_id)
@@ -538,9 +567,12 @@ class ClusterLink:
             finally:
                 slot.busy = False
             if self._slots.get(client_id) is slot:
-                if slot.current is None and not slot.stale:
+                current = slot.current
+                if current is None and not slot.stale:
                     del self._slots[client_id]
-                elif slot.stale or (slot.current is not None and _behind(slot.current)):
+                elif current is not None and current.fields is None:
+                    pass  # being described: queued again once it is
+                elif slot.stale or (current is not None and _behind(current)):
                     self._queue_write(client_id)
 
     async def _sync(self, client_id: str, slot: _Slot) -> None:
@@ -558,6 +590,8 @@ class ClusterLink:
                 await service.unregister_client(client_id)  # this node's, whatever token
                 stale.attempted = False
         entry = slot.current
+        if entry is not None and entry.fields is None:
+            return  # being described: its registration comes first (then the rest)
         while entry is not None and _behind(entry) and slot.current is entry:
             await self._write(client_id, slot, entry)
         while slot.stale:
@@ -591,6 +625,7 @@ class ClusterLink:
             if slot.current is not entry:
                 return  # closed meanwhile: the stale pass removes it
             if first:
+                entry.announced = True
                 self.reporter.client_connected(entry.conn)
             self._check_superseded(client_id)
             return
@@ -628,6 +663,7 @@ class ClusterLink:
             connected_at=conn.connected_at,
             rooms=tuple(conn.rooms),
             fields=entry.fields,
+            previous=conn.previous_connection_id,
         )
 
     async def _describe_entry(self, entry: _Entry) -> None:
@@ -860,13 +896,14 @@ class ClusterLink:
         _encode_data(data)
         if not self.node.is_alive(node_id):
             raise ConnectionNotFoundError(connection_id)
-        wire_timeout = None if math.isinf(timeout) else float(timeout)
+        unlimited = math.isinf(timeout)
+        wire_timeout = None if unlimited else float(timeout)
         try:
             reply = await self.node.request(
                 node_id,
                 SOCKET_REQUEST,
                 (connection_id, name, wire_timeout, data),
-                timeout=timeout + REQUEST_MARGIN,
+                timeout=NO_LIMIT if unlimited else timeout + REQUEST_MARGIN,
             )
         except (NodeNotAliveError, NoHandlerError):
             raise ConnectionNotFoundError(connection_id) from None
@@ -947,7 +984,6 @@ class ClusterLink:
                 nursery.start_soon(self._read_inbox)
                 nursery.start_soon(self._keep_subscriptions)
                 nursery.start_soon(self.reporter.keep_time, self._still_here)
-                nursery.start_soon(self.reporter.report_users)
                 nursery.start_soon(self.reporter.report_clients)
                 for _ in range(PRESENCE_WORKERS):
                     nursery.start_soon(self._write_presence)
@@ -959,13 +995,39 @@ class ClusterLink:
                 self._subscriptions.clear()
 
 
+def _nothing() -> None:
+    """Stands in for a removal function when there is nothing to remove."""
+
+
 def _minimal(descriptor: Descriptor) -> Descriptor:
     return Descriptor(
         connection_id=descriptor.connection_id,
         user_id=descriptor.user_id,
         role=descriptor.role,
         connected_at=descriptor.connected_at,
+        previous=descriptor.previous,
     )
+
+
+_Order = tuple[str, str, float]
+"""(connection id, the id the client named as its previous one, accept time)."""
+
+
+def _is_newer(first: _Order, second: _Order) -> bool:
+    """Whether ``first`` is a newer connection of a client than ``second``.
+
+    The client's own word comes first: a connection that names the other as the
+    one it had before is the newer (meshline's client always says; this needs no
+    clock). Otherwise the later accept time wins, by each node's wall clock (ids
+    break a tie), which nodes whose clocks disagree by more than a reconnect can
+    get wrong."""
+    first_id, first_previous, first_at = first
+    second_id, second_previous, second_at = second
+    if first_previous == second_id:
+        return True
+    if second_previous == first_id:
+        return False
+    return (first_at, first_id) > (second_at, second_id)
 
 
 def _behind(entry: _Entry) -> bool:
@@ -986,6 +1048,7 @@ def _cluster_connection(client: RegisteredClient[Any]) -> ClusterConnection | No
         connected_at=descriptor.connected_at,
         rooms=frozenset(descriptor.rooms),
         fields=descriptor.fields,
+        previous_connection_id=descriptor.previous,
     )
 
 
@@ -1277,7 +1340,8 @@ async def open_cluster_link(
             link._index_change(record.client_id, record)
         reporter.load(link.index.connections(node.is_alive))
         stop_membership = node.add_membership_handler(link.on_membership)
-        stop_leading = node.add_leader_duty(link._lead)
+        reports_users = on_user_online is not None or on_user_offline is not None
+        stop_leading = node.add_leader_duty(link._lead) if reports_users else _nothing
         registry.observer = link
         try:
             async with trio.open_nursery() as nursery:

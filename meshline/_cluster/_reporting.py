@@ -105,6 +105,9 @@ class PresenceReporter:
         self._departures: list[tuple[float, int, Connection]] = []
         self._order = itertools.count()
         self._wake = trio.Event()
+        self._leaving: dict[str, Connection] = {}
+        """Client id -> its ended connection whose departure is pending (the
+        latest); a registration of another connection of the client cancels it."""
         self.returns = 0
         """Connections of this node whose client was connected again, anywhere,
         within the grace period: no departure was reported for them."""
@@ -122,6 +125,10 @@ class PresenceReporter:
 
     def registration(self, client_id: str, conn: ClusterConnection | None) -> None:
         """The client's registration is ``conn`` now (None: gone)."""
+        leaving = self._leaving.get(client_id)
+        if leaving is not None and conn is not None and conn.connection_id != leaving.id:
+            del self._leaving[client_id]  # back, here or elsewhere: no departure
+            self.returns += 1
         should = conn if conn is not None and self._alive(conn.node_id) else None
         have = self._live.get(client_id)
         if have is should or (
@@ -158,10 +165,14 @@ class PresenceReporter:
             self._clients_ready.set()
 
     def client_closed(self, conn: Connection) -> None:
-        """A connection of this node ended (its reason may be set a moment later)."""
+        """A connection of this node, announced with ``on_client_connected``, ended
+        (its reason may be set a moment later). It is reported as a departure at
+        the end of the grace period, unless the client connects again meanwhile:
+        then the newer connection's end is the one that may be reported."""
         if self._on_client_disconnected is None:
             return
         deadline = trio.current_time() + self.grace
+        self._leaving[conn.client_id] = conn
         heapq.heappush(self._departures, (deadline, next(self._order), conn))
         self._wake.set()
 
@@ -186,6 +197,9 @@ class PresenceReporter:
             departures = self._departures
             while departures and departures[0][0] <= now:
                 _, _, conn = heapq.heappop(departures)
+                if self._leaving.get(conn.client_id) is not conn:
+                    continue  # the client came back (or left again later)
+                del self._leaving[conn.client_id]
                 if conn.disconnect_reason is DisconnectReason.SUPERSEDED:
                     continue
                 if still_here(conn):
@@ -205,7 +219,12 @@ class PresenceReporter:
 
     async def lead(self, reported: ReportedUsers) -> None:
         """The leader's duty: report what differs between ``reported`` and the
-        truth, then every transition as it happens.
+        truth, then every transition as it happens, one hook at a time, recording
+        each in ``reported`` once its hook returned.
+
+        It runs in the leadership's scope: when the lead is lost, the hook running
+        is cancelled and nothing more is reported or recorded here (the next leader
+        reports from the record, so a report cut short is made again).
 
         :raises TransportError: ``reported`` could not be loaded (the duty is
             started again after a heartbeat interval).
@@ -215,9 +234,8 @@ class PresenceReporter:
         self._user_reports.extend(UserOnline(user) for user in sorted(online - before))
         self._user_reports.extend(UserOffline(user) for user in sorted(before - online))
         self._leading = reported
-        self._reports_ready.set()
         try:
-            await trio.sleep_forever()
+            await self._report_users(reported)
         finally:
             self._leading = None
             self._user_reports.clear()
@@ -238,28 +256,24 @@ class PresenceReporter:
             if hook is not None:
                 await call_hook(hook, name, *args, logger=logger)
 
-    async def report_users(self) -> None:
-        """Run the user hooks (on the leader), one at a time, in order, and record
-        each report."""
+    async def _report_users(self, reported: ReportedUsers) -> None:
         while True:
             while not self._user_reports:
                 self._reports_ready = trio.Event()
                 await self._reports_ready.wait()
             transition = self._user_reports.popleft()
-            reported = self._leading
             online = isinstance(transition, UserOnline)
             hook = self._on_user_online if online else self._on_user_offline
             if hook is not None:
                 name = "on_user_online" if online else "on_user_offline"
                 await call_hook(hook, name, transition.user_id, logger=logger)
-            if reported is not None:
-                try:
-                    await reported.record(transition.user_id, online)
-                except (MeshlineError, TransportError) as exc:
-                    logger.warning(
-                        "cluster: could not record that user %r was reported %s (%s); "
-                        "the next leader may report it again",
-                        transition.user_id,
-                        "online" if online else "offline",
-                        exc,
-                    )
+            try:
+                await reported.record(transition.user_id, online)
+            except (MeshlineError, TransportError) as exc:
+                logger.warning(
+                    "cluster: could not record that user %r was reported %s (%s); "
+                    "the next leader may report it again",
+                    transition.user_id,
+                    "online" if online else "offline",
+                    exc,
+                )
