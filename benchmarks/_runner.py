@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import queue
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -146,3 +150,81 @@ def cpu_seconds(pid: int) -> float:
     """CPU time (user + system) process ``pid`` used so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Turns:
+    """``--lock``: the file measurements take in turn, so that two benchmarks (or a
+    benchmark and a pytest run) never measure at once."""
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+        """The lock file (None: no locking)."""
+        self.waited = 0.0
+        """Seconds spent waiting for it (left out of a run's time)."""
+
+    @contextlib.contextmanager
+    def turn(self, owner: str) -> Iterator[None]:
+        """Hold the lock for one measurement: wait until no one else holds it and no
+        pytest runs, create it (naming ``owner``), and remove it afterwards
+        (whatever happens)."""
+        if self.path is None:
+            yield
+            return
+        announced, began = False, time.monotonic()
+        while self.path.exists() or others_testing():
+            if not announced:
+                print(f"waiting for {self.path} (or a pytest run) to go away ...", file=sys.stderr)
+                announced = True
+            time.sleep(5)
+        self.waited += time.monotonic() - began
+        self.path.write_text(f"{owner}\n")
+        try:
+            yield
+        finally:
+            self.path.unlink(missing_ok=True)
+
+
+TURNS = Turns()
+
+
+def others_testing() -> bool:
+    found = subprocess.run(["pgrep", "-f", "pytest"], capture_output=True, text=True).stdout
+    return any(int(pid) != os.getpid() for pid in found.split())
+
+
+def report(headline: str, workers: list[Worker]) -> None:
+    """Print ``headline`` and the last lines of each worker's stderr (on stderr)."""
+    print(headline, file=sys.stderr)
+    for worker in workers:
+        tail = worker.stderr_tail()
+        if tail:
+            print(f"  {worker.name} stderr:", file=sys.stderr)
+            for line in tail:
+                print(f"    {line}", file=sys.stderr)
+
+
+def median(runs: list[dict[str, Any]], field: str) -> float:
+    """The median of ``field`` over the runs: ``nan`` if there are none or any failed."""
+    if not runs or any(field not in run for run in runs):
+        return math.nan
+    return float(statistics.median(run[field] for run in runs))
+
+
+def failure(runs: list[dict[str, Any]]) -> str | None:
+    """How the runs failed (MISSING baseline, over time, FAILED), or None."""
+    for run in runs:
+        if "missing" in run:
+            return "MISSING"
+        if "timeout" in run:
+            return f"> {run['timeout']:g} s"
+        if "error" in run:
+            return "FAILED"
+    return None
+
+
+def cell(runs: list[dict[str, Any]], field: str, show: Callable[[float], str]) -> str:
+    return failure(runs) or show(median(runs, field))
+
+
+def runs_cell(runs: list[dict[str, Any]], field: str, show: Callable[[float], str]) -> str:
+    return "[" + ", ".join(failure([run]) or show(run[field]) for run in runs) + "]"

@@ -105,18 +105,26 @@ import secrets
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import attrs
-from _runner import Worker, WorkerFailed, cpu_seconds
-from sockets import library_fingerprint, micros, others_testing, per_second, ratio
+from _runner import (
+    TURNS,
+    Worker,
+    WorkerFailed,
+    cell,
+    cpu_seconds,
+    median,
+    report,
+    runs_cell,
+)
+from sockets import library_fingerprint, micros, per_second, ratio
 
 HERE = Path(__file__).resolve().parent
 MESHLINE_WORKER = HERE / "_fanout_worker.py"
@@ -305,44 +313,6 @@ def _resp(reader: Any) -> Any:
     if kind == "*":
         return [_resp(reader) for _ in range(int(rest))]
     raise WorkerFailed(f"redis answered {line!r}")
-
-
-LOCK: Path | None = None
-"""``--lock``: the file measurements take in turn (None: no locking)."""
-LOCK_WAITED = 0.0
-"""Seconds spent waiting for :data:`LOCK` (left out of the run's time)."""
-
-
-@contextlib.contextmanager
-def turn() -> Iterator[None]:
-    """Hold :data:`LOCK` for one measurement: wait until no one else holds it and no
-    pytest runs, create it, and remove it afterwards (whatever happens)."""
-    if LOCK is None:
-        yield
-        return
-    global LOCK_WAITED
-    waited, began = False, time.monotonic()
-    while LOCK.exists() or others_testing():
-        if not waited:
-            print(f"waiting for {LOCK} (or a pytest run) to go away ...", file=sys.stderr)
-            waited = True
-        time.sleep(5)
-    LOCK_WAITED += time.monotonic() - began
-    LOCK.write_text("fanout\n")
-    try:
-        yield
-    finally:
-        LOCK.unlink(missing_ok=True)
-
-
-def report(headline: str, workers: list[Worker]) -> None:
-    print(headline, file=sys.stderr)
-    for worker in workers:
-        tail = worker.stderr_tail()
-        if tail:
-            print(f"  {worker.name} stderr:", file=sys.stderr)
-            for line in tail:
-                print(f"    {line}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------- one cluster
@@ -559,7 +529,7 @@ def measure(
     if not names:
         return results
     workers: list[Worker] = []
-    with turn(), contextlib.ExitStack() as stack:
+    with TURNS.turn("fanout"), contextlib.ExitStack() as stack:
         try:
             cluster = Cluster(impl, tag, workers)
             if impl == "meshline":
@@ -628,32 +598,6 @@ def run_benchmark(
 
 
 # --------------------------------------------------------------------- figures
-
-
-def median(runs: list[dict[str, Any]], field: str) -> float:
-    """The median of ``field`` over the runs: ``nan`` if there are none or any failed."""
-    if not runs or any(field not in run for run in runs):
-        return math.nan
-    return float(statistics.median(run[field] for run in runs))
-
-
-def failure(runs: list[dict[str, Any]]) -> str | None:
-    for run in runs:
-        if "missing" in run:
-            return "MISSING"
-        if "timeout" in run:
-            return f"> {run['timeout']:g} s"
-        if "error" in run:
-            return "FAILED"
-    return None
-
-
-def cell(runs: list[dict[str, Any]], field: str, show: Callable[[float], str]) -> str:
-    return failure(runs) or show(median(runs, field))
-
-
-def runs_cell(runs: list[dict[str, Any]], field: str, show: Callable[[float], str]) -> str:
-    return "[" + ", ".join(failure([run]) or show(run[field]) for run in runs) + "]"
 
 
 def summarize(
@@ -758,9 +702,8 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown sections {unknown}")
 
-    global LOCK
-    LOCK = args.lock
-    if LOCK is not None:  # so that a terminated run still removes the lock
+    TURNS.path = args.lock
+    if TURNS.path is not None:  # so that a terminated run still removes the lock
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     profile = TINY if args.tiny else QUICK if args.quick else FULL
     if args.rounds:
@@ -786,8 +729,8 @@ def main() -> None:
     print(
         f"profile {profile.name}, {profile.rounds} round(s), meshline sources "
         f"{meta['meshline_sources']}, {meta['machine']}, "
-        f"{time.monotonic() - began - LOCK_WAITED:.0f} s"
-        + (f" (and {LOCK_WAITED:.0f} s waiting for the lock)" if LOCK_WAITED else "")
+        f"{time.monotonic() - began - TURNS.waited:.0f} s"
+        + (f" (and {TURNS.waited:.0f} s waiting for the lock)" if TURNS.waited else "")
         + "; "
         f"worker logs in {Worker.log_dir}"
         + (f"; py-spy profiles in {Worker.profile_dir} (figures slowed)" if args.profile else "")

@@ -79,7 +79,6 @@ Usage: ``python benchmarks/sockets.py [--quick | --tiny] [--rounds N] [--json FI
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import hashlib
 import json
@@ -87,17 +86,23 @@ import math
 import os
 import platform
 import signal
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import attrs
-from _runner import Worker, WorkerFailed
+from _runner import (
+    TURNS,
+    Worker,
+    WorkerFailed,
+    cell,
+    median,
+    report,
+    runs_cell,
+)
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "_sockets_worker.py"
@@ -187,42 +192,13 @@ def connect_limit(connections: int) -> float:
 # --------------------------------------------------------------------- workers
 
 
-LOCK: Path | None = None
-"""``--lock``: the file measurements take in turn (None: no locking)."""
-
-
-@contextlib.contextmanager
-def turn() -> Iterator[None]:
-    """Hold :data:`LOCK` for one measurement: wait until no one else holds it and no
-    pytest runs, create it, and remove it afterwards (whatever happens)."""
-    if LOCK is None:
-        yield
-        return
-    waited = False
-    while LOCK.exists() or others_testing():
-        if not waited:
-            print(f"waiting for {LOCK} (or a pytest run) to go away ...", file=sys.stderr)
-            waited = True
-        time.sleep(5)
-    LOCK.touch()
-    try:
-        yield
-    finally:
-        LOCK.unlink(missing_ok=True)
-
-
-def others_testing() -> bool:
-    found = subprocess.run(["pgrep", "-f", "pytest"], capture_output=True, text=True).stdout
-    return any(int(pid) != os.getpid() for pid in found.split())
-
-
 def run_measurement(label: str, body: Callable[[list[Worker]], dict[str, Any]]) -> dict[str, Any]:
     """Run ``body`` with a list it fills with the workers it starts; stop them all
     afterwards. A failure becomes ``{"error": ...}`` (or ``{"timeout": s}``) and is
     reported on stderr with the workers' last lines."""
     workers: list[Worker] = []
     try:
-        with turn():
+        with TURNS.turn("sockets"):
             return body(workers)
     except WorkerFailed as exc:
         report(f"{label}: {'over its time limit' if exc.timeout else 'FAILED'}: {exc}", workers)
@@ -232,16 +208,6 @@ def run_measurement(label: str, body: Callable[[list[Worker]], dict[str, Any]]) 
     finally:
         for worker in workers:
             worker.stop()
-
-
-def report(headline: str, workers: list[Worker]) -> None:
-    print(headline, file=sys.stderr)
-    for worker in workers:
-        tail = worker.stderr_tail()
-        if tail:
-            print(f"  {worker.name} stderr:", file=sys.stderr)
-            for line in tail:
-                print(f"    {line}", file=sys.stderr)
 
 
 def start_server(
@@ -462,33 +428,6 @@ def run_benchmark(
 # --------------------------------------------------------------------- figures
 
 
-def median(runs: list[dict[str, Any]], field: str) -> float:
-    """The median of ``field`` over the runs: ``nan`` if there are none or any failed."""
-    if not runs or any(field not in run for run in runs):
-        return math.nan
-    return float(statistics.median(run[field] for run in runs))
-
-
-def failure(runs: list[dict[str, Any]]) -> str | None:
-    for run in runs:
-        if "timeout" in run:
-            return f"> {run['timeout']:g} s"
-        if "error" in run:
-            return "FAILED"
-    return None
-
-
-def cell(runs: list[dict[str, Any]], field: str, show: Callable[[float], str]) -> str:
-    return failure(runs) or show(median(runs, field))
-
-
-def runs_cell(runs: list[dict[str, Any]], field: str, show: Callable[[float], str]) -> str:
-    shown = []
-    for run in runs:
-        shown.append(failure([run]) or show(run[field]))
-    return "[" + ", ".join(shown) + "]"
-
-
 def per_second(value: float) -> str:
     return "-" if not math.isfinite(value) else f"{value:,.0f}/s"
 
@@ -611,9 +550,8 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown sections {unknown}")
 
-    global LOCK
-    LOCK = args.lock
-    if LOCK is not None:  # so that a terminated run still removes the lock
+    TURNS.path = args.lock
+    if TURNS.path is not None:  # so that a terminated run still removes the lock
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     profile = TINY if args.tiny else QUICK if args.quick else FULL
     if args.rounds:
