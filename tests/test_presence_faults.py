@@ -404,3 +404,45 @@ async def test_reports_queued_when_the_registry_closes_are_still_delivered(
                 await first_report.wait()
         assert set(reported) <= left_behind
         assert len(reported) == len(set(reported))
+
+
+class GatedReassert(meshline.MemoryRegistryBackend):
+    """Re-assertion writes wait at a gate (a slow store), so an unregister can
+    overtake one in flight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = trio.Event()
+        self.waiting = 0
+
+    async def reassert(
+        self, client_id: str, node_id: int, metadata: bytes, *, token: int, incarnation: int
+    ) -> meshline.ReassertOutcome:
+        self.waiting += 1
+        await self.gate.wait()
+        return await super().reassert(
+            client_id, node_id, metadata, token=token, incarnation=incarnation
+        )
+
+
+async def test_an_unregister_overtaking_a_reassertion_in_flight_is_not_undone(
+    open_transport: OpenTransport, unique: Callable[[str], str], clock: object
+) -> None:
+    """Found by the cluster sockets state machine: a cleanup removed a registration,
+    the node began writing it back, the client left (its unregister found nothing to
+    remove), then the write landed: a client registered for good with nobody there."""
+    backend = GatedReassert()
+    async with open_mesh(open_transport, unique("overtaken")) as mesh:
+        node = await mesh.start()
+        async with meshline.open_client_registry(
+            node.node, backend=backend, reassert_interval=0.5
+        ) as registry:
+            registration = await registry.register("leaving", {"v": 1})
+            await backend.cleanup_node(node.id)  # as a leader's cleanup would
+            with trio.fail_after(20):
+                await wait_until(lambda: backend.waiting >= 1)  # a write-back in flight
+            assert not await registry.unregister("leaving", token=registration.token)
+            backend.gate.set()
+            with trio.fail_after(20):
+                while backend.lookup("leaving") is not None or registry.holds("leaving"):
+                    await trio.sleep(0.05)

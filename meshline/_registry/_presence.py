@@ -265,6 +265,12 @@ class NodeClientRegistry(ClientRegistry[MetadataT], Generic[MetadataT]):
             except TransportError as exc:
                 failures.append(exc)
                 return
+            if outcome is not ReassertOutcome.GONE and self._own.get(client_id) is not entry:
+                # Unregistered while the write was in flight: an unregister that
+                # found nothing to remove (a cleanup had) must not be undone by it.
+                self._removals.setdefault(client_id, entry.token)
+                await remove_one(client_id, entry.token)
+                return
             if outcome is ReassertOutcome.RESTORED:
                 record = ClientRecord(
                     client_id, self.node_id, now_ms(), entry.metadata, entry.token, incarnation
