@@ -314,7 +314,7 @@ async def test_a_client_back_and_gone_again_within_the_grace_period_left_once(
     open_transport: OpenTransport, unique: Callable[[str], str], clock: Any
 ) -> None:
     hooks = Hooks()
-    async with cluster_of(open_transport, unique, 2, **hooks.options(offline_grace=5.0)) as (
+    async with cluster_of(open_transport, unique, 2, **hooks.options(offline_grace=1.0)) as (
         a,
         b,
     ):

@@ -108,6 +108,9 @@ class RequestServer:
         self._workers = 0
         self._idle_workers = 0
         self._sweeps = 0
+        self._handlers_arrived = trio.Event()
+        """Set when a handler starts: the sweeper sleeps while none runs (an idle
+        node, on a ``MockClock`` jumping hours ahead, must not wake 4 times a second)."""
         self._nursery: trio.Nursery | None = None
 
     @property
@@ -196,6 +199,7 @@ class RequestServer:
         worker.request = key
         worker.expires_after_sweep = self._sweeps + int(frame.timeout / SWEEP_INTERVAL) + 1
         self._running[key] = worker
+        self._handlers_arrived.set()
         try:
             try:
                 data = decode_payload(frame.data, handler.data_type)
@@ -243,6 +247,9 @@ class RequestServer:
         overstays its timeout by at most two sweep intervals.
         """
         while True:
+            if not self._running:
+                self._handlers_arrived = trio.Event()
+                await self._handlers_arrived.wait()
             await trio.sleep(SWEEP_INTERVAL)
             self._sweeps += 1
             for worker in list(self._running.values()):

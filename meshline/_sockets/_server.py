@@ -105,6 +105,12 @@ PRIVATE_MESH_KEY = "local"
 """The key of the mesh a server without ``mesh`` runs alone on (on a memory
 transport of its own)."""
 
+PRIVATE_MESH_TTL = 3600
+"""Seconds: the private mesh's node ttl and re-assertion interval. Alone, in its own
+process's memory, the node cannot be seen dead nor lose its writes; long periods
+keep its upkeep out of the way (a test on a ``MockClock`` that jumps hours ahead
+would otherwise run thousands of heartbeats)."""
+
 
 def _positive_number(what: str, *, allow_inf: bool = False) -> Callable[[Any, Any, Any], None]:
     def check(instance: Any, attribute: Any, value: Any) -> None:
@@ -909,7 +915,13 @@ async def open_socket_server(
             route_id = None
         else:
             transport = await stack.enter_async_context(open_memory_transport(MemoryHub()))
-            mesh = MeshOptions(transport, PRIVATE_MESH_KEY, backend=MemoryRegistryBackend())
+            mesh = MeshOptions(
+                transport,
+                PRIVATE_MESH_KEY,
+                backend=MemoryRegistryBackend(),
+                node={"ttl": PRIVATE_MESH_TTL},
+                reassert_interval=PRIVATE_MESH_TTL,
+            )
             route_id = node_id
         link = await stack.enter_async_context(
             open_cluster_link(
