@@ -1,5 +1,5 @@
 """Which users are online across the cluster, with an offline grace period: a sans-IO
-state machine (:class:`UserPresence`), groundwork for the cluster socket layer.
+state machine (:class:`UserPresence`), driven by the cluster layer's reporter.
 
 A user is online while at least one of their connections exists anywhere in the
 cluster (one user, many devices, as Phoenix Presence keeps many metas per key). The
