@@ -18,7 +18,13 @@ from typing import Any
 import attrs
 import msgspec
 
-__all__ = ["ClusterConnection", "ClusterIndex", "Descriptor", "NodeSummary"]
+__all__ = [
+    "ClusterConnection",
+    "ClusterIndex",
+    "Descriptor",
+    "NodeSummary",
+    "described_connection",
+]
 
 Alive = Callable[[int], bool]
 
@@ -60,6 +66,22 @@ class ClusterConnection:
     previous_connection_id: str = ""
     """The connection the client had before this one, as it said when it connected
     ("" for a first connection, or a client that does not say)."""
+
+
+def described_connection(client_id: str, node_id: int, descriptor: Descriptor) -> ClusterConnection:
+    """The connection a registration describes: its record's client id and node,
+    and its descriptor."""
+    return ClusterConnection(
+        connection_id=descriptor.connection_id,
+        client_id=client_id,
+        node_id=node_id,
+        user_id=descriptor.user_id,
+        role=descriptor.role,
+        connected_at=descriptor.connected_at,
+        rooms=frozenset(descriptor.rooms),
+        fields=descriptor.fields,
+        previous_connection_id=descriptor.previous,
+    )
 
 
 @attrs.frozen

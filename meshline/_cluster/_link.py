@@ -73,7 +73,13 @@ from .._transport._buffer import MessageBuffer, Overflow
 from .._transport._names import check_name as check_key
 from .._transport._names import encode_bounded_token
 from .._transport._seam import KeyValue, KVOperation, Message, Subscription, Transport
-from ._index import ClusterConnection, ClusterIndex, Descriptor, NodeSummary
+from ._index import (
+    ClusterConnection,
+    ClusterIndex,
+    Descriptor,
+    NodeSummary,
+    described_connection,
+)
 from ._interest import InterestKind, interest_subject
 from ._reporting import (
     ClientConnectedHook,
@@ -321,7 +327,6 @@ class ClusterLink:
         self._nursery: trio.Nursery | None = None
         """Where ``describe`` calls run (the link's, once it runs)."""
         self._reported: _KVReportedUsers | None = None
-        self._lookup: Callable[[str], ClientRecord | None] = backend.lookup
         self._feed: ChangeFeed = backend
         self.prefix = mesh_names(self.node.key, SOCKETS_NAMESPACE)[1]
         self.index = ClusterIndex()
@@ -371,19 +376,7 @@ class ClusterLink:
             logger.warning("cluster: the registration of %r does not decode: %s", client_id, exc)
             self.index.remove(client_id)
             return
-        self.index.put(
-            ClusterConnection(
-                connection_id=descriptor.connection_id,
-                client_id=client_id,
-                node_id=record.node_id,
-                user_id=descriptor.user_id,
-                role=descriptor.role,
-                connected_at=descriptor.connected_at,
-                rooms=frozenset(descriptor.rooms),
-                fields=descriptor.fields,
-                previous_connection_id=descriptor.previous,
-            )
-        )
+        self.index.put(described_connection(client_id, record.node_id, descriptor))
         self._check_superseded(client_id)
 
     def _check_superseded(self, client_id: str) -> None:
@@ -1039,17 +1032,7 @@ def _cluster_connection(client: RegisteredClient[Any]) -> ClusterConnection | No
     descriptor = client.metadata
     if not isinstance(descriptor, Descriptor):
         return None
-    return ClusterConnection(
-        connection_id=descriptor.connection_id,
-        client_id=client.client_id,
-        node_id=client.node_id,
-        user_id=descriptor.user_id,
-        role=descriptor.role,
-        connected_at=descriptor.connected_at,
-        rooms=frozenset(descriptor.rooms),
-        fields=descriptor.fields,
-        previous_connection_id=descriptor.previous,
-    )
+    return described_connection(client.client_id, client.node_id, descriptor)
 
 
 class ClusterView:
