@@ -34,6 +34,9 @@ from meshline._sockets._frames import (
     Message,
     PingFrame,
     PongFrame,
+    PresenceDiffFrame,
+    PresenceMember,
+    PresenceStateFrame,
     RemoteProtocolError,
     ReplyErrorFrame,
     ReplyFrame,
@@ -42,6 +45,8 @@ from meshline._sockets._frames import (
     Side,
     SubscribeFrame,
     UnsubscribeFrame,
+    UnwatchFrame,
+    WatchFrame,
     WelcomeFrame,
 )
 from meshline._sockets._protocol import (
@@ -50,6 +55,8 @@ from meshline._sockets._protocol import (
     SocketProtocol,
     Subscribed,
     SubscribeRefused,
+    Watching,
+    WatchRefused,
 )
 
 FUZZ_EXAMPLES = (
@@ -107,6 +114,17 @@ ids = st.integers(0, 3) | st.integers(0, MAX_ID)
 names = st.sampled_from(["t", "call", "x.y", "*", ">"]) | st.text(max_size=16)
 seconds = st.floats(0.0, 1e9)
 optional_names = st.none() | names
+rooms = st.sampled_from(["r", "other"]) | names
+"""Mostly the room the machines watch ("r") or one they do not."""
+members = st.builds(
+    PresenceMember,
+    connection_id=names,
+    client_id=names,
+    node_id=ids,
+    connected_at=st.floats(0.0, 1e12),
+    user_id=optional_names,
+    fields=st.dictionaries(st.text(max_size=6), json_values, max_size=3),
+)
 
 client_frames: st.SearchStrategy[Frame] = st.one_of(
     st.builds(
@@ -125,6 +143,8 @@ client_frames: st.SearchStrategy[Frame] = st.one_of(
     st.builds(CancelFrame, id=ids, of=st.sampled_from(["call", "request"])),
     st.builds(SubscribeFrame, id=ids, topic=names),
     st.builds(UnsubscribeFrame, topic=names),
+    st.builds(WatchFrame, id=ids, room=names),
+    st.builds(UnwatchFrame, room=names),
     st.builds(PingFrame, seq=ids),
     st.builds(PongFrame, seq=ids),
 )
@@ -149,6 +169,16 @@ server_frames: st.SearchStrategy[Frame] = st.one_of(
     st.builds(RequestFrame, id=ids, name=names, data=json_values, timeout=st.none() | seconds),
     st.builds(CancelFrame, id=ids, of=st.sampled_from(["call", "request"])),
     st.builds(UnsubscribeFrame, topic=names),
+    st.builds(
+        PresenceStateFrame, room=rooms, rev=ids, members=st.tuples() | st.tuples(members)
+    ),
+    st.builds(
+        PresenceDiffFrame,
+        room=rooms,
+        rev=ids,
+        joins=st.tuples() | st.tuples(members),
+        leaves=st.tuples() | st.tuples(names),
+    ),
     st.builds(PingFrame, seq=ids),
     st.builds(PongFrame, seq=ids),
 )
@@ -169,6 +199,10 @@ TAGS = [
     "cancel",
     "subscribe",
     "unsubscribe",
+    "watch",
+    "unwatch",
+    "presence_state",
+    "presence_diff",
     "ping",
     "pong",
 ]
@@ -188,6 +222,10 @@ FIELDS = sorted(
             CancelFrame,
             SubscribeFrame,
             UnsubscribeFrame,
+            WatchFrame,
+            UnwatchFrame,
+            PresenceStateFrame,
+            PresenceDiffFrame,
             PingFrame,
             PongFrame,
         )
@@ -332,19 +370,27 @@ class Expected:
         self.calls = set(machine.pending_calls)
         self.requests = set(machine.pending_requests)
         self.topics = set(machine.subscriptions)
+        self.watches = set(machine.watches)
 
     def apply(self, side: Side, event: Event | None) -> None:
         if side is Side.SERVER:
-            if isinstance(event, CallFrame | SubscribeFrame):
+            if isinstance(event, CallFrame | SubscribeFrame | WatchFrame):
                 assert event.id not in self.calls
                 self.calls.add(event.id)
             elif isinstance(event, ReplyFrame | ReplyErrorFrame):
                 self.requests.remove(event.id)
             elif isinstance(event, UnsubscribeFrame):
                 self.topics.discard(event.topic)
+            elif isinstance(event, UnwatchFrame):
+                self.watches.discard(event.room)
             return
-        if isinstance(event, ResultFrame | ErrorFrame | SubscribeRefused):
+        if isinstance(event, ResultFrame | ErrorFrame | SubscribeRefused | WatchRefused):
             self.calls.remove(event.id)
+        elif isinstance(event, Watching):
+            self.calls.remove(event.id)
+            self.watches.add(event.room)
+        elif isinstance(event, PresenceStateFrame | PresenceDiffFrame):
+            assert event.room in self.watches or self.calls
         elif isinstance(event, Subscribed):
             self.calls.remove(event.id)
             self.topics.add(event.topic)
@@ -360,11 +406,13 @@ class Expected:
         assert machine.pending_calls == self.calls
         assert machine.pending_requests == self.requests
         assert machine.subscriptions == self.topics
+        assert machine.watches == self.watches
 
 
 def open_pair(codec: Codec) -> tuple[SocketProtocol, SocketProtocol]:
     """Two open machines with one of everything in flight: the client's call 1 is
-    pending, the topic "t" subscribed, and the server's request 1 pending."""
+    pending, the topic "t" subscribed, the room "r" watched, and the server's
+    request 1 pending."""
     client = SocketProtocol(Side.CLIENT, codec, max_message_size=LIMIT)
     server = SocketProtocol(Side.SERVER, codec, max_message_size=LIMIT)
     server.receive(client.hello("c"), 0.0)
@@ -372,6 +420,10 @@ def open_pair(codec: Codec) -> tuple[SocketProtocol, SocketProtocol]:
     sub_id, message = client.subscribe("t")
     server.receive(message, 0.0)
     client.receive(server.accept_subscribe(sub_id).message, 0.0)
+    watch_id, message = client.watch("r")
+    server.receive(message, 0.0)
+    for message in server.accept_watch(watch_id, 1, ()).messages:
+        client.receive(message, 0.0)
     _, message = client.call("pending")
     server.receive(message, 0.0)
     _, message = server.request("pending")

@@ -28,6 +28,7 @@ from meshline._sockets._frames import (
     MAX_ID,
     MSGPACK,
     MSGPACK_SUBPROTOCOL,
+    PROTOCOL_VERSION,
     CallFrame,
     CancelFrame,
     Codec,
@@ -43,6 +44,9 @@ from meshline._sockets._frames import (
     PeerLimitExceededError,
     PingFrame,
     PongFrame,
+    PresenceDiffFrame,
+    PresenceMember,
+    PresenceStateFrame,
     ProtocolClosedError,
     RemoteProtocolError,
     ReplyErrorFrame,
@@ -52,6 +56,8 @@ from meshline._sockets._frames import (
     Side,
     SubscribeFrame,
     UnsubscribeFrame,
+    UnwatchFrame,
+    WatchFrame,
     WelcomeFrame,
     codec_for_subprotocol,
     select_codec,
@@ -130,7 +136,7 @@ def test_the_handshake_opens_both_sides_and_carries_identity_and_limits(codec: C
         10.0,
     )
     assert hello == HelloFrame(
-        version=1,
+        version=PROTOCOL_VERSION,
         client_id="client-1",
         client_name="pyclient",
         client_version="1.2",
@@ -156,7 +162,7 @@ def test_the_handshake_opens_both_sides_and_carries_identity_and_limits(codec: C
         connection_id="conn-1",
         node_id=7,
         client_id="client-1",
-        version=1,
+        version=PROTOCOL_VERSION,
         heartbeat_interval=5.0,
         heartbeat_max_missed=3,
         max_message_size=1 << 20,
@@ -183,13 +189,13 @@ def test_a_newer_client_revision_is_answered_with_the_servers(codec: Codec) -> N
     server = SocketProtocol("server", codec)
     server.receive(client.hello("c", version=5), 0.0)
     welcome = client.receive(server.welcome("c", 1, now=0.0), 0.0)
-    assert isinstance(welcome, WelcomeFrame) and welcome.version == 1
+    assert isinstance(welcome, WelcomeFrame) and welcome.version == PROTOCOL_VERSION
 
 
 def test_a_welcome_above_the_hellos_revision_is_refused(codec: Codec) -> None:
     client = SocketProtocol("client", codec)
     client.hello("c")
-    reject(client, codec.encode(WelcomeFrame("c", 1, version=2)), 4505)
+    reject(client, codec.encode(WelcomeFrame("c", 1, version=PROTOCOL_VERSION + 1)), 4505)
 
 
 def test_anything_before_hello_is_a_violation_on_the_server(codec: Codec) -> None:
@@ -970,6 +976,14 @@ EVERY_FRAME: list[Frame] = [
     CancelFrame(0, "request"),
     SubscribeFrame(MAX_ID, "t"),
     UnsubscribeFrame("t"),
+    WatchFrame(MAX_ID, "r"),
+    UnwatchFrame("r"),
+    PresenceStateFrame(
+        "r",
+        MAX_ID,
+        (PresenceMember("c", "k", MAX_ID, 1e12, "u", {"f": [1, "x"]}), PresenceMember("d", "l", 0)),
+    ),
+    PresenceDiffFrame("r", 1, (PresenceMember("c", "k", 1, 0.0, None),), ("d",)),
     PingFrame(MAX_ID),
     PongFrame(0),
 ]

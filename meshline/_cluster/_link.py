@@ -58,6 +58,7 @@ from .._sockets._connection import (
     ConnectionHub,
     check_close_code,
     fan_out,
+    fan_out_presence,
     node_of_connection,
 )
 from .._sockets._errors import (
@@ -66,7 +67,7 @@ from .._sockets._errors import (
     SocketClosedError,
     SocketTimeoutError,
 )
-from .._sockets._frames import FrameEncodeError
+from .._sockets._frames import FrameEncodeError, PresenceDiffFrame, PresenceMember
 from .._sockets._local import LocalRegistry
 from .._sockets._roles import check_name
 from .._transport._buffer import MessageBuffer, Overflow
@@ -87,6 +88,7 @@ from ._reporting import (
     PresenceReporter,
     UserHook,
 )
+from ._watch import WatchBook
 
 if TYPE_CHECKING:
     from .._registry._core import RegistryBackend
@@ -307,6 +309,7 @@ class ClusterLink:
         describe: Callable[[Connection], Any] | None,
         reporter: PresenceReporter,
         route_id: int | None = None,
+        presence_fields: frozenset[str] = frozenset(),
     ) -> None:
         backend = service.client_registry.backend
         if not isinstance(backend, ChangeFeed) or not isinstance(backend, LocalLookup):
@@ -348,6 +351,8 @@ class ClusterLink:
             INBOX_LIMIT, Overflow.DROP_OLDEST, "cluster inbox"
         )
         self.conn_subject = self.node_subject(self.route_id)
+        self.watches: WatchBook[Connection] = WatchBook(presence_fields)
+        """The rooms this node's connections watch the presence of."""
 
     # --- Names -------------------------------------------------------------------
 
@@ -362,8 +367,12 @@ class ClusterLink:
     # --- The registry's change feed ------------------------------------------------
 
     def _on_change(self, client_id: str, record: ClientRecord | None) -> None:
+        before = self.index.get(client_id)
         self._index_change(client_id, record)
-        self.reporter.registration(client_id, self.index.get(client_id))
+        after = self.index.get(client_id)
+        self.reporter.registration(client_id, after)
+        if self.watches.rooms:
+            self._tell_watchers(client_id, before, after)
 
     def _index_change(self, client_id: str, record: ClientRecord | None) -> None:
         if record is None:
@@ -700,6 +709,10 @@ class ClusterLink:
     def on_membership(self, event: MembershipEvent) -> None:
         if event.node_id is None:
             return
+        if self.watches.rooms:
+            rooms = {room for conn in self.index.of_node(event.node_id) for room in conn.rooms}
+            for room in rooms & self.watches.rooms:
+                self._send_diff(self.watches.resync(room, self._room_members(room)))
         if event.kind is MembershipEventKind.DOWN:
             self.reporter.node_down(event.node_id)
         elif event.kind is MembershipEventKind.UP:
@@ -721,6 +734,46 @@ class ClusterLink:
             and current.connection_id != conn.id
             and self.node.is_alive(current.node_id)
         )
+
+    # --- Room presence for watching clients -----------------------------------------------
+
+    def presence(self, room: str) -> tuple[int, tuple[PresenceMember, ...]]:
+        rev, members, catch_up = self.watches.state(room, self._room_members(room))
+        self._send_diff(catch_up)
+        return rev, members
+
+    def add_watcher(self, room: str, conn: Connection) -> None:
+        self.watches.add(room, conn, self._room_members(room))
+
+    def remove_watcher(self, room: str, conn: Connection) -> None:
+        self.watches.remove(room, conn)
+
+    def _room_members(self, room: str) -> list[ClusterConnection]:
+        return self.index.room(room, self.node.is_alive)
+
+    def _tell_watchers(
+        self, client_id: str, before: ClusterConnection | None, after: ClusterConnection | None
+    ) -> None:
+        rooms: set[str] = set()
+        if before is not None:
+            rooms.update(before.rooms)
+        if after is not None:
+            rooms.update(after.rooms)
+        visible = after is not None and self.node.is_alive(after.node_id)
+        for room in rooms:
+            if self.watches.is_watched(room):
+                member = after if visible and after is not None and room in after.rooms else None
+                self._send_diff(self.watches.update(room, client_id, member))
+
+    def _send_diff(self, diff: PresenceDiffFrame | None) -> None:
+        if diff is None:
+            return
+        try:
+            fan_out_presence(self.watches.watchers(diff.room), diff)
+        except FrameEncodeError as exc:
+            logger.error(
+                "cluster: the presence diff of room %r does not encode: %s", diff.room, exc
+            )
 
     # --- Interest subscriptions ---------------------------------------------------------
 
@@ -971,6 +1024,7 @@ class ClusterLink:
             self.conn_subject, into=self._inbox
         )
         self._subscriptions[self.conn_subject] = subscription
+        self._hub.presence = self
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -982,6 +1036,7 @@ class ClusterLink:
                     nursery.start_soon(self._write_presence)
                 task_status.started()
         finally:
+            self._hub.presence = None
             with trio.CancelScope(shield=True):
                 for sub in list(self._subscriptions.values()):
                     await sub.aclose()
@@ -1261,11 +1316,13 @@ async def open_cluster_link(
     on_client_disconnected: ClientDisconnectedHook | None = None,
     offline_grace: float = 0.0,
     route_id: int | None = None,
+    presence_fields: frozenset[str] = frozenset(),
 ) -> AsyncIterator[ClusterLink]:
     """Join the cluster ``mesh`` names, for the block (see the module).
 
     The server's connections must not open before this yields (its node id names
-    them). ``route_id`` is the node id the server's connection ids name when it
+    them). ``presence_fields`` names the described fields that clients watching
+    a room's presence see. ``route_id`` is the node id the server's connection ids name when it
     is not the mesh's (a server on a private mesh given its own ``node_id``).
     Leaving the block removes this node's registrations and leaves the mesh.
     """
@@ -1315,7 +1372,13 @@ async def open_cluster_link(
             on_client_disconnected=on_client_disconnected,
         )
         link = ClusterLink(
-            service, hub, registry, describe=describe, reporter=reporter, route_id=route_id
+            service,
+            hub,
+            registry,
+            describe=describe,
+            reporter=reporter,
+            route_id=route_id,
+            presence_fields=presence_fields,
         )
         node.register_handler(SOCKET_REQUEST, link._serve_request)
         stop_feed = link._feed.add_change_listener(link._on_change)

@@ -72,11 +72,14 @@ from ._frames import (
     ErrorFrame,
     EventFrame,
     FrameEncodeError,
+    LocalProtocolError,
     Message,
     PayloadDecodeError,
     PeerLimitExceededError,
     PingFrame,
     PongFrame,
+    PresenceDiffFrame,
+    PresenceStateFrame,
     ProtocolClosedError,
     RemoteProtocolError,
     RequestFrame,
@@ -88,7 +91,22 @@ from ._frames import (
 )
 from ._inbound import Latch, ReaderEnd, Signal, deliver_directly
 from ._outbox import Outbox, OverflowPolicy, PutOutcome
-from ._protocol import Event, SocketProtocol, Subscribed, SubscribeRefused
+from ._presence import (
+    Applied,
+    PresenceBook,
+    PresenceChange,
+    RoomPresence,
+    presence_changed,
+    presence_ended,
+)
+from ._protocol import (
+    Event,
+    SocketProtocol,
+    Subscribed,
+    SubscribeRefused,
+    Watching,
+    WatchRefused,
+)
 from ._timers import Timers
 
 __all__ = [
@@ -590,6 +608,10 @@ class _Session:
                 self._answer(call_id, event)
             case Subscribed(id=call_id) | SubscribeRefused(id=call_id):
                 self._answer(call_id, event)
+            case Watching(id=call_id) | WatchRefused(id=call_id):
+                self._answer(call_id, event)
+            case PresenceStateFrame() | PresenceDiffFrame():
+                self.client._presence_frame(event, self)
             case EventFrame():
                 self.client._deliver(event, self.codec)
             case RequestFrame():
@@ -758,14 +780,29 @@ class _Session:
         self.queue(message, control=True)
         return pending
 
+    def start_watch(
+        self, room: str, on_answer: Callable[[Event | None], None] | None = None
+    ) -> _Pending:
+        call_id, message = self.protocol.watch(room)
+        pending = _Pending(call_id, on_answer)
+        self.calls[call_id] = pending
+        self.queue(message, control=True)
+        return pending
+
+    def withdraw_watch(self, room: str) -> None:
+        """Stop watching ``room`` on this connection; its pending watches fail as withdrawn."""
+        self.send_control(lambda: self.protocol.unwatch(room))
+        self._fail_withdrawn(f"watch of {room!r} withdrawn")
+
+    def _fail_withdrawn(self, why: str) -> None:
+        still_pending = self.protocol.pending_calls
+        for call_id in [key for key in self.calls if key not in still_pending]:
+            self.calls.pop(call_id).fail(CallFailedError(ErrorCode.CANCELLED, why))
+
     def withdraw_subscribe(self, topic: str) -> None:
         """Leave ``topic`` on this connection; its pending subscribes fail as withdrawn."""
         self.send_control(lambda: self.protocol.unsubscribe(topic))
-        still_pending = self.protocol.pending_calls
-        for call_id in [key for key in self.calls if key not in still_pending]:
-            self.calls.pop(call_id).fail(
-                CallFailedError(ErrorCode.CANCELLED, f"subscription to {topic!r} withdrawn")
-            )
+        self._fail_withdrawn(f"subscription to {topic!r} withdrawn")
 
 
 class SocketClient:
@@ -822,6 +859,7 @@ class SocketClient:
         self._connection_id: str | None = None
         self._node_id: int | None = None
         self._topics: set[str] = set()
+        self._watches: dict[str, _Watch] = {}
         self._listeners: dict[str, list[_Listener]] = {}
         self._implementations: dict[str, _Implementation] = {}
         self._events_in, self._events_out = trio.open_memory_channel[tuple[EventFrame, Codec]](
@@ -1114,6 +1152,16 @@ class SocketClient:
         )
         for topic in sorted(self._topics):
             session.start_subscribe(topic, self._resubscribed(topic))
+        for room, watch in sorted(self._watches.items()):
+            watch.book.reset()
+            try:
+                session.start_watch(room, self._rewatched(room, watch))
+            except LocalProtocolError as exc:  # the new node's server is older
+                logger.warning(
+                    "socket client %r: cannot watch %r again: %s", self.client_id, room, exc
+                )
+                del self._watches[room]
+                presence_ended(watch.presence)
         self._set_state(ClientState.CONNECTED, connection_id=welcome.connection_id)
         if reconnected and self._on_reconnect is not None:
             assert session.nursery is not None
@@ -1510,6 +1558,146 @@ class SocketClient:
             "socket client %r: the server ended the subscription to %r", self.client_id, topic
         )
         self._topics.discard(topic)
+
+    # --- Room presence -------------------------------------------------------------------
+
+    @property
+    def watched_rooms(self) -> frozenset[str]:
+        """The rooms whose presence this client watches, and watches again after
+        every reconnect."""
+        return frozenset(self._watches)
+
+    async def watch(
+        self,
+        room: str,
+        *,
+        on_change: Callable[[PresenceChange], object] | None = None,
+        timeout: float | None = None,
+    ) -> RoomPresence:
+        """Watch who is in ``room``; returns its :class:`RoomPresence` once the
+        server's state of the room is in.
+
+        The server decides whether this client may (its ``authorize_presence``
+        hook; by default, a client may watch the rooms its connection is in).
+        From then on the presence follows the room's joins and leaves across the
+        cluster, and ``on_change(change)`` (a plain function, called in the
+        client's reader, so it must not block; what it raises is logged) hears
+        each :class:`PresenceChange`. After a reconnect the client watches the
+        room again and the new node's state replaces the old (the change says
+        what differs). Watching a room already watched returns its presence.
+        ``timeout`` works as in :meth:`call`.
+
+        :raises CallFailedError: the server refused (``forbidden``), or it does
+            not speak room presence (an older server).
+        :raises SocketTimeoutError, SocketClosedError, ConnectionRejectedError:
+            as for :meth:`call`.
+
+        Cancellation (and timeout): the pending watch is withdrawn.
+        """
+        watch = self._watches.get(room)
+        if watch is not None:
+            return watch.presence
+        limit = self.call_timeout if timeout is None else timeout
+        if not limit >= 0:
+            raise InvalidArgumentError(f"timeout must be >= 0: {timeout!r}")
+        if on_change is not None and not callable(on_change):
+            raise InvalidArgumentError(f"on_change must be callable: {on_change!r}")
+        with trio.move_on_after(limit):
+            return await self._watch(room, on_change)
+        raise SocketTimeoutError(f"no presence of {room!r} within {limit:g} s")
+
+    async def _watch(
+        self, room: str, on_change: Callable[[PresenceChange], object] | None
+    ) -> RoomPresence:
+        session = await self._wait_session()
+        watch = self._watches.get(room)
+        if watch is not None:  # watched by another task meanwhile
+            return watch.presence
+        book = PresenceBook(room)
+        watch = self._watches[room] = _Watch(book, RoomPresence(book), on_change)
+        done = False
+        try:
+            try:
+                pending = session.start_watch(room)
+            except LocalProtocolError as exc:  # an older server
+                raise CallFailedError(ErrorCode.UNKNOWN_CALL, str(exc)) from None
+            await pending.done.wait()
+            if pending.error is not None:
+                raise pending.error
+            answer = pending.answer
+            if isinstance(answer, WatchRefused):
+                raise self._call_failed(answer.code, answer.message, answer.details, session.codec)
+            await watch.presence.wait_until(lambda presence: presence.synced)
+            done = True
+            return watch.presence
+        finally:
+            if not done and self._watches.get(room) is watch:
+                del self._watches[room]
+                presence_ended(watch.presence)
+                if session.is_open:
+                    session.withdraw_watch(room)
+
+    def unwatch(self, room: str) -> None:
+        """Stop watching ``room`` (also withdraws a watch not yet answered).
+
+        Synchronous: the unwatch is queued, the room's :class:`RoomPresence`
+        stops changing, and its waiters wake. Leaving a room not watched does
+        nothing.
+        """
+        watch = self._watches.pop(room, None)
+        if watch is None:
+            return
+        presence_ended(watch.presence)
+        session = self._session
+        if session is not None and session.is_open:
+            session.withdraw_watch(room)
+
+    def _rewatched(self, room: str, watch: _Watch) -> Callable[[Event | None], None]:
+        def on_answer(answer: Event | None) -> None:
+            if isinstance(answer, WatchRefused) and self._watches.get(room) is watch:
+                logger.warning(
+                    "socket client %r: watching %r again refused: %s %s",
+                    self.client_id,
+                    room,
+                    answer.code,
+                    answer.message,
+                )
+                del self._watches[room]
+                presence_ended(watch.presence)
+
+        return on_answer
+
+    def _presence_frame(
+        self, frame: PresenceStateFrame | PresenceDiffFrame, session: _Session
+    ) -> None:
+        watch = self._watches.get(frame.room)
+        if watch is None:
+            return
+        if isinstance(frame, PresenceStateFrame):
+            change: PresenceChange | Applied | None = watch.book.state(frame)
+        else:
+            change = watch.book.diff(frame)
+        if change is Applied.GAP:
+            session.start_watch(frame.room, self._rewatched(frame.room, watch))
+            return
+        if isinstance(frame, PresenceStateFrame) or isinstance(change, PresenceChange):
+            presence_changed(watch.presence)
+        if isinstance(change, PresenceChange) and watch.on_change is not None:
+            try:
+                watch.on_change(change)
+            except Exception:
+                logger.exception(
+                    "socket client %r: on_change of room %r raised", self.client_id, frame.room
+                )
+
+
+@attrs.define
+class _Watch:
+    """A room this client watches."""
+
+    book: PresenceBook
+    presence: RoomPresence
+    on_change: Callable[[PresenceChange], object] | None
 
 
 def _checked_token(token: object) -> str:

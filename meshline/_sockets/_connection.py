@@ -67,7 +67,7 @@ import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 import trio
@@ -87,6 +87,8 @@ from ._frames import (
     PayloadDecodeError,
     PeerLimitExceededError,
     PingFrame,
+    PresenceDiffFrame,
+    PresenceMember,
     ProtocolClosedError,
     RemoteProtocolError,
     ReplyErrorFrame,
@@ -94,6 +96,8 @@ from ._frames import (
     Side,
     SubscribeFrame,
     UnsubscribeFrame,
+    UnwatchFrame,
+    WatchFrame,
 )
 from ._inbound import Signal, deliver_directly
 from ._outbox import Outbox, OverflowPolicy, PutOutcome
@@ -112,7 +116,9 @@ __all__ = [
     "check_close_code",
     "DisconnectReason",
     "fan_out",
+    "fan_out_presence",
     "node_of_connection",
+    "RoomPresenceSource",
 ]
 
 logger = logging.getLogger("meshline.sockets")
@@ -195,8 +201,26 @@ class ConnectionSettings:
     handshake_timeout: float
     max_concurrent_calls: int
     authorize_topic: Callable[[Connection, str], bool | Awaitable[bool]] | None
+    authorize_presence: Callable[[Connection, str], bool | Awaitable[bool]] | None
+    """None: a connection may watch the rooms it is in."""
     on_connect: Callable[[Connection], Awaitable[None] | None] | None
     on_disconnect: Callable[[Connection, DisconnectReason], Awaitable[None] | None] | None
+
+
+class RoomPresenceSource(Protocol):
+    """Where a server's connections get room presence from (the cluster layer)."""
+
+    def presence(self, room: str) -> tuple[int, tuple[PresenceMember, ...]]:
+        """The room's revision and members now."""
+        ...
+
+    def add_watcher(self, room: str, conn: Connection) -> None:
+        """Send ``conn`` the room's diffs from now on."""
+        ...
+
+    def remove_watcher(self, room: str, conn: Connection) -> None:
+        """Stop sending ``conn`` the room's diffs (nothing if it was not watching)."""
+        ...
 
 
 async def _maybe_await(value: Any) -> Any:
@@ -789,6 +813,10 @@ class Connection:
         if self._visible:
             self._visible = False
             self._hub.registry.detach(self)
+            source = self._hub.presence
+            if source is not None:
+                for room in self._protocol.watches:
+                    source.remove_watcher(room, self)
 
     def _peer_gone(self, exc: ConnectionClosed) -> None:
         """The reader or the writer found the WebSocket closed under it."""
@@ -1156,6 +1184,12 @@ class Connection:
             self._on_subscribe(event)
         elif isinstance(event, UnsubscribeFrame):
             self._hub.registry.remove_from_topic(event.topic, self)
+        elif isinstance(event, WatchFrame):
+            self._on_watch(event)
+        elif isinstance(event, UnwatchFrame):
+            source = self._hub.presence
+            if source is not None:
+                source.remove_watcher(event.room, self)
         # PongFrame: the protocol recorded it; nothing else to do.
 
     def _answer_error(
@@ -1431,26 +1465,76 @@ class Connection:
             self._handler_done()
 
     def _on_subscribe(self, frame: SubscribeFrame) -> None:
+        self._authorize(
+            frame.id,
+            frame.topic,
+            _Authorization(
+                "topic", "subscribe to", "authorize_topic", self._hub.settings.authorize_topic
+            ),
+            self._accept_subscribe,
+        )
+
+    def _on_watch(self, frame: WatchFrame) -> None:
+        authorize = self._hub.settings.authorize_presence
+        if authorize is None:
+            authorize = _is_member
+        self._authorize(
+            frame.id,
+            frame.room,
+            _Authorization("room", "watch", "authorize_presence", authorize),
+            self._accept_watch,
+        )
+
+    def _authorize(
+        self,
+        call_id: int,
+        name: str,
+        authorization: _Authorization,
+        accept: Callable[[int, str], None],
+    ) -> None:
+        """Answer a subscribe or a watch: check the name, ask the hook (in a task
+        of its own, under the call timeout, when it is not the membership
+        check), accept or refuse."""
         try:
-            check_name(frame.topic, "topic")
+            check_name(name, authorization.kind)
         except Exception as exc:
-            self._answer_error(frame.id, ErrorCode.BAD_INPUT, str(exc))
+            self._answer_error(call_id, ErrorCode.BAD_INPUT, str(exc))
             return
-        if self._hub.settings.authorize_topic is None:
-            self._accept_subscribe(frame.id, frame.topic)
+        hook = authorization.hook
+        if hook is None:
+            accept(call_id, name)
             return
-        running = self._start_call(frame.id, None)
+        if hook is _is_member:
+            if name in self._rooms:
+                accept(call_id, name)
+            else:
+                self._refuse(call_id, name, authorization)
+            return
+        running = self._start_call(call_id, None)
         if running is None:
             return
-        self._spawn(self._run_subscribe, frame.id, frame.topic, running)
+        self._spawn(self._run_authorization, call_id, name, authorization, accept, running)
 
-    async def _run_subscribe(self, call_id: int, topic: str, running: _RunningCall) -> None:
-        authorize = self._hub.settings.authorize_topic
-        assert authorize is not None
+    def _refuse(self, call_id: int, name: str, authorization: _Authorization) -> None:
+        logger.debug("connection %s: may not %s %s", self.id, authorization.verb, _shown(name))
+        self._answer_error(
+            call_id, ErrorCode.FORBIDDEN, f"may not {authorization.verb} {_shown(name)}"
+        )
+
+    async def _run_authorization(
+        self,
+        call_id: int,
+        name: str,
+        authorization: _Authorization,
+        accept: Callable[[int, str], None],
+        running: _RunningCall,
+    ) -> None:
+        hook = authorization.hook
+        assert hook is not None
         try:
             with running.scope:
                 try:
-                    allowed = await _maybe_await(authorize(self, topic))
+                    allowed = await _maybe_await(hook(self, name))
                 except SocketError as exc:
                     self._answer_error(
                         call_id, exc.code or ErrorCode.FORBIDDEN, exc.message, exc.details
@@ -1458,19 +1542,17 @@ class Connection:
                     return
                 except Exception:
                     logger.exception(
-                        "connection %s: authorize_topic failed for %s", self.id, _shown(topic)
+                        "connection %s: %s failed for %s",
+                        self.id,
+                        authorization.hook_name,
+                        _shown(name),
                     )
                     self._answer_error(call_id, ErrorCode.INTERNAL, "internal error")
                     return
                 if allowed is True:
-                    self._accept_subscribe(call_id, topic)
+                    accept(call_id, name)
                 else:
-                    logger.debug(
-                        "connection %s: subscription to %s refused", self.id, _shown(topic)
-                    )
-                    self._answer_error(
-                        call_id, ErrorCode.FORBIDDEN, f"may not subscribe to {_shown(topic)}"
-                    )
+                    self._refuse(call_id, name, authorization)
                 return
             if self._closing:
                 return
@@ -1491,6 +1573,49 @@ class Connection:
         if answer.subscribed and self._visible:
             self._hub.registry.add_to_topic(topic, self)
         self._deliver(answer.message, None, control=True)
+
+    def _accept_watch(self, call_id: int, room: str) -> None:
+        source = self._hub.presence
+        if source is None:  # the server's cluster link is not running (yet, or any more)
+            self._answer_error(call_id, ErrorCode.SHUTTING_DOWN, "room presence is not available")
+            return
+        rev, members = source.presence(room)
+        try:
+            answer = self._protocol.accept_watch(call_id, rev, members)
+        except ProtocolClosedError:
+            return
+        except (FrameEncodeError, PeerLimitExceededError) as exc:
+            logger.warning(
+                "connection %s: the presence of %s cannot be sent: %s", self.id, _shown(room), exc
+            )
+            code = (
+                ErrorCode.TOO_LARGE
+                if isinstance(exc, PeerLimitExceededError)
+                else ErrorCode.INTERNAL
+            )
+            self._answer_error(call_id, code, f"the room's presence cannot be sent: {exc}")
+            return
+        if answer.watching and self._visible:
+            source.add_watcher(room, self)
+        for message in answer.messages:
+            self._deliver(message, None, control=True)
+
+
+@attrs.frozen
+class _Authorization:
+    """What a subscribe or a watch is checked with."""
+
+    kind: str
+    """What the name is, for a bad-name error ("topic", "room")."""
+    verb: str
+    """What the client asked to do, for a refusal ("subscribe to", "watch")."""
+    hook_name: str
+    hook: Callable[[Connection, str], bool | Awaitable[bool]] | None
+
+
+def _is_member(conn: Connection, room: str) -> bool:
+    """The default room presence check: a connection may watch a room it is in."""
+    return room in conn.rooms
 
 
 def check_close_code(code: object) -> int:
@@ -1521,6 +1646,29 @@ def fan_out(
 
     :raises FrameEncodeError: ``data`` cannot be encoded.
     """
+    frame = EventFrame(event, data, key, topic)
+    return _queue_to_all(connections, frame, key, False, f"event {_shown(event)}")
+
+
+def fan_out_presence(connections: Iterable[Connection], frame: PresenceDiffFrame) -> int:
+    """Queue a room presence diff to the connections that watch the room,
+    encoded once per encoding, as a control message (never dropped: a lost
+    diff would leave the client's view wrong). Returns how many it was queued to.
+
+    :raises FrameEncodeError: a member's fields cannot be encoded.
+    """
+    room = frame.room
+    watchers = [conn for conn in connections if conn._protocol.is_watching(room)]
+    return _queue_to_all(watchers, frame, None, True, f"presence of {_shown(room)}")
+
+
+def _queue_to_all(
+    connections: Iterable[Connection],
+    frame: EventFrame | PresenceDiffFrame,
+    key: str | None,
+    control: bool,
+    what: str,
+) -> int:
     encoded: dict[Codec, Message] = {}
     count = 0
     for conn in connections:
@@ -1530,18 +1678,18 @@ def fan_out(
         codec = protocol.codec
         message = encoded.get(codec)
         if message is None:
-            message = codec.encode(EventFrame(event, data, key, topic))
+            message = codec.encode(frame)
             encoded[codec] = message
         limit = protocol.peer_max_message_size
         if limit and len(message) > limit:
             logger.warning(
-                "connection %s: event %s of %d bytes is over the client's limit; not sent",
+                "connection %s: %s of %d bytes is over the client's limit; not sent",
                 conn.id,
-                _shown(event),
+                what,
                 len(message),
             )
             continue
-        if conn._deliver(message, key):
+        if conn._deliver(message, key, control=control):
             count += 1
     return count
 
@@ -1707,6 +1855,8 @@ class ConnectionHub:
         """Every connection's heartbeat and every running call's timeout (its task
         runs in the server's nursery)."""
         self.writer = SharedWriter(self.timers)
+        self.presence: RoomPresenceSource | None = None
+        """Where watched rooms' presence comes from (set by the cluster layer)."""
         """What writes the connections' outboxes (its tasks run in the server's
         nursery)."""
 

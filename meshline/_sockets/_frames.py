@@ -81,6 +81,9 @@ __all__ = [
     "PeerLimitExceededError",
     "PingFrame",
     "PongFrame",
+    "PresenceDiffFrame",
+    "PresenceMember",
+    "PresenceStateFrame",
     "ProtocolClosedError",
     "ProtocolError",
     "RemoteProtocolError",
@@ -92,6 +95,8 @@ __all__ = [
     "Side",
     "SubscribeFrame",
     "UnsubscribeFrame",
+    "UnwatchFrame",
+    "WatchFrame",
     "WelcomeFrame",
     "codec_for_subprotocol",
     "select_codec",
@@ -99,8 +104,9 @@ __all__ = [
 
 logger = logging.getLogger("meshline.sockets")
 
-PROTOCOL_VERSION = 1
-"""The protocol revision this module speaks. The subprotocol names the major
+PROTOCOL_VERSION = 2
+"""The protocol revision this module speaks (2 added room presence: ``watch``,
+``unwatch``, ``presence_state`` and ``presence_diff``). The subprotocol names the major
 version (``v1``); revisions within it only add optional fields and frame kinds,
 and both sides use the lower of their two revisions (see :class:`HelloFrame`)."""
 
@@ -419,6 +425,67 @@ class UnsubscribeFrame(_FrameBase, tag="unsubscribe", frozen=True):
     topic: str
 
 
+class PresenceMember(msgspec.Struct, omit_defaults=True, frozen=True, gc=False):
+    """One connection in a room's presence, as ``presence_state`` and
+    ``presence_diff`` carry it."""
+
+    connection_id: str
+    client_id: str
+    node_id: Id
+    connected_at: Annotated[float, msgspec.Meta(ge=0.0, le=1e12)] = 0.0
+    """When the connection's WebSocket was accepted (Unix time, in seconds)."""
+    user_id: str | None = None
+    fields: dict[str, Any] = {}
+    """The fields of the server's ``describe`` hook it lets watchers see."""
+
+
+class WatchFrame(_FrameBase, tag="watch", frozen=True):
+    """Client to server (revision 2): watch who is in ``room``; answered like a
+    call, by ``result`` (then ``presence_state`` follows) or ``error``
+    (refused). ``id`` is a call id. Watching a room already watched asks for a
+    fresh ``presence_state``."""
+
+    senders = _FROM_CLIENT
+    id: Id
+    room: str
+
+
+class UnwatchFrame(_FrameBase, tag="unwatch", frozen=True):
+    """Client to server (revision 2): stop watching ``room`` (also withdraws a
+    watch not yet answered). Never answered."""
+
+    senders = _FROM_CLIENT
+    room: str
+
+
+class PresenceStateFrame(_FrameBase, tag="presence_state", frozen=True):
+    """Server to client (revision 2): everyone in ``room`` as of revision ``rev``.
+
+    Sent after a watch is accepted. It replaces whatever the client knew of the
+    room; ``presence_diff`` frames numbered up to ``rev`` are already in it."""
+
+    senders = _FROM_SERVER
+    room: str
+    rev: Id
+    members: tuple[PresenceMember, ...] = ()
+
+
+class PresenceDiffFrame(_FrameBase, tag="presence_diff", frozen=True):
+    """Server to client (revision 2): ``room`` changed; its revision is now ``rev``.
+
+    Revisions of a room count up by one per diff on a connection. A diff may
+    arrive before the ``presence_state`` it follows: the client keeps it until
+    the state is in, then applies the diffs numbered above the state's. Apply
+    ``leaves`` (connection ids) first, then ``joins`` (a connection already
+    present is updated)."""
+
+    senders = _FROM_SERVER
+    room: str
+    rev: Id
+    joins: tuple[PresenceMember, ...] = ()
+    leaves: tuple[str, ...] = ()
+
+
 class PingFrame(_FrameBase, tag="ping", frozen=True):
     """Either direction: a heartbeat; the receiver answers ``pong`` with the same ``seq``."""
 
@@ -446,6 +513,10 @@ Frame: TypeAlias = (
     | CancelFrame
     | SubscribeFrame
     | UnsubscribeFrame
+    | WatchFrame
+    | UnwatchFrame
+    | PresenceStateFrame
+    | PresenceDiffFrame
     | PingFrame
     | PongFrame
 )
@@ -460,6 +531,8 @@ ClientFrame: TypeAlias = (
     | CancelFrame
     | SubscribeFrame
     | UnsubscribeFrame
+    | WatchFrame
+    | UnwatchFrame
     | PingFrame
     | PongFrame
 )
@@ -473,6 +546,8 @@ ServerFrame: TypeAlias = (
     | RequestFrame
     | CancelFrame
     | UnsubscribeFrame
+    | PresenceStateFrame
+    | PresenceDiffFrame
     | PingFrame
     | PongFrame
 )

@@ -24,11 +24,12 @@ How a shell uses it
             ...
 
     :meth:`~SocketProtocol.receive` returns the frame that arrived (the frame
-    *is* the event), a derived event (:class:`Subscribed`, :class:`SubscribeRefused`
-    on the client), or None when the frame needs nothing from the shell: an
-    answer to a call the client already gave up on, a cancel that came after the
-    answer, an unsubscribe from a topic the client was not in, a topic event
-    after the client left the topic, anything after close. Those are counted in
+    *is* the event), a derived event (:class:`Subscribed`, :class:`SubscribeRefused`,
+    :class:`Watching`, :class:`WatchRefused` on the client), or None when the
+    frame needs nothing from the shell: an answer to a call the client already
+    gave up on, a cancel that came after the answer, an unsubscribe from a topic
+    the client was not in, a topic event after the client left the topic,
+    presence of a room not watched, anything after close. Those are counted in
     :attr:`~SocketProtocol.counters` and logged at debug level, never errors.
 
     Pings are not answered automatically: the shell answers ``PingFrame`` with
@@ -42,6 +43,9 @@ What the events mean, per side
     ``SubscribeFrame`` (authorize; answer with
     :meth:`~SocketProtocol.accept_subscribe` or :meth:`~SocketProtocol.error`),
     ``UnsubscribeFrame`` (the client left the topic, or withdrew a subscription
+    not yet answered), ``WatchFrame`` (authorize; answer with
+    :meth:`~SocketProtocol.accept_watch` or :meth:`~SocketProtocol.error`),
+    ``UnwatchFrame`` (the client stopped watching a room, or withdrew a watch
     not yet answered), ``CancelFrame`` (the client gave up on a call: cancel the
     handler, and still answer, usually with error code ``cancelled``),
     ``ReplyFrame`` / ``ReplyErrorFrame`` (the answer to one of the server's
@@ -49,7 +53,10 @@ What the events mean, per side
 
     Client: ``WelcomeFrame`` (the connection is open), ``ResultFrame`` /
     ``ErrorFrame`` (the answer to a call), :class:`Subscribed` /
-    :class:`SubscribeRefused` (the answer to a subscribe), ``RequestFrame`` (run
+    :class:`SubscribeRefused` (the answer to a subscribe), :class:`Watching` /
+    :class:`WatchRefused` (the answer to a watch), ``PresenceStateFrame`` /
+    ``PresenceDiffFrame`` (a watched room's presence; they may come before the
+    watch's answer), ``RequestFrame`` (run
     the implementation; answer exactly once with :meth:`~SocketProtocol.reply` or
     :meth:`~SocketProtocol.reply_error`), ``CancelFrame`` (the server gave up on a
     request: cancel the implementation, and still answer), ``UnsubscribeFrame``
@@ -132,6 +139,9 @@ from ._frames import (
     Message,
     PingFrame,
     PongFrame,
+    PresenceDiffFrame,
+    PresenceMember,
+    PresenceStateFrame,
     ProtocolClosedError,
     RemoteProtocolError,
     ReplyErrorFrame,
@@ -141,6 +151,8 @@ from ._frames import (
     Side,
     SubscribeFrame,
     UnsubscribeFrame,
+    UnwatchFrame,
+    WatchFrame,
     WelcomeFrame,
 )
 
@@ -154,6 +166,9 @@ __all__ = [
     "SubscribeAnswer",
     "SubscribeRefused",
     "Subscribed",
+    "WatchAnswer",
+    "WatchRefused",
+    "Watching",
 ]
 
 logger = logging.getLogger("meshline.sockets")
@@ -201,8 +216,49 @@ class SubscribeRefused:
     details: Any = None
 
 
-Event: TypeAlias = Frame | Subscribed | SubscribeRefused
+@attrs.frozen
+class Watching:
+    """Client side: the server accepted the watch ``id`` of ``room``; its
+    ``presence_state`` follows."""
+
+    id: int
+    room: str
+
+
+@attrs.frozen
+class WatchRefused:
+    """Client side: the server refused the watch ``id`` of ``room``.
+
+    ``details`` is the error frame's raw details (decode with the codec), or None.
+    """
+
+    id: int
+    room: str
+    code: str
+    message: str
+    details: Any = None
+
+
+Event: TypeAlias = Frame | Subscribed | SubscribeRefused | Watching | WatchRefused
 """What :meth:`SocketProtocol.receive` returns (besides None)."""
+
+
+@attrs.frozen
+class _WatchOf:
+    """What a pending watch waits for, in the table of pending calls (a topic
+    string stands for a subscribe, None for a call)."""
+
+    room: str
+
+
+class WatchAnswer(NamedTuple):
+    """What :meth:`SocketProtocol.accept_watch` returns."""
+
+    watching: bool
+    """True if the room is now watched; False if the client withdrew the watch
+    meanwhile (``messages`` then answers it with error code ``cancelled``)."""
+    messages: tuple[Message, ...]
+    """The messages to send, in order: the answer, then the room's state."""
 
 
 class SubscribeAnswer(NamedTuple):
@@ -228,6 +284,9 @@ class IgnoredFrames:
     """Unsubscribes from topics that were neither subscribed nor pending."""
     unsubscribed_events: int = 0
     """Client side: topic events for topics the client is not subscribed to."""
+    unwatched_presence: int = 0
+    """Client side: presence frames of rooms the client does not watch; server
+    side: unwatches of rooms it did not watch."""
     after_close: int = 0
     """Messages received after the machine closed."""
 
@@ -287,14 +346,16 @@ class SocketProtocol:
 
         self._last_call_id = 0
         self._last_request_id = 0
-        self._calls: dict[int, str | None] = {}
+        self._calls: dict[int, str | _WatchOf | None] = {}
         """Pending calls: the client's (sent, unanswered) or the server's (received,
-        unanswered). The value is the topic of a subscribe, None for a call."""
+        unanswered). The value is the topic of a subscribe, the room of a watch,
+        None for a call."""
         self._requests: dict[int, None] = {}
         """Pending requests: the server's (sent) or the client's (received)."""
         self._withdrawn: dict[int, None] = {}
         """Server side: pending subscribes the client withdrew (cancel, unsubscribe)."""
         self._subscriptions: dict[str, None] = {}
+        self._watches: dict[str, None] = {}
 
         self._receivers: dict[type[Any], _Receiver] = _NO_RECEIVERS
         self._set_state(ProtocolState.START)
@@ -310,6 +371,15 @@ class SocketProtocol:
     def subscriptions(self) -> frozenset[str]:
         """Topics subscribed and acknowledged (on both sides)."""
         return frozenset(self._subscriptions)
+
+    @property
+    def watches(self) -> frozenset[str]:
+        """Rooms whose presence is watched, the watch acknowledged (on both sides)."""
+        return frozenset(self._watches)
+
+    def is_watching(self, room: str) -> bool:
+        """Whether ``room`` is in :attr:`watches` (without building the set)."""
+        return room in self._watches
 
     @property
     def pending_calls(self) -> frozenset[int]:
@@ -418,6 +488,27 @@ class SocketProtocol:
             return None
         return frame
 
+    def _receive_watch(self, frame: WatchFrame) -> Event:
+        if frame.id in self._calls:
+            self._violation(f"call id {frame.id} is already in progress")
+        self._calls[frame.id] = _WatchOf(frame.room)
+        return frame
+
+    def _receive_unwatch_at_server(self, frame: UnwatchFrame) -> Event | None:
+        room = frame.room
+        changed = room in self._watches
+        self._watches.pop(room, None)
+        pending = _WatchOf(room)
+        for call_id, waits_for in self._calls.items():
+            if waits_for == pending and call_id not in self._withdrawn:
+                self._withdrawn[call_id] = None
+                changed = True
+        if not changed:
+            self.counters.unwatched_presence += 1
+            self._ignored(f"unwatch of {room!r}, not watched")
+            return None
+        return frame
+
     def _receive_cancel_at_server(self, frame: CancelFrame) -> Event | None:
         if frame.of != "call":
             self._violation(f"a client may only cancel its calls, not a {frame.of!r}")
@@ -470,6 +561,11 @@ class SocketProtocol:
                 self._ignored(f"answer to call {frame.id}, no longer pending")
                 return None
             self._violation(f"answer to call {frame.id}, which was never sent")
+        if isinstance(topic, _WatchOf):
+            if isinstance(frame, ResultFrame):
+                self._watches[topic.room] = None
+                return Watching(frame.id, topic.room)
+            return WatchRefused(frame.id, topic.room, frame.code, frame.message, frame.details)
         if isinstance(frame, ResultFrame):
             self._subscriptions[topic] = None
             return Subscribed(frame.id, topic)
@@ -503,6 +599,14 @@ class SocketProtocol:
             self._ignored(f"end of subscription to {frame.topic!r}, not subscribed")
             return None
         del self._subscriptions[frame.topic]
+        return frame
+
+    def _receive_presence(self, frame: PresenceStateFrame | PresenceDiffFrame) -> Event | None:
+        room = frame.room
+        if room not in self._watches and _WatchOf(room) not in self._calls.values():
+            self.counters.unwatched_presence += 1
+            self._ignored(f"presence of {room!r}, not watched")
+            return None
         return frame
 
     # Both sides.
@@ -675,6 +779,10 @@ class SocketProtocol:
         topic = self._calls.get(call_id, _MISSING)
         if topic is _MISSING:
             return None
+        if isinstance(topic, _WatchOf):
+            raise self._local_error(
+                f"call {call_id} is a watch of {topic.room!r}: withdraw it with unwatch"
+            )
         if topic is not None:
             raise self._local_error(
                 f"call {call_id} is a subscribe to {topic!r}: withdraw it with unsubscribe"
@@ -697,6 +805,8 @@ class SocketProtocol:
         topic = self._calls.get(call_id, _MISSING)
         if topic is _MISSING:
             raise self._local_error(f"call {call_id} is not pending")
+        if isinstance(topic, _WatchOf):
+            raise self._local_error(f"call {call_id} is a watch: use accept_watch")
         if topic is not None:
             raise self._local_error(f"call {call_id} is a subscribe: use accept_subscribe")
         message = self._encode(ResultFrame(call_id, data))
@@ -768,7 +878,7 @@ class SocketProtocol:
         """
         self._require(Side.SERVER, ProtocolState.OPEN, "a subscribe's answer")
         topic = self._calls.get(call_id)
-        if topic is None:
+        if not isinstance(topic, str):
             raise self._local_error(f"call {call_id} is not a pending subscribe")
         if call_id in self._withdrawn:
             message = self._encode(
@@ -793,6 +903,85 @@ class SocketProtocol:
         message = self._encode(UnsubscribeFrame(topic))
         del self._subscriptions[topic]
         return message
+
+    # --- Sending: room presence (revision 2) ----------------------------------------
+
+    def watch(self, room: str) -> tuple[int, Message]:
+        """Client: watch who is in ``room``; returns the watch's call id and the message.
+
+        The answer arrives as :class:`Watching` (then a ``presence_state``) or
+        :class:`WatchRefused`. Watching a room already watched asks for a fresh
+        state.
+
+        :raises LocalProtocolError: not a client, not open, or the server speaks
+            revision 1 (no room presence).
+        """
+        self._require(Side.CLIENT, ProtocolState.OPEN, "a watch")
+        assert self.welcome_frame is not None
+        if self.welcome_frame.version < 2:
+            raise self._local_error(
+                f"the server speaks protocol revision {self.welcome_frame.version}, "
+                "which has no room presence (revision 2 does)"
+            )
+        call_id = self._last_call_id + 1
+        message = self._encode(WatchFrame(call_id, room))
+        self._last_call_id = call_id
+        self._calls[call_id] = _WatchOf(room)
+        return call_id, message
+
+    def unwatch(self, room: str) -> Message:
+        """Client: stop watching ``room``, or withdraw its pending watches.
+
+        The room leaves :attr:`watches` at once; answers to its pending watches,
+        and its presence frames still on the way, are ignored.
+
+        :raises LocalProtocolError: not a client, or not open.
+        """
+        self._require(Side.CLIENT, ProtocolState.OPEN, "an unwatch")
+        message = self._encode(UnwatchFrame(room))
+        self._watches.pop(room, None)
+        pending = _WatchOf(room)
+        for call_id in [key for key, waits_for in self._calls.items() if waits_for == pending]:
+            del self._calls[call_id]
+        return message
+
+    def accept_watch(
+        self, call_id: int, rev: int, members: tuple[PresenceMember, ...]
+    ) -> WatchAnswer:
+        """Server: accept the pending watch ``call_id``, with the room's state
+        as of revision ``rev``.
+
+        The room joins :attr:`watches`, and the messages are the result and the
+        ``presence_state``; unless the client withdrew the watch meanwhile, in
+        which case the one message is an error of code ``cancelled``. Later
+        diffs go to every watcher at once, encoded once per codec
+        (``codec.encode(PresenceDiffFrame(...))``), to connections whose machine
+        :meth:`is_watching` the room.
+
+        :raises LocalProtocolError: not a server, not open, ``call_id`` is not
+            a pending watch, or ``rev`` is out of range.
+        :raises FrameEncodeError: a member's fields cannot be encoded (the
+            watch is still pending: answer it with an error).
+        :raises PeerLimitExceededError: the state is bigger than the client
+            accepts (the watch is still pending).
+        """
+        self._require(Side.SERVER, ProtocolState.OPEN, "a watch's answer")
+        pending = self._calls.get(call_id)
+        if not isinstance(pending, _WatchOf):
+            raise self._local_error(f"call {call_id} is not a pending watch")
+        self._check_id("rev", rev)
+        if call_id in self._withdrawn:
+            message = self._encode(
+                ErrorFrame(call_id, ErrorCode.CANCELLED, "withdrawn by the client")
+            )
+            del self._withdrawn[call_id]
+            del self._calls[call_id]
+            return WatchAnswer(False, (message,))
+        state = self._encode(PresenceStateFrame(pending.room, rev, members))
+        answer = self._encode(ResultFrame(call_id))
+        del self._calls[call_id]
+        self._watches[pending.room] = None
+        return WatchAnswer(True, (answer, state))
 
     # --- Sending: requests (server to client) --------------------------------------
 
@@ -1005,6 +1194,8 @@ _RECEIVERS: dict[tuple[Side, ProtocolState], dict[type[Any], _Receiver]] = {
         CancelFrame: SocketProtocol._receive_cancel_at_server,
         SubscribeFrame: SocketProtocol._receive_subscribe,
         UnsubscribeFrame: SocketProtocol._receive_unsubscribe_at_server,
+        WatchFrame: SocketProtocol._receive_watch,
+        UnwatchFrame: SocketProtocol._receive_unwatch_at_server,
         PingFrame: SocketProtocol._receive_as_is,
         PongFrame: SocketProtocol._receive_pong,
     },
@@ -1015,6 +1206,8 @@ _RECEIVERS: dict[tuple[Side, ProtocolState], dict[type[Any], _Receiver]] = {
         RequestFrame: SocketProtocol._receive_request,
         CancelFrame: SocketProtocol._receive_cancel_at_client,
         UnsubscribeFrame: SocketProtocol._receive_unsubscribe_at_client,
+        PresenceStateFrame: SocketProtocol._receive_presence,
+        PresenceDiffFrame: SocketProtocol._receive_presence,
         PingFrame: SocketProtocol._receive_as_is,
         PongFrame: SocketProtocol._receive_pong,
     },

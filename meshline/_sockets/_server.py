@@ -43,7 +43,7 @@ import math
 import secrets
 import ssl
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
@@ -308,6 +308,7 @@ class SocketServer:
         on_connect: Callable[[Connection], Awaitable[None] | None] | None,
         on_disconnect: Callable[[Connection, DisconnectReason], Awaitable[None] | None] | None,
         node_id: int | None,
+        authorize_presence: Callable[[Connection, str], bool | Awaitable[bool]] | None = None,
     ) -> None:
         table = RoleTable(roles)
         if authenticate is None and table.only is None:
@@ -318,6 +319,7 @@ class SocketServer:
         for name, hook in (
             ("authenticate", authenticate),
             ("authorize_topic", authorize_topic),
+            ("authorize_presence", authorize_presence),
             ("on_connect", on_connect),
             ("on_disconnect", on_disconnect),
         ):
@@ -377,6 +379,7 @@ class SocketServer:
             handshake_timeout=float(handshake_timeout),
             max_concurrent_calls=max_concurrent_calls,
             authorize_topic=authorize_topic,
+            authorize_presence=authorize_presence,
             on_connect=on_connect,
             on_disconnect=on_disconnect,
         )
@@ -801,6 +804,8 @@ async def open_socket_server(
     max_concurrent_calls: int = 100,
     shutdown: ShutdownOptions = ShutdownOptions(),
     authorize_topic: Callable[[Connection, str], bool | Awaitable[bool]] | None = None,
+    authorize_presence: Callable[[Connection, str], bool | Awaitable[bool]] | None = None,
+    presence_fields: Iterable[str] = (),
     on_connect: Callable[[Connection], Awaitable[None] | None] | None = None,
     on_disconnect: Callable[[Connection, DisconnectReason], Awaitable[None] | None] | None = None,
     node_id: int | None = None,
@@ -830,7 +835,12 @@ async def open_socket_server(
     ``handshake_timeout`` (upgrade, authentication and hello),
     ``max_concurrent_calls`` (per connection; more are answered
     ``too_many_calls``), ``shutdown``, ``authorize_topic(conn, topic) -> bool``
-    (plain or async; None: every topic allowed), ``on_connect(conn)`` and
+    (plain or async; None: every topic allowed),
+    ``authorize_presence(conn, room) -> bool`` (plain or async; whether the
+    client may watch who is in ``room``; None: the rooms it is in), and
+    ``presence_fields`` (the fields of ``describe`` that watchers of a room see;
+    none by default: they see connection, client, node and user ids and the
+    accept time), ``on_connect(conn)`` and
     ``on_disconnect(conn, reason)`` (plain or async), ``node_id`` (the node
     named in connection ids, for a server without a mesh; the mesh's node id by
     default). ``listen=False`` opens no
@@ -885,7 +895,14 @@ async def open_socket_server(
         on_connect=on_connect,
         on_disconnect=on_disconnect,
         node_id=node_id,
+        authorize_presence=authorize_presence,
     )
+    if isinstance(presence_fields, str) or not all(
+        isinstance(field, str) for field in presence_fields
+    ):
+        raise InvalidArgumentError(
+            f"presence_fields must be a collection of field names: {presence_fields!r}"
+        )
     cluster_hooks = {
         "describe": describe,
         "on_orphaned": on_orphaned,
@@ -937,6 +954,7 @@ async def open_socket_server(
                 on_client_disconnected=on_client_disconnected,
                 offline_grace=offline_grace,
                 route_id=route_id,
+                presence_fields=frozenset(presence_fields),
             )
         )
         server._join(link)
