@@ -1122,6 +1122,10 @@ class ClusterView:
         """Whether the user has a connection on a live node."""
         return self._link.index.is_online(check_name(user_id, "user id"), self._alive)
 
+    def watched(self) -> frozenset[str]:
+        """The rooms whose presence this node's clients watch (``client.watch``)."""
+        return self._link.watches.rooms
+
     def room(self, name: str) -> list[ClusterConnection]:
         """The room's members, on every live node. :raises InvalidArgumentError: a bad name."""
         return self._link.index.room(check_name(name, "room name"), self._alive)
