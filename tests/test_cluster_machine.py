@@ -19,7 +19,9 @@ Steps run back to back, without waiting for the cluster. Once settled (the check
 polls, with a deadline), on every running node: ``cluster.count()``,
 ``cluster.by_user()`` and ``cluster.room()`` equal the model, and the online set the
 application keeps from ``on_user_online``/``on_user_offline`` (heard from any node
-that is not crashed) equals the model's users with a connection.
+that is not crashed) equals the model's users with a connection. Every client
+watches every room (``client.watch``) from the moment it connects, and what it
+watches equals the model's room too.
 
 The machine runs in a worker thread; the Trio loop (on ``MockClock`` for memory)
 serves its steps, as in ``test_presence_machine.py``. 50 examples on memory;
@@ -102,6 +104,8 @@ class Held:
     done: trio.Event = attrs.Factory(trio.Event)
     client: meshline.SocketClient | None = None
     rooms: set[str] = attrs.Factory(set)
+    presences: dict[str, meshline.RoomPresence] = attrs.Factory(dict)
+    """The presence of every room, as the client watches it."""
 
 
 class App:
@@ -163,6 +167,7 @@ class Cluster:
                             listen=False,
                             mesh=meshline.MeshOptions(running.faults, key, node={"ttl": TTL}),
                             heartbeat=None,
+                            authorize_presence=lambda conn, room: True,
                             **app.hooks(running),
                         ) as server:
                             running.server = server
@@ -185,6 +190,8 @@ class Cluster:
                         reconnect=None,
                     ) as client:
                         held.client = client
+                        for room in ROOMS:
+                            held.presences[room] = await client.watch(room)
                         task_status.started()
                         await trio.sleep_forever()
             finally:
@@ -362,6 +369,11 @@ class ClusterMachine(RuleBasedStateMachine):
                 seen = {conn.connection_id for conn in cluster.room(room)}
                 if seen != rooms.get(room, set()):
                     problems.append(f"node {slot}: room({room!r}) {seen} != model")
+        for held in self.held.values():
+            for room, presence in held.presences.items():
+                watched = set(presence.members)
+                if not presence.synced or watched != rooms.get(room, set()):
+                    problems.append(f"{held.client_id!r} watches {room!r}: {watched} != model")
         if self.nodes and self.app.online != set(users):
             problems.append(f"hooks say online {self.app.online} != {set(users)}")
         return problems
