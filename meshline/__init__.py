@@ -87,12 +87,12 @@ from ._sockets._frames import ProtocolClosedError as ProtocolClosedError
 from ._sockets._frames import ProtocolError as ProtocolError
 from ._sockets._frames import RemoteProtocolError as RemoteProtocolError
 from ._sockets._local import LocalView as LocalView
-from ._sockets._presence import PresenceChange as PresenceChange
-from ._sockets._presence import RoomMember as RoomMember
-from ._sockets._presence import RoomPresence as RoomPresence
 from ._sockets._local import Room as Room
 from ._sockets._local import Topic as Topic
 from ._sockets._outbox import OverflowPolicy as OverflowPolicy
+from ._sockets._presence import PresenceChange as PresenceChange
+from ._sockets._presence import RoomMember as RoomMember
+from ._sockets._presence import RoomPresence as RoomPresence
 from ._sockets._roles import Role as Role
 from ._sockets._server import Admission as Admission
 from ._sockets._server import BackpressureOptions as BackpressureOptions

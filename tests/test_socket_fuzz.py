@@ -169,9 +169,7 @@ server_frames: st.SearchStrategy[Frame] = st.one_of(
     st.builds(RequestFrame, id=ids, name=names, data=json_values, timeout=st.none() | seconds),
     st.builds(CancelFrame, id=ids, of=st.sampled_from(["call", "request"])),
     st.builds(UnsubscribeFrame, topic=names),
-    st.builds(
-        PresenceStateFrame, room=rooms, rev=ids, members=st.tuples() | st.tuples(members)
-    ),
+    st.builds(PresenceStateFrame, room=rooms, rev=ids, members=st.tuples() | st.tuples(members)),
     st.builds(
         PresenceDiffFrame,
         room=rooms,
