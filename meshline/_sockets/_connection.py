@@ -74,6 +74,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from .._errors import InvalidArgumentError
+from ._batch import send_messages
 from ._codes import CloseCode, ErrorCode, close_reason
 from ._errors import CallFailedError, SocketClosedError, SocketError, SocketTimeoutError
 from ._frames import (
@@ -124,6 +125,10 @@ __all__ = [
 logger = logging.getLogger("meshline.sockets")
 
 _ERROR_CODES = frozenset(code.value for code in ErrorCode)
+BATCH_MESSAGES = 16
+"""The most queued messages one write to the socket carries (see :mod:`._batch`)."""
+BATCH_BYTES = 64 * 1024
+"""A batch stops growing once it holds this many bytes (a single message may be bigger)."""
 _MAX_REASON_BYTES = 123
 _TRIO_WEBSOCKET_TOO_BIG = "Exceeded maximum message size"
 """How trio-websocket's own close reason starts when a message went over
@@ -1030,8 +1035,19 @@ class Connection:
         left = at_most or -1
         try:
             while left and (message := outbox.take()) is not None:
-                await ws.send_message(message)
                 left -= 1
+                batch = [message]
+                size = len(message)
+                while (
+                    left
+                    and len(batch) < BATCH_MESSAGES
+                    and size < BATCH_BYTES
+                    and (message := outbox.take()) is not None
+                ):
+                    left -= 1
+                    batch.append(message)
+                    size += len(message)
+                await send_messages(ws, batch)
         except ConnectionClosed as exc:
             if not self._closing:
                 self._peer_gone(exc)
