@@ -670,6 +670,38 @@ async def test_events_both_ways_with_sync_and_async_handlers_in_order() -> None:
         assert ("async", 9) not in seen
 
 
+async def test_plain_handlers_run_at_once_only_when_no_event_waits_before_them() -> None:
+    async with tcp_server() as server, open_socket_client(server.url, client_id="c") as client:
+        seen: list[str] = []
+        release = trio.Event()
+
+        async def slow(data: Any) -> None:
+            await release.wait()
+            seen.append("slow")
+
+        async def returned(data: Any) -> None:
+            await trio.lowlevel.checkpoint()
+            seen.append("awaited")
+
+        client.on("slow", slow)
+        client.on("quick", lambda data: seen.append("quick"))
+        client.on("coroutine", lambda data: returned(data))  # a plain function returning one
+        conn = server.last
+        await conn.emit("quick", 0)
+        await until(lambda: seen == ["quick"])  # nothing before it: run at once
+        await conn.emit("slow", 1)
+        await conn.emit("quick", 2)
+        await conn.emit("coroutine", 3)
+        client.emit("mark")
+        await server.wait_for(lambda: ("mark", None) in conn.events)
+        assert seen == ["quick"]  # the quick event waits behind the slow handler
+        release.set()
+        await until(lambda: len(seen) == 4)
+        assert seen == ["quick", "slow", "quick", "awaited"]
+        await conn.emit("coroutine", 4)
+        await until(lambda: len(seen) == 5)
+
+
 async def test_a_handler_that_raises_is_logged_and_the_others_run(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
