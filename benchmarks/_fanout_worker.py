@@ -13,12 +13,15 @@ answers ``echo`` node requests: the request baseline. Its first line is
 ``{"port": P, "node_id": id, "baseline_node_id": id}``. OPTIONS: ``nodes`` (how
 many nodes the cluster has: ``wait`` waits until it sees them all).
 
-``clients`` opens ``count`` clients (OPTIONS: ``count``, ``prefix``) to URL, at most
+``clients`` opens ``count`` clients (OPTIONS: ``count``, ``prefix``, ``watchers``) to URL, at most
 :data:`~_sockets_worker.CONNECTING` connection attempts at a time. Client ``i``
 has client id and user id ``PREFIX + str(i)``. IMPL ``meshline``: meshline's own
 client (``open_socket_client``, ``reconnect=None``), with a handler per event
 name (``client.on``) and ``client.implement("echo", ...)`` answering the
-server's requests with their data. IMPL ``socketio``: bare clients, wsproto (the
+server's requests with their data; its first ``watchers`` clients connect with
+``watch=1`` in the query (their node puts them in the room :data:`WATCHED`) and
+watch that room (``client.watch``), counting every member a change brings in as
+an event named :data:`PRESENCE`. IMPL ``socketio``: bare clients, wsproto (the
 WebSocket machine trio-websocket and so meshline's client use) over a trio TCP
 stream, speaking Engine.IO 4 and Socket.IO 5 (the protocols python-socketio
 serves): each opens ``/socket.io/?EIO=4&transport=websocket``, connects to the
@@ -43,6 +46,10 @@ Server commands:
   bool, ...}``;
 * ``room EVENT COUNT``: ``await server.to_room(ROOM).emit(EVENT, PAYLOAD)``
   COUNT times; answer ``{"t0": time of the first emit, "emit_s": ...}``;
+  ``watchers EVENT COUNT``: the same to the room :data:`WATCHED`;
+* ``join COUNT``: COUNT of this node's connections that do not watch join the
+  room :data:`WATCHED`, one by one; same answer (each join reaches every
+  watcher as a presence diff);
 * ``users EVENT ROUNDS PREFIX COUNT``: ROUNDS times, for ``i`` in ``range(COUNT)``,
   ``await server.to_user(PREFIX + str(i)).emit(EVENT, PAYLOAD)``; same answer;
 * ``requests CONCURRENCY WARMUP DURATION``: CONCURRENCY tasks, each sending
@@ -85,7 +92,11 @@ from _sockets_worker import (
 )
 
 ROOM = "bench"
-EVENTS = ("warm", "tick", "user")
+WATCHED = "watched"
+"""The room whose members are the watching clients, and which they watch."""
+PRESENCE = "presence"
+"""What a watching client counts, once per member a presence change brings in."""
+EVENTS = ("warm", "tick", "user", "seen")
 """The event names clients count (the driver warms up with ``warm``)."""
 ECHO = "echo"
 REQUEST_TIMEOUT = 10.0
@@ -108,10 +119,13 @@ async def meshline_server(url: str, key: str, options: dict[str, Any]) -> None:
     disconnects: collections.Counter[str] = collections.Counter()
 
     def authenticate(request: meshline.SocketRequest) -> meshline.Admission:
-        return meshline.Admission("member", user_id=request.query.get("user"))
+        watcher = request.query.get("watch") == "1"
+        return meshline.Admission("member", user_id=request.query.get("user"), context=watcher)
 
     def on_connect(conn: meshline.Connection) -> None:
         conn.join(ROOM)
+        if conn.context:
+            conn.join(WATCHED)
 
     def on_disconnect(conn: meshline.Connection, reason: meshline.DisconnectReason) -> None:
         disconnects[reason.value] += 1
@@ -160,10 +174,20 @@ async def meshline_server(url: str, key: str, options: dict[str, Any]) -> None:
                         if conn.node_id != server.node_id
                     )
 
-                async def emit_room(event: str, count: int) -> None:
-                    target = server.to_room(ROOM)
+                async def emit_room(room: str, event: str, count: int) -> None:
+                    target = server.to_room(room)
                     for _ in range(count):
                         await target.emit(event, PAYLOAD)
+
+                async def join_watched(count: int) -> None:
+                    joining = [
+                        conn for conn in server.local.connections.values() if not conn.context
+                    ][:count]
+                    if len(joining) < count:
+                        raise SystemExit(f"only {len(joining)} connections can join {WATCHED}")
+                    for conn in joining:
+                        conn.join(WATCHED)
+                        await trio.lowlevel.checkpoint()
 
                 async def emit_users(event: str, rounds: int, prefix: str, count: int) -> None:
                     targets = [server.to_user(f"{prefix}{index}") for index in range(count)]
@@ -198,6 +222,7 @@ async def meshline_server(url: str, key: str, options: dict[str, Any]) -> None:
                 await command_loop(
                     ready=ready,
                     emit_room=emit_room,
+                    join_watched=join_watched,
                     emit_users=emit_users,
                     socket_requester=socket_requester,
                     node_requester=node_requester,
@@ -208,7 +233,8 @@ async def meshline_server(url: str, key: str, options: dict[str, Any]) -> None:
 async def command_loop(
     *,
     ready: Callable[[int], bool],
-    emit_room: Callable[[str, int], Awaitable[None]],
+    emit_room: Callable[[str, str, int], Awaitable[None]],
+    join_watched: Callable[[int], Awaitable[None]],
     emit_users: Callable[[str, int, str, int], Awaitable[None]],
     socket_requester: Callable[[int], Callable[[], Awaitable[Any]]],
     node_requester: Callable[[int], Callable[[int], Callable[[], Awaitable[Any]]]],
@@ -228,10 +254,15 @@ async def command_loop(
             began = time.monotonic()
             reached = await until(lambda wanted=total: ready(wanted), timeout, 0.05)
             say({"reached": reached, "waited_s": time.monotonic() - began, **await extra()})
-        elif name == "room":
+        elif name in ("room", "watchers"):
             event, count = words[1], int(words[2])
             t0 = time.monotonic()
-            await emit_room(event, count)
+            await emit_room(ROOM if name == "room" else WATCHED, event, count)
+            say({"t0": t0, "emit_s": time.monotonic() - t0, **await extra()})
+        elif name == "join":
+            count = int(words[1])
+            t0 = time.monotonic()
+            await join_watched(count)
             say({"t0": t0, "emit_s": time.monotonic() - t0, **await extra()})
         elif name == "users":
             event, rounds, prefix, count = words[1], int(words[2]), words[3], int(words[4])
@@ -322,21 +353,27 @@ class Counters:
 
 
 def meshline_opener(
-    url: str, prefix: str, counters: Counters
+    url: str, prefix: str, counters: Counters, watchers: int
 ) -> Callable[[int, trio.TaskStatus[Any]], Awaitable[None]]:
-    from meshline import open_socket_client
+    from meshline import PresenceChange, open_socket_client
 
     def echo(data: Any) -> Any:
         return data
 
+    def presence_changed(change: PresenceChange) -> None:
+        for _ in change.joined:
+            counters.arrived(PRESENCE)
+
     async def open_one(index: int, task_status: trio.TaskStatus[Any]) -> None:
         name = f"{prefix}{index}"
-        async with open_socket_client(
-            url, client_id=name, query={"user": name}, reconnect=None
-        ) as client:
+        watcher = index < watchers
+        query = {"user": name, "watch": "1"} if watcher else {"user": name}
+        async with open_socket_client(url, client_id=name, query=query, reconnect=None) as client:
             for event in EVENTS:
                 client.on(event, lambda data, event=event: counters.arrived(event))
             client.implement(ECHO, echo)
+            if watcher:
+                await client.watch(WATCHED, on_change=presence_changed)
             task_status.started(client)
             await trio.sleep_forever()
 
@@ -344,7 +381,7 @@ def meshline_opener(
 
 
 def socketio_opener(
-    url: str, prefix: str, counters: Counters
+    url: str, prefix: str, counters: Counters, watchers: int
 ) -> Callable[[int, trio.TaskStatus[Any]], Awaitable[None]]:
     """Bare clients: wsproto over a trio TCP stream, one task per connection that
     reads, parses and counts (no channel, no task switch per message)."""
@@ -424,10 +461,11 @@ def socketio_opener(
 
 async def clients(impl: str, url: str, options: dict[str, Any]) -> None:
     count, prefix = int(options["count"]), str(options["prefix"])
+    watchers = int(options.get("watchers", 0))
     counters = Counters()
     opener = meshline_opener if impl == "meshline" else socketio_opener
     async with trio.open_nursery() as nursery:
-        handles = await Connector(nursery).open_all(count, opener(url, prefix, counters))
+        handles = await Connector(nursery).open_all(count, opener(url, prefix, counters, watchers))
         say({"connected": len(handles)})
         commands = Commands()
         gc_clock = GcClock()
@@ -442,7 +480,8 @@ async def clients(impl: str, url: str, options: dict[str, Any]) -> None:
             gc_clock.take()
             cpu = time.process_time()
             say({"armed": event})
-            expected = per_client * len(handles)
+            armed = watchers if event in (PRESENCE, "seen") else len(handles)
+            expected = per_client * armed
             seen, progressed = 0, time.monotonic()
             while counters.received[event] < expected:
                 await trio.sleep(0.02)

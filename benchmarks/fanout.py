@@ -57,6 +57,15 @@ event name, the events its clients received and the time of the first and last
   Requests completed in a window after a warm-up, per second.
   ``request_ratio`` = socket requests/s / node requests/s (both medians); a
   socket request is a node request plus the WebSocket round trip to the client.
+* **Room presence** (shown, not in the last line; meshline only): on each node,
+  the first W clients connect with ``watch=1``, so their node puts them in the
+  room ``watched``, and they watch it (``client.watch("watched", on_change=...)``,
+  counting every member a change brings in). Against the baseline of J room
+  emits to that room (``await server.to_room("watched").emit(...)``, awaited one
+  by one), J of node A's other connections join it one by one
+  (``conn.join("watched")``): each join is a registration write, which every
+  watcher then sees as a presence diff. Deliveries per second, as above (W x 2 x
+  J of them), measured in the same cluster, emits first.
 
 Alongside the rates, the table shows the CPU time (user + system, from
 ``/proc``) each part spent per delivery or request over the measured span: the
@@ -161,6 +170,10 @@ class Profile:
     request_concurrency: int
     request_warmup: float
     request_duration: float
+    presence_watchers: int
+    """Clients on each node that watch the room :data:`WATCHED`."""
+    presence_joins: int
+    """Connections of node A that join it (presence diffs to every watcher)."""
 
 
 FULL = Profile(
@@ -172,6 +185,8 @@ FULL = Profile(
     request_concurrency=100,
     request_warmup=1.0,
     request_duration=5.0,
+    presence_watchers=100,
+    presence_joins=200,
 )
 QUICK = Profile(
     "quick",
@@ -182,6 +197,8 @@ QUICK = Profile(
     request_concurrency=100,
     request_warmup=0.5,
     request_duration=2.0,
+    presence_watchers=100,
+    presence_joins=100,
 )
 TINY = Profile(
     "tiny",
@@ -192,6 +209,8 @@ TINY = Profile(
     request_concurrency=10,
     request_warmup=0.2,
     request_duration=0.5,
+    presence_watchers=3,
+    presence_joins=4,
 )
 """For ``tests/test_fanout_benchmark.py``: every code path, in seconds."""
 
@@ -350,6 +369,8 @@ class Cluster:
         counts = split(profile.clients, NODES)
         for index, (hello, count) in enumerate(zip(self.hellos, counts, strict=True)):
             options = {"count": count, "prefix": PREFIXES[index]}
+            if self.impl == "meshline":
+                options["watchers"] = profile.presence_watchers
             worker = Worker(
                 f"{self.library}-clients{'AB'[index]}{self.tag}",
                 MESHLINE_WORKER,
@@ -460,6 +481,22 @@ class Cluster:
         )
         return {**figures, "users": count}
 
+    def presence_emits(self, profile: Profile) -> dict[str, Any]:
+        """Room emits to the watching clients: the baseline of :meth:`presence`."""
+        watchers, joins = profile.presence_watchers, profile.presence_joins
+        self.deliver("seen", [1] * NODES, "watchers seen 1", watchers * NODES)
+        return self.deliver(
+            "seen", [joins] * NODES, f"watchers seen {joins}", watchers * NODES * joins
+        )
+
+    def presence(self, profile: Profile) -> dict[str, Any]:
+        """Node A's connections join the watched room, one by one: every join
+        reaches every watcher as a presence diff (after its registration write)."""
+        watchers, joins = profile.presence_watchers, profile.presence_joins
+        return self.deliver(
+            WATCHED_PRESENCE, [joins] * NODES, f"join {joins}", watchers * NODES * joins
+        )
+
     def requests(self, kind: str, profile: Profile) -> dict[str, Any]:
         options = (
             f"{profile.request_concurrency} {profile.request_warmup:g} {profile.request_duration:g}"
@@ -521,10 +558,8 @@ def measure(
     ``requests``: ``requests`` and ``node_requests``), or its failure."""
     tag = f"-r{round_number}"
     library = "python-socketio" if impl == "baseline" else "meshline"
-    wanted = [s for s in sections if impl == "meshline" or s != "requests"]
-    names = [
-        n for s in wanted for n in (("node_requests", "requests") if s == "requests" else (s,))
-    ]
+    wanted = [s for s in sections if impl == "meshline" or s not in MESHLINE_ONLY]
+    names = [n for s in wanted for n in MEASURED_AS.get(s, (s,))]
     results: dict[str, dict[str, Any]] = {}
     if not names:
         return results
@@ -555,6 +590,9 @@ def measure(
                     steps.append(("fanout", lambda: cluster.fanout(profile)))
                 elif section == "users":
                     steps.append(("users", lambda: cluster.users(profile)))
+                elif section == "presence":  # the emits first: the joins grow the room
+                    steps.append(("presence_emits", lambda: cluster.presence_emits(profile)))
+                    steps.append(("presence", lambda: cluster.presence(profile)))
                 else:
                     pair = [
                         ("requests", lambda: cluster.requests("socket", profile)),
@@ -579,19 +617,19 @@ def run_benchmark(
     profile: Profile, sections: list[str], baseline_missing: str | None
 ) -> dict[str, dict[str, list[dict[str, Any]]]]:
     results: dict[str, dict[str, list[dict[str, Any]]]] = {
-        section: {impl: [] for impl in IMPLS} for section in ("fanout", "users", "requests")
+        section: {impl: [] for impl in IMPLS} for section in SECTIONS
     }
     for round_number in range(profile.rounds):
         for impl in IMPLS:
             if impl == "baseline" and baseline_missing:
                 for section in sections:
-                    if section != "requests":
+                    if section not in MESHLINE_ONLY:
                         results[section][impl].append({"missing": baseline_missing})
                 continue
             measured = measure(profile, impl, sections, round_number)
             for name, figures in measured.items():
-                if name == "node_requests":
-                    results["requests"]["baseline"].append(figures)
+                if name in BASELINE_OF:
+                    results[BASELINE_OF[name]]["baseline"].append(figures)
                 else:
                     results[name][impl].append(figures)
     return results
@@ -664,6 +702,18 @@ def summarize(
     row("    nodes' time in the garbage collector", "requests", "nodes_gc_us", micros)
     row("  clients' CPU per request", "requests", "clients_us", micros)
     row("  broker's CPU per request", "requests", "broker_us", micros)
+    rows.append(
+        ("meshline room presence against meshline room emits (to the watchers):", "", "", "")
+    )
+    row(
+        f"presence deliveries ({NODES * profile.presence_watchers} watchers, "
+        f"{profile.presence_joins} joins)",
+        "presence",
+        "rate",
+        per_second,
+    )
+    runs("presence", "rate", per_second)
+    costs("presence", "delivery")
 
     width = max(len(label) for label, *_ in rows)
     print(f"{'':<{width}}  {'meshline':>14}  {'baseline':>14}  {'ratio':>6}")
@@ -675,7 +725,18 @@ def summarize(
     return {"fanout_vs_socketio": fanout, "request_ratio": requests}
 
 
-SECTIONS = ("fanout", "users", "requests")
+SECTIONS = ("fanout", "users", "requests", "presence")
+MESHLINE_ONLY = frozenset({"requests", "presence"})
+"""Sections whose baseline is meshline's own (python-socketio has no equivalent)."""
+MEASURED_AS = {
+    "requests": ("node_requests", "requests"),
+    "presence": ("presence_emits", "presence"),
+}
+"""The measurements of a section, when it has more than its own."""
+BASELINE_OF = {"node_requests": "requests", "presence_emits": "presence"}
+"""The measurements that are another section's baseline."""
+WATCHED_PRESENCE = "presence"
+"""What the watching clients count (``_fanout_worker.PRESENCE``)."""
 
 
 def main() -> None:
@@ -694,7 +755,7 @@ def main() -> None:
     parser.add_argument(
         "--sections",
         default=",".join(SECTIONS),
-        help="comma-separated subset of fanout,users,requests",
+        help="comma-separated subset of " + ",".join(SECTIONS),
     )
     args = parser.parse_args()
     sections = [name for name in args.sections.split(",") if name]
