@@ -408,15 +408,24 @@ def test_a_client_that_gets_the_state_late_ends_where_the_server_is(
     stream.insert(min(early, len(stream)), state)
 
     client = PresenceBook("r")
+    heard: dict[str, Any] = {}
+    """The members an application keeps from the changes alone."""
     for frame in stream:
         decoded = codec.decode(codec.encode(frame))
         if isinstance(decoded, PresenceStateFrame):
-            client.state(decoded)
+            change: PresenceChange | Applied | None = client.state(decoded)
         else:
             assert isinstance(decoded, PresenceDiffFrame)
-            outcome = client.diff(decoded)
-            assert outcome is not Applied.GAP
+            change = client.diff(decoded)
+            assert change is not Applied.GAP
+        if isinstance(change, PresenceChange):
+            assert change.joined or change.left
+            for member in change.left:
+                del heard[member.connection_id]
+            for member in change.joined:
+                heard[member.connection_id] = member
     assert client.synced
+    assert heard == client.members
     assert {member.connection_id for member in client.members.values()} == {
         conn.connection_id for conn in room.visible()
     }

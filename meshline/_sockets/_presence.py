@@ -160,17 +160,31 @@ class PresenceBook:
             )
             self.reset()
             return Applied.GAP
-        before = dict(self.members)
-        self._apply(frame)
-        change = self._change(before, self.members)
-        return Applied.STALE if change is None else change
+        joined, left = self._apply(frame)
+        if not joined and not left:
+            return Applied.STALE
+        return PresenceChange(self.room, joined, left)
 
-    def _apply(self, frame: PresenceDiffFrame) -> None:
+    def _apply(
+        self, frame: PresenceDiffFrame
+    ) -> tuple[tuple[RoomMember, ...], tuple[RoomMember, ...]]:
+        """Apply ``frame``; the members it brought in (or changed) and took out.
+        Costs the size of the diff, not of the room."""
+        members = self.members
+        left: dict[str, RoomMember] = {}
         for connection_id in frame.leaves:
-            self.members.pop(connection_id, None)
+            gone = members.pop(connection_id, None)
+            if gone is not None:
+                left[connection_id] = gone
+        joined = []
         for wire in frame.joins:
-            self.members[wire.connection_id] = _member(wire)
+            member = _member(wire)
+            before = left.pop(wire.connection_id, None) or members.get(wire.connection_id)
+            members[wire.connection_id] = member
+            if member != before:
+                joined.append(member)
         self.revision = frame.rev
+        return tuple(joined), tuple(left.values())
 
     def _change(
         self, before: Mapping[str, RoomMember], after: Mapping[str, RoomMember]
