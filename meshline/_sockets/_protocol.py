@@ -474,15 +474,21 @@ class SocketProtocol:
         self._calls[frame.id] = frame.topic
         return frame
 
-    def _receive_unsubscribe_at_server(self, frame: UnsubscribeFrame) -> Event | None:
-        topic = frame.topic
-        changed = topic in self._subscriptions
-        self._subscriptions.pop(topic, None)
-        for call_id, pending_topic in self._calls.items():
-            if pending_topic == topic and call_id not in self._withdrawn:
+    def _withdraw(self, active: dict[str, None], name: str, pending: str | _WatchOf) -> bool:
+        """Server side: the client left ``name`` (a topic or a watched room): drop
+        it from ``active`` and mark its pending subscribes or watches withdrawn.
+        Whether anything changed."""
+        changed = name in active
+        active.pop(name, None)
+        for call_id, waits_for in self._calls.items():
+            if waits_for == pending and call_id not in self._withdrawn:
                 self._withdrawn[call_id] = None
                 changed = True
-        if not changed:
+        return changed
+
+    def _receive_unsubscribe_at_server(self, frame: UnsubscribeFrame) -> Event | None:
+        topic = frame.topic
+        if not self._withdraw(self._subscriptions, topic, topic):
             self.counters.unknown_unsubscribes += 1
             self._ignored(f"unsubscribe from {topic!r}, not subscribed")
             return None
@@ -496,14 +502,7 @@ class SocketProtocol:
 
     def _receive_unwatch_at_server(self, frame: UnwatchFrame) -> Event | None:
         room = frame.room
-        changed = room in self._watches
-        self._watches.pop(room, None)
-        pending = _WatchOf(room)
-        for call_id, waits_for in self._calls.items():
-            if waits_for == pending and call_id not in self._withdrawn:
-                self._withdrawn[call_id] = None
-                changed = True
-        if not changed:
+        if not self._withdraw(self._watches, room, _WatchOf(room)):
             self.counters.unwatched_presence += 1
             self._ignored(f"unwatch of {room!r}, not watched")
             return None
