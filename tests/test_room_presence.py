@@ -173,6 +173,24 @@ async def test_the_authorize_presence_hook_decides(
 
 
 @pytest.mark.parametrize("transport_kind", ["memory"], indirect=True)
+async def test_two_tasks_watching_one_room_share_its_presence_once_the_state_is_in(
+    open_transport: OpenTransport, unique: Callable[[str], str], clock: Any
+) -> None:
+    async with cluster_of(open_transport, unique, 1, on_connect=joins_hall) as (a,):
+        async with client_of(a, user="pat") as pat:
+            got: list[RoomPresence] = []
+
+            async def watch() -> None:
+                got.append(await pat.watch("hall"))
+                assert got[-1].synced
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watch)
+                nursery.start_soon(watch)
+            assert len(got) == 2 and got[0] is got[1]
+
+
+@pytest.mark.parametrize("transport_kind", ["memory"], indirect=True)
 async def test_hostile_room_names_are_watched_like_any_other(
     open_transport: OpenTransport, unique: Callable[[str], str], clock: Any
 ) -> None:
@@ -433,6 +451,14 @@ def test_a_client_that_gets_the_state_late_ends_where_the_server_is(
         member = client.members[conn.connection_id]
         assert member.client_id == conn.client_id
         assert dict(member.fields) == {k: v for k, v in conn.fields.items() if k == "mood"}
+
+
+def test_held_diffs_that_skip_a_revision_after_the_state_ask_for_a_new_state() -> None:
+    book = PresenceBook("r")
+    assert book.diff(PresenceDiffFrame("r", 6)) is Applied.HELD
+    assert book.diff(PresenceDiffFrame("r", 8)) is Applied.HELD
+    assert book.state(PresenceStateFrame("r", 5)) is Applied.GAP
+    assert not book.synced
 
 
 def test_a_lost_diff_is_a_gap_and_the_book_waits_for_a_new_state() -> None:

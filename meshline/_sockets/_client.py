@@ -1653,7 +1653,9 @@ class SocketClient:
         client's reader, so it must not block; what it raises is logged) hears
         each :class:`PresenceChange`. After a reconnect the client watches the
         room again and the new node's state replaces the old (the change says
-        what differs). Watching a room already watched returns its presence.
+        what differs). Watching a room already watched (or being watched by
+        another task) returns the same presence once its state is in; the
+        first watch's ``on_change`` stays the only one.
         ``timeout`` works as in :meth:`call`.
 
         :raises CallFailedError: the server refused (``forbidden``), or it does
@@ -1663,25 +1665,33 @@ class SocketClient:
 
         Cancellation (and timeout): the pending watch is withdrawn.
         """
-        watch = self._watches.get(room)
-        if watch is not None:
-            return watch.presence
         limit = self.call_timeout if timeout is None else timeout
         if not limit >= 0:
             raise InvalidArgumentError(f"timeout must be >= 0: {timeout!r}")
         if on_change is not None and not callable(on_change):
             raise InvalidArgumentError(f"on_change must be callable: {on_change!r}")
         with trio.move_on_after(limit):
-            return await self._watch(room, on_change)
+            while True:
+                watch = self._watches.get(room)
+                if watch is None:
+                    opened = await self._watch(room, on_change)
+                    if opened is not None:
+                        return opened
+                    continue
+                presence = watch.presence
+                await presence.wait_until(lambda presence: presence.synced or not presence.watching)
+                if presence.watching:
+                    return presence
+                # the other task's watch failed: try our own
         raise SocketTimeoutError(f"no presence of {room!r} within {limit:g} s")
 
     async def _watch(
         self, room: str, on_change: Callable[[PresenceChange], object] | None
-    ) -> RoomPresence:
+    ) -> RoomPresence | None:
         session = await self._wait_session()
         watch = self._watches.get(room)
-        if watch is not None:  # watched by another task meanwhile
-            return watch.presence
+        if watch is not None:  # watched by another task meanwhile: wait for it
+            return None
         book = PresenceBook(room)
         watch = self._watches[room] = _Watch(book, RoomPresence(book), on_change)
         done = False

@@ -122,9 +122,11 @@ class PresenceBook:
         self.revision = 0
         self._held.clear()
 
-    def state(self, frame: PresenceStateFrame) -> PresenceChange | None:
+    def state(self, frame: PresenceStateFrame) -> PresenceChange | Applied | None:
         """Take in a ``presence_state``; then the diffs held for it. Returns the
-        change from the members before (None: nothing changed)."""
+        change from the members before (None: nothing changed), or
+        :attr:`Applied.GAP` when the held diffs skip a revision after the state
+        (the book then waits for a new state: watch the room again)."""
         before = self.members
         self.members = {wire.connection_id: _member(wire) for wire in frame.members}
         self.revision = frame.rev
@@ -136,12 +138,13 @@ class PresenceBook:
                 self._apply(diff)
             elif diff.rev > self.revision + 1:
                 logger.warning(
-                    "room presence of %r: a diff skips from revision %d to %d",
+                    "room presence of %r: a diff skips from revision %d to %d; watching again",
                     self.room,
                     self.revision,
                     diff.rev,
                 )
-                break
+                self.reset()
+                return Applied.GAP
         return self._change(before, self.members)
 
     def diff(self, frame: PresenceDiffFrame) -> PresenceChange | Applied:
