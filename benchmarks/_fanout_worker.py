@@ -9,9 +9,13 @@ Usage::
 connection joins the room :data:`ROOM` in ``on_connect``; ``authenticate`` takes
 the user id from the ``user`` query parameter), and beside it, on the same NATS
 transport, a plain mesh node (:func:`meshline.open_node`, key ``KEY`` + ``n``) that
-answers ``echo`` node requests: the request baseline. Its first line is
-``{"port": P, "node_id": id, "baseline_node_id": id}``. OPTIONS: ``nodes`` (how
-many nodes the cluster has: ``wait`` waits until it sees them all).
+answers ``echo`` node requests: the request baseline. It also runs the request
+ceilings: a bare trio-websocket server (``serve_websocket``) and a bare trio TCP
+server (``trio.serve_tcp``), each echoing what it receives, with nothing of
+meshline in the way. Its first line is ``{"port": P, "node_id": id,
+"baseline_node_id": id, "echo_ports": {"websocket": P, "tcp": P}}``. OPTIONS:
+``nodes`` (how many nodes the cluster has: ``wait`` waits until it sees them
+all).
 
 ``clients`` opens ``count`` clients (OPTIONS: ``count``, ``prefix``, ``watchers``) to URL, at most
 :data:`~_sockets_worker.CONNECTING` connection attempts at a time. Client ``i``
@@ -61,11 +65,18 @@ Server commands:
 * ``node_requests PEER CONCURRENCY WARMUP DURATION``: the same with
   ``baseline_node.request(PEER, "echo", PAYLOAD, timeout=10)``.
 
-Client commands: ``expect EVENT PER_CLIENT STALL`` answers ``{"armed": EVENT}`` at
-once, then, once every client received PER_CLIENT events named EVENT since
-(or nothing came for STALL seconds), ``{"received": n, "expected": n, "first": t,
-"last": t, "cpu_s": this process's CPU seconds meanwhile, "gc_s": ...,
-"closed": connections that ended}``.
+Client commands:
+
+* ``expect EVENT PER_CLIENT STALL`` answers ``{"armed": EVENT}`` at once, then,
+  once every client received PER_CLIENT events named EVENT since (or nothing
+  came for STALL seconds), ``{"received": n, "expected": n, "first": t, "last":
+  t, "cpu_s": this process's CPU seconds meanwhile, "gc_s": ..., "closed":
+  connections that ended}``;
+* ``echo KIND PORT CONCURRENCY WARMUP DURATION``: opens CONCURRENCY bare
+  connections (KIND ``websocket``: ``trio_websocket.open_websocket_url``; ``tcp``:
+  ``trio.open_tcp_stream``) to the echo server on PORT, and runs round trips
+  like ``requests`` does: each task sends :data:`ECHO_BLOB` (the request's
+  payload, as msgpack) and awaits it back, in a loop; same answers.
 
 meshline is used through its public names only (imported inside the functions
 that need them, so that the baseline's client processes never import it).
@@ -74,13 +85,17 @@ that need them, so that the baseline's client processes never import it).
 from __future__ import annotations
 
 import collections
+import contextlib
+import functools
 import json
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import msgspec
 import trio
+import trio_websocket
 from _sockets_worker import (
     PAYLOAD,
     Commands,
@@ -99,6 +114,8 @@ PRESENCE = "presence"
 EVENTS = ("warm", "tick", "user", "seen")
 """The event names clients count (the driver warms up with ``warm``)."""
 ECHO = "echo"
+ECHO_BLOB = msgspec.msgpack.encode(PAYLOAD)
+"""What a bare echo round trip carries (``echo`` client command)."""
 REQUEST_TIMEOUT = 10.0
 FIRST_EVENT_LIMIT = 60.0
 """Seconds a client process waits for its first expected event."""
@@ -133,7 +150,11 @@ async def meshline_server(url: str, key: str, options: dict[str, Any]) -> None:
     async def echo(data: Any, sender: int) -> Any:
         return data
 
-    async with meshline.open_nats_transport(url) as transport:
+    async with (
+        trio.open_nursery() as echo_servers,
+        meshline.open_nats_transport(url) as transport,
+    ):
+        echo_ports = await start_echo_servers(echo_servers)
         async with meshline.open_node(transport, f"{key}n") as baseline_node:
             baseline_node.register_handler(ECHO, echo)
             async with meshline.open_socket_server(
@@ -150,6 +171,7 @@ async def meshline_server(url: str, key: str, options: dict[str, Any]) -> None:
                         "port": server.port,
                         "node_id": server.node_id,
                         "baseline_node_id": baseline_node.id,
+                        "echo_ports": echo_ports,
                     }
                 )
 
@@ -228,6 +250,29 @@ async def meshline_server(url: str, key: str, options: dict[str, Any]) -> None:
                     node_requester=node_requester,
                     extra=extra,
                 )
+
+
+async def start_echo_servers(nursery: trio.Nursery) -> dict[str, int]:
+    """Start the bare echo servers (see the module); return their ports."""
+
+    async def echo_websocket(request: trio_websocket.WebSocketRequest) -> None:
+        ws = await request.accept()
+        with contextlib.suppress(trio_websocket.ConnectionClosed):
+            while True:
+                await ws.send_message(await ws.get_message())
+
+    async def echo_tcp(stream: trio.SocketStream) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            async for data in stream:
+                await stream.send_all(data)
+
+    websocket = await nursery.start(
+        trio_websocket.serve_websocket, echo_websocket, "127.0.0.1", 0, None
+    )
+    listeners = await nursery.start(
+        functools.partial(trio.serve_tcp, host="127.0.0.1"), echo_tcp, 0
+    )
+    return {"websocket": websocket.port, "tcp": listeners[0].socket.getsockname()[1]}
 
 
 async def command_loop(
@@ -473,6 +518,16 @@ async def clients(impl: str, url: str, options: dict[str, Any]) -> None:
             words = await commands.next()
             if not words:
                 continue
+            if words[0] == "echo":
+                kind, port = words[1], int(words[2])
+                concurrency, warmup, duration = int(words[3]), float(words[4]), float(words[5])
+                async with open_echo_connections(kind, port, concurrency) as senders:
+                    say(
+                        await run_requests(
+                            senders.__getitem__, concurrency, warmup, duration, gc_clock
+                        )
+                    )
+                continue
             if words[0] != "expect":
                 raise SystemExit(f"unknown command {words!r}")
             event, per_client, stall = words[1], int(words[2]), float(words[3])
@@ -505,6 +560,40 @@ async def clients(impl: str, url: str, options: dict[str, Any]) -> None:
                     "closed": counters.closed,
                 }
             )
+
+
+@contextlib.asynccontextmanager
+async def open_echo_connections(
+    kind: str, port: int, count: int
+) -> AsyncIterator[list[Callable[[], Awaitable[Any]]]]:
+    """``count`` bare connections to an echo server (see ``echo``), as senders of
+    one round trip each, answering :data:`PAYLOAD` when the echo is right."""
+    senders: list[Callable[[], Awaitable[Any]]] = []
+    async with contextlib.AsyncExitStack() as stack:
+        for _ in range(count):
+            if kind == "websocket":
+                ws = await stack.enter_async_context(
+                    trio_websocket.open_websocket_url(f"ws://127.0.0.1:{port}/")
+                )
+
+                async def round_trip(ws: trio_websocket.WebSocketConnection = ws) -> Any:
+                    await ws.send_message(ECHO_BLOB)
+                    return PAYLOAD if await ws.get_message() == ECHO_BLOB else "wrong echo"
+
+            else:
+                stream = await stack.enter_async_context(
+                    await trio.open_tcp_stream("127.0.0.1", port)
+                )
+
+                async def round_trip(stream: trio.SocketStream = stream) -> Any:
+                    await stream.send_all(ECHO_BLOB)
+                    received = b""
+                    while len(received) < len(ECHO_BLOB):
+                        received += await stream.receive_some()
+                    return PAYLOAD if received == ECHO_BLOB else "wrong echo"
+
+            senders.append(round_trip)
+        yield senders
 
 
 def main() -> None:

@@ -521,19 +521,48 @@ class Cluster:
                 f"first error: {result['first_error']}"
             )
 
-        def per(seconds: float) -> float:
-            return 1e6 * seconds / done
+        return request_figures(result, spent, gc_s)
 
-        return {
-            "rate": result["rate"],
-            "requests": done,
-            "seconds": result["seconds"],
-            "node_a_us": per(spent[0]),
-            "node_b_us": per(spent[1]),
-            "nodes_gc_us": per(gc_s),
-            "clients_us": per(spent[2] + spent[3]),
-            "broker_us": per(spent[4]),
-        }
+    def echo(self, kind: str, profile: Profile) -> dict[str, Any]:
+        """Bare round trips (``kind``: websocket or tcp) from node B's client
+        process to node B's process: the ceilings of a socket request's
+        WebSocket leg, with nothing of meshline in the way."""
+        port = self.hellos[1]["echo_ports"][kind]
+        self.clients[1].send(
+            f"echo {kind} {port} {profile.request_concurrency} "
+            f"{profile.request_warmup:g} {profile.request_duration:g}"
+        )
+        self.clients[1].read(profile.request_warmup + 30)  # the window opens
+        before = self.cpu()
+        result = self.clients[1].read(profile.request_duration + 30)
+        spent = [after - was for after, was in zip(self.cpu(), before, strict=True)]
+        if result["errors"] or not result["requests"]:
+            raise SectionFailed(
+                f"{kind} echo: {result['errors']} errors, {result['requests']} answered; "
+                f"first error: {result['first_error']}"
+            )
+        figures = request_figures(result, spent, result["gc_s"])
+        return {**figures, "leg_us": figures["node_b_us"] + figures["clients_us"]}
+
+
+def request_figures(result: dict[str, Any], spent: list[float], gc_s: float) -> dict[str, Any]:
+    """The rate of a request measurement and where its CPU went, per request
+    (``spent``: CPU seconds of :attr:`Cluster.pids` over the window)."""
+    done = result["requests"]
+
+    def per(seconds: float) -> float:
+        return 1e6 * seconds / done
+
+    return {
+        "rate": result["rate"],
+        "requests": done,
+        "seconds": result["seconds"],
+        "node_a_us": per(spent[0]),
+        "node_b_us": per(spent[1]),
+        "nodes_gc_us": per(gc_s),
+        "clients_us": per(spent[2] + spent[3]),
+        "broker_us": per(spent[4]),
+    }
 
 
 def split(total: int, parts: int) -> list[int]:
@@ -599,6 +628,8 @@ def measure(
                         ("node_requests", lambda: cluster.requests("node", profile)),
                     ]
                     steps.extend(pair if round_number % 2 == 0 else pair[::-1])
+                    steps.append(("websocket_echo", lambda: cluster.echo("websocket", profile)))
+                    steps.append(("tcp_echo", lambda: cluster.echo("tcp", profile)))
             for name, step in steps:
                 try:
                     results[name] = step()
@@ -617,7 +648,7 @@ def run_benchmark(
     profile: Profile, sections: list[str], baseline_missing: str | None
 ) -> dict[str, dict[str, list[dict[str, Any]]]]:
     results: dict[str, dict[str, list[dict[str, Any]]]] = {
-        section: {impl: [] for impl in IMPLS} for section in SECTIONS
+        section: {impl: [] for impl in IMPLS} for section in (*SECTIONS, *CEILINGS)
     }
     for round_number in range(profile.rounds):
         for impl in IMPLS:
@@ -702,6 +733,33 @@ def summarize(
     row("    nodes' time in the garbage collector", "requests", "nodes_gc_us", micros)
     row("  clients' CPU per request", "requests", "clients_us", micros)
     row("  broker's CPU per request", "requests", "broker_us", micros)
+    node_requests = median(results["requests"]["baseline"], "rate")
+    rows.append(
+        ("ceilings: bare echo round trips, node B's clients to node B's process,", "", "", "")
+    )
+    rows.append(("against the node requests (ratio: the most request_ratio could be):", "", "", ""))
+    for name, label in (
+        ("websocket_echo", "trio-websocket echo (the WebSocket leg alone)"),
+        ("tcp_echo", "trio TCP echo (no WebSocket at all)"),
+    ):
+        echo = median(results[name]["meshline"], "rate")
+        ceiling = ratio(echo, node_requests)
+        rows.append(
+            (
+                f"  {label}",
+                cell(results[name]["meshline"], "rate", per_second),
+                "" if math.isnan(node_requests) else per_second(node_requests),
+                "-" if math.isnan(ceiling) else f"{ceiling:.3f}",
+            )
+        )
+        rows.append(
+            (
+                "    node B's + clients' CPU per round trip",
+                cell(results[name]["meshline"], "leg_us", micros),
+                "",
+                "",
+            )
+        )
     rows.append(
         ("meshline room presence against meshline room emits (to the watchers):", "", "", "")
     )
@@ -728,8 +786,11 @@ def summarize(
 SECTIONS = ("fanout", "users", "requests", "presence")
 MESHLINE_ONLY = frozenset({"requests", "presence"})
 """Sections whose baseline is meshline's own (python-socketio has no equivalent)."""
+CEILINGS = ("websocket_echo", "tcp_echo")
+"""Bare echo round trips in meshline's cluster, the ceilings of a socket request
+(:meth:`Cluster.echo`): shown beside the request figures."""
 MEASURED_AS = {
-    "requests": ("node_requests", "requests"),
+    "requests": ("node_requests", "requests", *CEILINGS),
     "presence": ("presence_emits", "presence"),
 }
 """The measurements of a section, when it has more than its own."""
