@@ -1,17 +1,21 @@
 """A socket server on the mesh in a process of its own:
-``python socket_node_process.py NATS_URL KEY``.
+``python socket_node_process.py NATS_URL KEY [TTL]`` (TTL: the mesh node's
+``ttl``, in seconds; meshline's default without it).
 
 It listens on a free loopback port and prints JSON lines: first
 ``{"event": "ready", "node": id, "url": url}``, then one per hook call
 (``online``, ``offline``, ``orphaned`` with the client ids, ``disconnected``).
 It reads JSON commands on stdin and answers each with one JSON line:
-``{"do": "views"}`` (its cluster view), ``{"do": "emit_user", "user", "data"}``,
+``{"do": "views"}`` (its cluster view: ``count``, ``clients`` (client id: node
+id), ``per_node`` (node id: connections), ``online``, ``room``, ``received``),
+``{"do": "emit_user", "user", "data"}``,
 ``{"do": "emit_room", "room", "data"}``, ``{"do": "kick", "connection"}`` and
 ``{"do": "request", "connection", "data", "timeout"}``.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import sys
 from typing import Any
@@ -41,6 +45,7 @@ async def serve_commands(server: meshline.SocketServer) -> None:
                     answer="views",
                     count=cluster.count(),
                     clients={c.client_id: c.node_id for c in cluster.connections()},
+                    per_node=dict(collections.Counter(c.node_id for c in cluster.connections())),
                     online=sorted(
                         {c.user_id for c in cluster.connections() if c.user_id is not None}
                     ),
@@ -65,7 +70,7 @@ async def serve_commands(server: meshline.SocketServer) -> None:
             say(answer="error", type=type(exc).__name__, message=str(exc))
 
 
-async def main(url: str, key: str) -> None:
+async def main(url: str, key: str, ttl: int | None) -> None:
     def on_connect(conn: meshline.Connection) -> None:
         conn.join("hall")
 
@@ -74,7 +79,7 @@ async def main(url: str, key: str) -> None:
         meshline.open_socket_server(
             roles=[meshline.Role("member")],
             authenticate=admit,
-            mesh=meshline.MeshOptions(transport, key, node={"ttl": 1}),
+            mesh=meshline.MeshOptions(transport, key, node={} if ttl is None else {"ttl": ttl}),
             on_connect=on_connect,
             on_user_online=lambda user: say(event="online", user=user),
             on_user_offline=lambda user: say(event="offline", user=user),
@@ -91,4 +96,4 @@ async def main(url: str, key: str) -> None:
 
 
 if __name__ == "__main__":
-    trio.run(main, sys.argv[1], sys.argv[2])
+    trio.run(main, sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else None)

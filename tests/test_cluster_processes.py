@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import sys
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,80 +19,20 @@ import pytest
 import trio
 
 from meshline.testing import NatsServer
+from tests.json_processes import POLL, Process, spawn
 
 HERE = Path(__file__).parent
-POLL = 0.05
 
 pytestmark = pytest.mark.slow
-
-
-class Process:
-    """A child process that speaks JSON lines; everything it prints is kept."""
-
-    def __init__(self, process: trio.Process) -> None:
-        self.process = process
-        self.lines: list[dict[str, Any]] = []
-        self._answers = 0
-
-    async def read(self) -> None:
-        assert self.process.stdout is not None
-        buffer = b""
-        async for chunk in self.process.stdout:
-            buffer += chunk
-            while b"\n" in buffer:
-                line, buffer = buffer.split(b"\n", 1)
-                if line.strip():
-                    self.lines.append(json.loads(line))
-
-    def events(self, kind: str) -> list[dict[str, Any]]:
-        return [line for line in self.lines if line.get("event") == kind]
-
-    async def until(self, predicate: Callable[[], bool], timeout: float = 30) -> None:
-        with trio.fail_after(timeout):
-            while not predicate():
-                await trio.sleep(POLL)
-
-    async def ask(self, **command: Any) -> dict[str, Any]:
-        assert self.process.stdin is not None
-        await self.process.stdin.send_all(json.dumps(command).encode() + b"\n")
-        await self.until(lambda: len(self.answers()) > self._answers)
-        answer = self.answers()[self._answers]
-        self._answers += 1
-        return answer
-
-    def answers(self) -> list[dict[str, Any]]:
-        return [line for line in self.lines if "answer" in line]
-
-    def kill(self) -> None:
-        os.kill(self.process.pid, signal.SIGKILL)
-
-
-@asynccontextmanager
-async def spawn(nursery: trio.Nursery, *args: str) -> AsyncIterator[Process]:
-    process = await trio.lowlevel.open_process(
-        [sys.executable, *args],
-        stdin=-1,  # subprocess.PIPE
-        stdout=-1,
-        env={**os.environ, "PYTHONPATH": str(HERE.parent)},
-    )
-    child = Process(process)
-    nursery.start_soon(child.read)
-    try:
-        yield child
-    finally:
-        if process.returncode is None:
-            process.kill()
-        with trio.CancelScope(shield=True):
-            await process.wait()
 
 
 async def test_three_node_processes_with_clients_in_another(nats_server: NatsServer) -> None:
     key = f"procs-{os.getpid()}"
     async with trio.open_nursery() as nursery:
         async with (
-            spawn(nursery, str(HERE / "socket_node_process.py"), nats_server.url, key) as n1,
-            spawn(nursery, str(HERE / "socket_node_process.py"), nats_server.url, key) as n2,
-            spawn(nursery, str(HERE / "socket_node_process.py"), nats_server.url, key) as n3,
+            spawn(nursery, str(HERE / "socket_node_process.py"), nats_server.url, key, "1") as n1,
+            spawn(nursery, str(HERE / "socket_node_process.py"), nats_server.url, key, "1") as n2,
+            spawn(nursery, str(HERE / "socket_node_process.py"), nats_server.url, key, "1") as n3,
         ):
             nodes = [n1, n2, n3]
             for node in nodes:

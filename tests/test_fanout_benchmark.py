@@ -1,4 +1,5 @@
-"""Smoke test of ``benchmarks/fanout.py``: its tiny profile, every section.
+"""Smoke tests of ``benchmarks/fanout.py`` (its tiny profile, every section) and of
+``benchmarks/socket_kill.py``.
 
 The figures are not checked (tests never assert on speed); what is checked is that
 every measurement ran and measured what it claims: every fan-out and to_user
@@ -79,6 +80,31 @@ def test_tiny_profile_measures_everything(tmp_path: Path) -> None:
     for impl in ("baseline", "meshline"):  # node requests, then socket requests
         (requests,) = results["results"]["requests"][impl]
         assert requests["requests"] > 0 and requests["rate"] > 0, (impl, requests)
+    for ceiling in ("websocket_echo", "tcp_echo"):  # bare round trips, for the ceilings
+        (echo,) = results["results"][ceiling]["meshline"]
+        assert echo["requests"] > 0 and echo["rate"] > 0, (ceiling, echo)
+    assert "trio-websocket echo (the WebSocket leg alone)" in stdout, stdout
+    for impl in ("baseline", "meshline"):  # room emits, then presence diffs, to the watchers
+        (presence,) = results["results"]["presence"][impl]
+        expected = 2 * options["presence_watchers"] * options["presence_joins"]
+        assert presence["received"] == presence["expected"] == expected, (impl, presence)
+
+
+def test_socket_kill_benchmark_checks_the_hooks() -> None:
+    """``benchmarks/socket_kill.py``, one small round: it measured every time, and
+    the hooks it saw were the truth (one orphan report, the right users offline)."""
+    stdout = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "socket_kill.py"), "--tiny"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    ).stdout
+    last = stdout.strip().splitlines()[-1]
+    match = re.fullmatch(rf"gone_s={FLOAT} orphaned_s={FLOAT} wrong_hooks=(\d+)", last)
+    assert match is not None, stdout
+    assert math.isfinite(float(match[1])) and math.isfinite(float(match[2])), stdout
+    assert match[3] == "0", stdout
 
 
 def test_a_missing_baseline_says_how_to_install_it() -> None:
