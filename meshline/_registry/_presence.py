@@ -3,10 +3,11 @@
 :func:`open_client_registry` adds what a registry needs to stay true in a cluster
 where nodes crash, stall and lose their connection, and where writes can be lost:
 
-- The leader removes the registrations of dead nodes and reports each one to
-  ``on_orphaned`` as it goes. Cleanup is fenced: it removes only records written by
-  the incarnation that was declared dead, it waits while the leader's own view may
-  be stale, and it stops as soon as the node is seen alive again.
+- The leader removes the registrations of dead nodes and reports them to
+  ``on_orphaned``, once per dead node, when the cleanup is over. Cleanup is
+  fenced: it removes only records written by the incarnation that was declared
+  dead, it waits while the leader's own view may be stale, and it stops as soon as
+  the node is seen alive again.
 - Every node re-asserts its own registrations against the server now and then, and
   at once after it re-asserted its liveness (when the leader may have cleaned up
   after it). Registrations it had to write again are reported to ``on_restored``.
@@ -414,7 +415,8 @@ async def open_client_registry(
         the registry is typed after it (``NodeClientRegistry[Session]`` for
         ``metadata_type=Session``; ``dict`` by default).
     :param on_orphaned: called on the leader as ``(dead_node_id, clients)`` with the
-        registrations it removed for a dead node, in batches, as they are removed.
+        registrations it removed for a dead node: one call, once that node's
+        cleanup is over (or stopped: the node came back, or this node lost the lead).
         A client whose metadata does not decode is still reported, with the raw
         bytes as its metadata.
     :param on_restored: called on this node as ``(node_id, clients)`` with its own
@@ -491,15 +493,21 @@ async def open_client_registry(
     """Dead nodes being cleaned up now -> the incarnation being cleaned up."""
 
     async def clean_up(dead: int) -> None:
-        """Remove the dead incarnation's records of ``dead``, reporting each batch.
+        """Remove the dead incarnation's records of ``dead``; report them once.
 
         Each pass lists them and removes them (see :func:`clean_pass`); a pass that
         left failed removals behind is followed by a fresh one, and so is a pass
         during which ``dead`` came back and died again as a newer incarnation
         (:func:`start_cleanup` raised the incarnation to clean up to). Stops once
-        ``dead`` is seen alive again. Cancellation (the term ends, or the registry closes)
-        cancels the removals in flight; whatever was removed was reported.
+        ``dead`` is seen alive again.
+
+        Everything removed is reported in one ``on_orphaned`` call when the cleanup
+        ends (done, stopped, or cancelled): the application hears of a dead node
+        once, with all its clients, not in pieces as the removals land.
+        Cancellation (the term ends, or the registry closes) cancels the removals
+        in flight; whatever was removed is still reported.
         """
+        removed: list[ClientRecord] = []
         try:
             while True:
                 await node.wait_for_trustworthy_view()
@@ -512,7 +520,7 @@ async def open_client_registry(
                     for record in await backend.list_clients_for_node(dead)
                     if incarnation is None or record.incarnation <= incarnation
                 ]
-                failed = await clean_pass(dead, incarnation, targets)
+                failed = await clean_pass(dead, incarnation, targets, removed)
                 if failed is None:
                     # Seen alive again: the loop's top stops, unless the node died
                     # again (as a newer incarnation) while removals were in flight.
@@ -541,12 +549,17 @@ async def open_client_registry(
                 await trio.sleep(_RETRY_DELAY)
         finally:
             del cleaning[dead]
+            registry._report("on_orphaned", dead, removed)
 
     async def clean_pass(
-        dead: int, incarnation: int | None, targets: list[ClientRecord]
+        dead: int,
+        incarnation: int | None,
+        targets: list[ClientRecord],
+        removed: list[ClientRecord],
     ) -> int | None:
-        """Remove ``targets`` (fenced by ``incarnation``) and report them; return how
-        many removals failed, or None if ``dead`` was seen alive again meanwhile.
+        """Remove ``targets`` (fenced by ``incarnation``), adding what was removed to
+        ``removed``; return how many removals failed, or None if ``dead`` was seen
+        alive again meanwhile.
 
         :data:`MAX_WRITES_IN_FLIGHT` workers take the records in turn. While this
         node's view cannot be trusted they pause, and they go on where they were once
@@ -589,7 +602,7 @@ async def open_client_registry(
                 alive_again = True
                 return
             try:
-                removed = await backend.cleanup_client(
+                record_removed = await backend.cleanup_client(
                     record.client_id, dead, incarnation=incarnation
                 )
             except TransportClosedError:
@@ -602,8 +615,8 @@ async def open_client_registry(
                 log = logger.warning if failed == 1 else logger.debug
                 log("cleanup of a client of node %d failed (%s)", dead, exc)
                 return
-            if removed is not None:
-                registry._report("on_orphaned", dead, [removed])
+            if record_removed is not None:
+                removed.append(record_removed)
 
         await _in_workers(targets, remove)
         return None if alive_again else failed
