@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio_websocket
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -300,6 +301,43 @@ def test_a_client_does_not_watch_on_a_revision_1_server() -> None:
     client, _ = open_machines(version=1)
     with pytest.raises(meshline.LocalProtocolError, match="revision 1"):
         client.watch("hall")
+    with pytest.raises(meshline.LocalProtocolError, match="revision 1"):
+        client.unwatch("hall")
+
+
+async def test_a_watch_refused_by_a_revision_1_server_sends_it_nothing() -> None:
+    """Against a server speaking revision 1 (a scripted one, over a real WebSocket),
+    ``watch`` fails, and sends no frame the server does not know: not the watch,
+    and not the unwatch that withdraws it (that one used to be sent, and a
+    revision-1 server closes the connection on a frame kind it does not know)."""
+    received: list[object] = []
+    closed = trio.Event()
+
+    async def revision_1_server(request: trio_websocket.WebSocketRequest) -> None:
+        ws = await request.accept(subprotocol=MSGPACK.subprotocol)
+        try:
+            received.append(MSGPACK.decode(await ws.get_message()))  # the hello
+            await ws.send_message(MSGPACK.encode(WelcomeFrame("c.1", 1, version=1)))
+            while True:
+                received.append(MSGPACK.decode(await ws.get_message()))
+        except trio_websocket.ConnectionClosed:
+            closed.set()
+
+    async with trio.open_nursery() as nursery:
+        listener = await nursery.start(
+            trio_websocket.serve_websocket, revision_1_server, "127.0.0.1", 0, None
+        )
+        url = f"ws://127.0.0.1:{listener.port}/"
+        async with meshline.open_socket_client(url, client_id="c", reconnect=None) as client:
+            with pytest.raises(CallFailedError, match="revision 1"):
+                await client.watch("hall")
+            assert client.state is meshline.ClientState.CONNECTED
+        with trio.fail_after(10):
+            await closed.wait()
+        nursery.cancel_scope.cancel()
+    kinds = [type(frame).__name__ for frame in received]
+    assert kinds[0] == "HelloFrame"
+    assert not {"WatchFrame", "UnwatchFrame"} & set(kinds), kinds
 
 
 def test_a_watch_withdrawn_before_its_answer_is_answered_cancelled() -> None:
@@ -397,16 +435,24 @@ class Room:
     after=operations,
     early=st.integers(0, 30),
     codec=st.sampled_from([MSGPACK, JSON]),
+    rewatch=st.booleans(),
 )
 def test_a_client_that_gets_the_state_late_ends_where_the_server_is(
     before: list[tuple[str, Any, Any]],
     after: list[tuple[str, Any, Any]],
     early: int,
     codec: meshline._sockets._frames.Codec,
+    rewatch: bool,
 ) -> None:
     """Whatever diffs cross the state (older ones, newer ones, before or after it),
     the client's members end as the server's, and every diff it applied changed
-    something."""
+    something.
+
+    ``rewatch``: the older diffs were sent to an earlier watch of the same client,
+    which unwatched the room (the node's last watcher: the book forgot the room)
+    and watched it again; they are still on the way when the new watch starts.
+    (A room watched again used to start over at revision 0, and the client took
+    the earlier watch's diffs for newer ones.)"""
     room = Room()
     room.book.add("r", "old watcher", [])
     stream: list[PresenceDiffFrame | PresenceStateFrame] = []
@@ -414,8 +460,13 @@ def test_a_client_that_gets_the_state_late_ends_where_the_server_is(
         diff = room.apply(operation)
         if diff is not None:
             stream.append(diff)
+    if rewatch:
+        room.book.remove("r", "old watcher")
+        assert not room.book.is_watched("r")
     rev, members, catch_up = room.book.state("r", room.visible())
     assert catch_up is None
+    if rewatch:
+        room.book.add("r", "new watcher", room.visible())
     state = PresenceStateFrame("r", rev, members)
     newer: list[PresenceDiffFrame] = []
     for operation in after:

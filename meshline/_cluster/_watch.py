@@ -7,7 +7,10 @@ went: :meth:`WatchBook.resync`); the book answers with the diff to fan out to
 the room's local watchers, or None when the watchers saw nothing change. The
 book numbers a room's diffs from the revision of the state its first watcher
 was sent, one by one, so a client can tell a missed diff, and a diff that came
-before its state, from the rest (see :mod:`meshline._sockets._presence`).
+before its state, from the rest (see :mod:`meshline._sockets._presence`). A
+room watched anew starts at the highest revision the book has issued, never
+below: a diff of an earlier watch of it, still on its way to a client that
+unwatched and watched again, is then older than the new state, and dropped.
 
 A room is watched from its first watcher to its last: the book keeps nothing
 for rooms nobody on this node watches, and the index changes of those cost a
@@ -47,10 +50,10 @@ def presence_member(conn: ClusterConnection, fields: frozenset[str]) -> Presence
 class _Watched(Generic[W]):
     __slots__ = ("members", "rev", "watchers")
 
-    def __init__(self, members: dict[str, PresenceMember]) -> None:
+    def __init__(self, members: dict[str, PresenceMember], rev: int) -> None:
         self.members = members
         """What the watchers were told: client id -> member."""
-        self.rev = 0
+        self.rev = rev
         self.watchers: dict[W, None] = {}
 
 
@@ -61,6 +64,8 @@ class WatchBook(Generic[W]):
     def __init__(self, fields: frozenset[str] = frozenset()) -> None:
         self.fields = fields
         self._rooms: dict[str, _Watched[W]] = {}
+        self._issued = 0
+        """The highest revision a diff of any room was given here."""
 
     def is_watched(self, room: str) -> bool:
         return room in self._rooms
@@ -84,7 +89,7 @@ class WatchBook(Generic[W]):
         watched = self._rooms.get(room)
         if watched is None:
             now = self._members(members)
-            return 0, tuple(now.values()), None
+            return self._issued, tuple(now.values()), None
         catch_up = self.resync(room, members)
         return watched.rev, tuple(watched.members.values()), catch_up
 
@@ -93,7 +98,7 @@ class WatchBook(Generic[W]):
         between): send it the room's diffs from now on."""
         watched = self._rooms.get(room)
         if watched is None:
-            watched = self._rooms[room] = _Watched(self._members(members))
+            watched = self._rooms[room] = _Watched(self._members(members), self._issued)
         watched.watchers[watcher] = None
 
     def remove(self, room: str, watcher: W) -> None:
@@ -128,8 +133,7 @@ class WatchBook(Generic[W]):
         else:
             watched.members[client_id] = after
             joins = (after,)
-        watched.rev += 1
-        return PresenceDiffFrame(room, watched.rev, joins, leaves)
+        return self._diff(room, watched, joins, leaves)
 
     def resync(self, room: str, members: Iterable[ClusterConnection]) -> PresenceDiffFrame | None:
         """The room's visible ``members`` now, when more than one client may have
@@ -150,7 +154,18 @@ class WatchBook(Generic[W]):
         if not leaves and not joins:
             return None
         watched.members = now
+        return self._diff(room, watched, joins, leaves)
+
+    def _diff(
+        self,
+        room: str,
+        watched: _Watched[W],
+        joins: tuple[PresenceMember, ...],
+        leaves: tuple[str, ...],
+    ) -> PresenceDiffFrame:
+        """The room's next diff, numbered."""
         watched.rev += 1
+        self._issued = max(self._issued, watched.rev)
         return PresenceDiffFrame(room, watched.rev, joins, leaves)
 
     def _members(self, members: Iterable[ClusterConnection]) -> dict[str, PresenceMember]:

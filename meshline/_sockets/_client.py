@@ -1694,12 +1694,13 @@ class SocketClient:
             return None
         book = PresenceBook(room)
         watch = self._watches[room] = _Watch(book, RoomPresence(book), on_change)
-        done = False
+        done = sent = False
         try:
             try:
                 pending = session.start_watch(room)
-            except LocalProtocolError as exc:  # an older server
+            except LocalProtocolError as exc:  # an older server: nothing was sent
                 raise CallFailedError(ErrorCode.UNKNOWN_CALL, str(exc)) from None
+            sent = True
             await pending.done.wait()
             if pending.error is not None:
                 raise pending.error
@@ -1713,7 +1714,7 @@ class SocketClient:
             if not done and self._watches.get(room) is watch:
                 del self._watches[room]
                 presence_ended(watch.presence)
-                if session.is_open:
+                if sent and session.is_open:
                     session.withdraw_watch(room)
 
     def unwatch(self, room: str) -> None:

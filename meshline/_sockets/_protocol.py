@@ -916,17 +916,21 @@ class SocketProtocol:
             revision 1 (no room presence).
         """
         self._require(Side.CLIENT, ProtocolState.OPEN, "a watch")
+        self._require_presence()
+        call_id = self._last_call_id + 1
+        message = self._encode(WatchFrame(call_id, room))
+        self._last_call_id = call_id
+        self._calls[call_id] = _WatchOf(room)
+        return call_id, message
+
+    def _require_presence(self) -> None:
+        """:raises LocalProtocolError: the server speaks revision 1 (no room presence)."""
         assert self.welcome_frame is not None
         if self.welcome_frame.version < 2:
             raise self._local_error(
                 f"the server speaks protocol revision {self.welcome_frame.version}, "
                 "which has no room presence (revision 2 does)"
             )
-        call_id = self._last_call_id + 1
-        message = self._encode(WatchFrame(call_id, room))
-        self._last_call_id = call_id
-        self._calls[call_id] = _WatchOf(room)
-        return call_id, message
 
     def unwatch(self, room: str) -> Message:
         """Client: stop watching ``room``, or withdraw its pending watches.
@@ -934,9 +938,11 @@ class SocketProtocol:
         The room leaves :attr:`watches` at once; answers to its pending watches,
         and its presence frames still on the way, are ignored.
 
-        :raises LocalProtocolError: not a client, or not open.
+        :raises LocalProtocolError: not a client, not open, or the server speaks
+            revision 1 (no room presence: nothing was watched).
         """
         self._require(Side.CLIENT, ProtocolState.OPEN, "an unwatch")
+        self._require_presence()
         message = self._encode(UnwatchFrame(room))
         self._watches.pop(room, None)
         pending = _WatchOf(room)
