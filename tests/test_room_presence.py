@@ -260,6 +260,61 @@ async def test_a_client_watches_again_after_a_reconnect(
 # --- Over real WebSockets ---------------------------------------------------------------
 
 
+async def test_a_client_closed_for_good_ends_its_presences(
+    open_transport: OpenTransport, unique: Callable[[str], str], clock: object
+) -> None:
+    """A presence whose client closed for good stops watching, and its waiters wake
+    with ``ClosedResourceError`` (they used to wait forever, ``synced`` still
+    True)."""
+    async with cluster_of(open_transport, unique, 1, on_connect=joins_hall) as (a,):
+        async with client_of(a, user="w") as w:
+            presence = await w.watch("hall")
+            await until(presence, users_are("w"))
+            waiter_saw: list[type[BaseException]] = []
+
+            async def wait_for_nobody() -> None:
+                try:
+                    await presence.wait_until(lambda presence: "nobody" in presence.user_ids())
+                except trio.ClosedResourceError as exc:
+                    waiter_saw.append(type(exc))
+
+            with trio.fail_after(30):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(wait_for_nobody)
+                    conn = a.server.connection(w.connection_id)
+                    assert conn is not None
+                    await conn.close(meshline.CloseCode.RECONNECT)
+                    await wait_until(lambda: w.state.is_final)  # reconnect=None
+            assert waiter_saw == [trio.ClosedResourceError]
+            assert not presence.watching and not presence.synced
+            assert w.watched_rooms == frozenset()
+
+
+def big_bio(conn: meshline.Connection) -> dict[str, Any]:
+    return {"bio": "x" * (8000 if conn.user_id == "big" else 10)}
+
+
+async def test_a_watch_the_client_gives_up_is_ended_on_the_server_too(
+    open_transport: OpenTransport, unique: Callable[[str], str], clock: object
+) -> None:
+    """A diff too big for the watcher's message limit is not sent (logged); the next
+    one skips a revision, so the client watches again; the new state is too big
+    too, so that watch is refused and the client stops watching. The server must
+    stop too (it went on sending the room's diffs to the client)."""
+    async with cluster_of(
+        open_transport, unique, 1, on_connect=joins_hall, describe=big_bio, presence_fields={"bio"}
+    ) as (a,):
+        async with client_of(a, user="w", max_message_size=4096) as w:
+            presence = await w.watch("hall")
+            await until(presence, users_are("w"))
+            async with client_of(a, user="big"), client_of(a, user="y"):
+                with trio.fail_after(30):
+                    await wait_until(lambda: not presence.watching)
+                assert w.watched_rooms == frozenset()
+                with trio.fail_after(30):
+                    await wait_until(lambda: "hall" not in a.server.cluster.watched())
+
+
 async def test_room_presence_over_real_websockets() -> None:
     async with meshline.open_socket_server(
         roles=[ROLE], authenticate=by_query, on_connect=joins_hall

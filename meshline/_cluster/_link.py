@@ -371,7 +371,7 @@ class ClusterLink:
         self._index_change(client_id, record)
         after = self.index.get(client_id)
         self.reporter.registration(client_id, after)
-        if self.watches.rooms:
+        if self.watches.any_watched:
             self._tell_watchers(client_id, before, after)
 
     def _index_change(self, client_id: str, record: ClientRecord | None) -> None:
@@ -709,9 +709,9 @@ class ClusterLink:
     def on_membership(self, event: MembershipEvent) -> None:
         if event.node_id is None:
             return
-        if self.watches.rooms:
+        if self.watches.any_watched:
             rooms = {room for conn in self.index.of_node(event.node_id) for room in conn.rooms}
-            for room in rooms & self.watches.rooms:
+            for room in sorted(filter(self.watches.is_watched, rooms)):
                 self._send_diff(self.watches.resync(room, self._room_members(room)))
         if event.kind is MembershipEventKind.DOWN:
             self.reporter.node_down(event.node_id)

@@ -71,6 +71,11 @@ class WatchBook(Generic[W]):
         return room in self._rooms
 
     @property
+    def any_watched(self) -> bool:
+        """Whether any room has a watcher here (at no cost, unlike :attr:`rooms`)."""
+        return bool(self._rooms)
+
+    @property
     def rooms(self) -> frozenset[str]:
         """The rooms with at least one watcher here."""
         return frozenset(self._rooms)

@@ -954,6 +954,10 @@ class SocketClient:
                 watcher.close()
         if state.is_final:
             self._watchers.clear()
+            watches, self._watches = self._watches, {}
+            for watch in watches.values():
+                watch.book.reset()
+                presence_ended(watch.presence)
         self._changed.set()
         self._changed = trio.Event()
 
@@ -1209,6 +1213,9 @@ class SocketClient:
         assert end is not None
         if end.kind is _EndKind.APPLICATION or self._state.is_final:
             return
+        for watch in self._watches.values():  # no longer the server's word
+            watch.book.reset()
+            presence_changed(watch.presence)
         details = {"close_code": end.code, "close_reason": end.reason}
         if not should_reconnect(end.code):
             self._fail(
@@ -1744,6 +1751,9 @@ class SocketClient:
                 )
                 del self._watches[room]
                 presence_ended(watch.presence)
+                session = self._session
+                if session is not None and session.is_open:  # the server must stop too
+                    session.withdraw_watch(room)
 
         return on_answer
 

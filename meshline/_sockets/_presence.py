@@ -227,8 +227,9 @@ class RoomPresence:
 
     @property
     def synced(self) -> bool:
-        """Whether the members are the server's current word (False after a
-        reconnect until the new state comes)."""
+        """Whether the members are the server's current word: False from a lost
+        connection until the new node's state comes, and once the client closed
+        for good."""
         return self._book.synced
 
     @property
