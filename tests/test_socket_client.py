@@ -768,9 +768,14 @@ async def test_implement_answers_server_requests() -> None:
             finally:
                 cancelled.set()
 
+        def deny_now(data: Any) -> Any:
+            raise SocketError("denied", "not now")
+
         client.implement("add", add, input=Point)
         client.implement("deny", deny)
+        client.implement("deny_now", deny_now)
         client.implement("crash", crash)
+        client.implement("later", lambda data: slow(data))  # plain, returns a coroutine
         remove = client.implement("slow", slow)
         with pytest.raises(InvalidArgumentError):
             client.implement("add", add)
@@ -787,6 +792,9 @@ async def test_implement_answers_server_requests() -> None:
             "not you",
             {"who": 1},
         )
+        reply = await conn.reply_to(await conn.request("deny_now"))
+        assert isinstance(reply, ReplyErrorFrame)
+        assert (reply.code, reply.message) == ("denied", "not now")
         reply = await conn.reply_to(await conn.request("crash"))
         assert isinstance(reply, ReplyErrorFrame) and reply.code == ErrorCode.INTERNAL
         assert "bug" not in reply.message  # no traceback or message leaks
@@ -799,6 +807,13 @@ async def test_implement_answers_server_requests() -> None:
         await cancelled.wait()
         # The "cancelled" answer came back and was ignored as late.
         await server.wait_for(lambda: conn.protocol.counters.late_answers == 1)
+        # A plain implementation's awaitable is awaited in a task, and cancelled too.
+        started, cancelled = trio.Event(), trio.Event()
+        request_id = await conn.request("later")
+        await started.wait()
+        await conn.cancel_request(request_id)
+        await cancelled.wait()
+        await server.wait_for(lambda: conn.protocol.counters.late_answers == 2)
 
         remove()
         reply = await conn.reply_to(await conn.request("slow"))

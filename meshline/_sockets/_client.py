@@ -467,10 +467,15 @@ class _Listener:
 
     @is_async.default
     def _is_async(self) -> bool:
-        handler = self.handler
-        return inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
-            type(handler).__call__
-        )
+        return _is_async_callable(self.handler)
+
+
+def _is_async_callable(handler: Callable[..., object]) -> bool:
+    """Whether calling ``handler`` only makes a coroutine (an async function, or
+    an object whose ``__call__`` is one)."""
+    return inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
+        type(handler).__call__
+    )
 
 
 _Queued = tuple[EventFrame, Codec] | Awaitable[object]
@@ -482,6 +487,19 @@ run at once returned that must be awaited (it returned a coroutine)."""
 class _Implementation:
     handler: Callable[[Any], object]
     input: Any
+    is_async: bool = attrs.field(init=False)
+
+    @is_async.default
+    def _is_async(self) -> bool:
+        return _is_async_callable(self.handler)
+
+
+@attrs.frozen
+class _Prepared:
+    """A request's implementation and its decoded data."""
+
+    implementation: _Implementation
+    decoded: Any
 
 
 class _Session:
@@ -628,12 +646,7 @@ class _Session:
             case EventFrame():
                 self.client._deliver(event, self.codec)
             case RequestFrame():
-                scope = trio.CancelScope()
-                if event.timeout is not None:
-                    scope.deadline = trio.current_time() + event.timeout
-                self.requests[event.id] = scope
-                assert self.nursery is not None and self.context is not None
-                self.context.run(self.nursery.start_soon, self._answer_request, event, scope)
+                self._start_request(event)
             case CancelFrame(id=request_id):
                 running = self.requests.get(request_id)
                 if running is not None:
@@ -688,55 +701,101 @@ class _Session:
                 self.finish(_EndKind.LOCAL, CloseCode.HEARTBEAT_MISSED, "heartbeat missed")
                 return
 
-    async def _answer_request(self, frame: RequestFrame, scope: trio.CancelScope) -> None:
+    def _start_request(self, frame: RequestFrame) -> None:
+        """Answer the server's request: at once when its implementation is a plain
+        function that returns the reply (called here, in the reader), else from a
+        task of its own, cancelled when the server cancels the request."""
         try:
-            answer = await self._run_implementation(frame, scope)
+            prepared = self._prepare_request(frame)
+            if not isinstance(prepared, _Prepared):
+                self.queue(prepared, control=True)
+                return
+            handler, data = prepared.implementation.handler, prepared.decoded
+            started = None
+            if not prepared.implementation.is_async:
+                try:
+                    started = handler(data)
+                except Exception as exc:
+                    self.queue(self._request_failed(frame, exc), control=True)
+                    return
+                if not inspect.isawaitable(started):
+                    self.queue(self._reply(frame, started), control=True)
+                    return
+        except ProtocolClosedError:
+            logger.debug("socket client: request %r outlived its connection", frame.name)
+            return
+        scope = trio.CancelScope()
+        if frame.timeout is not None:
+            scope.deadline = trio.current_time() + frame.timeout
+        self.requests[frame.id] = scope
+        assert self.nursery is not None and self.context is not None
+        self.context.run(
+            self.nursery.start_soon,
+            self._answer_request,
+            frame,
+            scope,
+            started if started is not None else handler(data),
+        )
+
+    def _prepare_request(self, frame: RequestFrame) -> _Prepared | Message:
+        """The request's implementation, with its data decoded; or the error
+        reply when there is none, or the data does not fit its input."""
+        implementation = self.client._implementations.get(frame.name)
+        if implementation is None:
+            logger.warning("socket client: the server requested %r, not implemented", frame.name)
+            return self.protocol.reply_error(
+                frame.id, ErrorCode.UNKNOWN_REQUEST, f"no implementation of {frame.name!r}"
+            )
+        try:
+            data = self.codec.decode_data(frame.data, implementation.input)
+        except PayloadDecodeError as exc:
+            logger.warning("socket client: bad input for request %r: %s", frame.name, exc)
+            return self.protocol.reply_error(frame.id, ErrorCode.BAD_INPUT, str(exc))
+        return _Prepared(implementation, data)
+
+    async def _answer_request(
+        self, frame: RequestFrame, scope: trio.CancelScope, started: object
+    ) -> None:
+        """Await the reply ``started`` (what the implementation returned), under
+        ``scope``; send it (or the error, or ``cancelled``)."""
+        answer: Message | None = None
+        try:
+            with scope:
+                try:
+                    result = await _maybe_await(started)
+                except Exception as exc:
+                    answer = self._request_failed(frame, exc)
+                else:
+                    answer = self._reply(frame, result)
+            if scope.cancelled_caught:
+                logger.debug("socket client: request %r cancelled", frame.name)
+                answer = self.protocol.reply_error(frame.id, ErrorCode.CANCELLED, "cancelled")
+        except ProtocolClosedError:
+            logger.debug("socket client: request %r outlived its connection", frame.name)
+            answer = None
         finally:
             self.requests.pop(frame.id, None)
         if answer is not None:
             self.queue(answer, control=True)
 
-    async def _run_implementation(
-        self, frame: RequestFrame, scope: trio.CancelScope
-    ) -> Message | None:
-        """The reply (or reply error) to send; None when the session is gone."""
-        protocol, request_id, name = self.protocol, frame.id, frame.name
-        implementation = self.client._implementations.get(name)
+    def _request_failed(self, frame: RequestFrame, exc: Exception) -> Message:
+        """The error reply for an implementation that raised ``exc``."""
+        if isinstance(exc, SocketError):
+            logger.debug("socket client: request %r refused: %s", frame.name, exc)
+            return self._reply_error(frame.id, exc.code, exc.message, exc.details)
+        logger.error("socket client: the implementation of %r raised", frame.name, exc_info=exc)
+        return self.protocol.reply_error(frame.id, ErrorCode.INTERNAL, "internal error")
+
+    def _reply(self, frame: RequestFrame, result: object) -> Message:
+        """The reply carrying ``result``, or the error when it cannot be sent."""
         try:
-            if implementation is None:
-                logger.warning("socket client: the server requested %r, not implemented", name)
-                return protocol.reply_error(
-                    request_id, ErrorCode.UNKNOWN_REQUEST, f"no implementation of {name!r}"
-                )
-            try:
-                data = self.codec.decode_data(frame.data, implementation.input)
-            except PayloadDecodeError as exc:
-                logger.warning("socket client: bad input for request %r: %s", name, exc)
-                return protocol.reply_error(request_id, ErrorCode.BAD_INPUT, str(exc))
-            result: Any = None
-            with scope:
-                try:
-                    result = await _maybe_await(implementation.handler(data))
-                except SocketError as exc:
-                    logger.debug("socket client: request %r refused: %s", name, exc)
-                    return self._reply_error(request_id, exc.code, exc.message, exc.details)
-                except Exception:
-                    logger.exception("socket client: the implementation of %r raised", name)
-                    return protocol.reply_error(request_id, ErrorCode.INTERNAL, "internal error")
-            if scope.cancelled_caught:
-                logger.debug("socket client: request %r cancelled", name)
-                return protocol.reply_error(request_id, ErrorCode.CANCELLED, "cancelled")
-            try:
-                return protocol.reply(request_id, result)
-            except PeerLimitExceededError as exc:
-                logger.warning("socket client: the reply to %r is too large: %s", name, exc)
-                return protocol.reply_error(request_id, ErrorCode.TOO_LARGE, str(exc))
-            except FrameEncodeError as exc:
-                logger.warning("socket client: the reply to %r cannot be encoded: %s", name, exc)
-                return protocol.reply_error(request_id, ErrorCode.INTERNAL, "reply not encodable")
-        except ProtocolClosedError:
-            logger.debug("socket client: request %r outlived its connection", name)
-            return None
+            return self.protocol.reply(frame.id, result)
+        except PeerLimitExceededError as exc:
+            logger.warning("socket client: the reply to %r is too large: %s", frame.name, exc)
+            return self.protocol.reply_error(frame.id, ErrorCode.TOO_LARGE, str(exc))
+        except FrameEncodeError as exc:
+            logger.warning("socket client: the reply to %r cannot be encoded: %s", frame.name, exc)
+            return self.protocol.reply_error(frame.id, ErrorCode.INTERNAL, "reply not encodable")
 
     def _reply_error(self, request_id: int, code: str, message: str, details: Any) -> Message:
         try:
@@ -1550,7 +1609,10 @@ class SocketClient:
         ``handler`` is a function or an async function; it gets the request's
         data decoded into ``input`` (builtins by default; data that does not fit
         is answered ``bad_input``) and returns the reply (anything msgspec
-        encodes). Each request runs in its own task, so several may run at once.
+        encodes). A plain function is called as the request is read, in the
+        client's reader, so it must not block (if it returns an awaitable, that
+        is awaited in a task of its own); an async function runs in a task of its
+        own per request, so several may run at once.
 
         Errors: raising :class:`~meshline.SocketError` answers with its code,
         message and details; any other exception is logged and answered
@@ -1558,8 +1620,9 @@ class SocketClient:
         answered ``unknown_request``.
 
         Cancellation: when the server cancels the request (its timeout ran out,
-        its caller gave up), or the request's own timeout passes, the handler is
-        cancelled and the answer is ``cancelled``. When the connection drops, the
+        its caller gave up), or the request's own timeout passes, the task is
+        cancelled and the answer is ``cancelled`` (a plain function has answered
+        before a cancel can arrive). When the connection drops, the
         handler is cancelled and nothing is sent.
 
         Returns a function that removes the implementation.
