@@ -28,6 +28,7 @@ from meshline._sockets._frames import (
     MSGPACK,
     PresenceDiffFrame,
     PresenceStateFrame,
+    UnwatchFrame,
     WelcomeFrame,
 )
 from meshline._sockets._presence import Applied, PresenceBook
@@ -294,25 +295,73 @@ def big_bio(conn: meshline.Connection) -> dict[str, Any]:
     return {"bio": "x" * (8000 if conn.user_id == "big" else 10)}
 
 
-async def test_a_watch_the_client_gives_up_is_ended_on_the_server_too(
+async def test_a_change_too_big_for_a_watcher_ends_its_watch(
     open_transport: OpenTransport, unique: Callable[[str], str], clock: object
 ) -> None:
-    """A diff too big for the watcher's message limit is not sent (logged); the next
-    one skips a revision, so the client watches again; the new state is too big
-    too, so that watch is refused and the client stops watching. The server must
-    stop too (it went on sending the room's diffs to the client)."""
+    """A diff bigger than the watcher's message limit is not sent, and the watch
+    ends (``too_large``) on both sides: the client is told, rather than left with
+    a view that lacks the change (the diff used to be skipped silently, and a
+    refused watch again left the server sending diffs)."""
     async with cluster_of(
         open_transport, unique, 1, on_connect=joins_hall, describe=big_bio, presence_fields={"bio"}
     ) as (a,):
         async with client_of(a, user="w", max_message_size=4096) as w:
             presence = await w.watch("hall")
             await until(presence, users_are("w"))
-            async with client_of(a, user="big"), client_of(a, user="y"):
+            async with client_of(a, user="big"):
                 with trio.fail_after(30):
                     await wait_until(lambda: not presence.watching)
+                assert presence.end_code == "too_large"
                 assert w.watched_rooms == frozenset()
                 with trio.fail_after(30):
                     await wait_until(lambda: "hall" not in a.server.cluster.watched())
+
+
+async def test_under_the_default_rule_leaving_the_room_ends_the_watch(
+    open_transport: OpenTransport, unique: Callable[[str], str], clock: object
+) -> None:
+    """By default a client may watch the rooms it is in: taken out of the room, its
+    watch ends (``forbidden``), and it sees nothing more of the room (it used to
+    go on seeing who joined)."""
+    async with cluster_of(open_transport, unique, 1, on_connect=joins_hall) as (a,):
+        async with client_of(a, user="w") as w:
+            presence = await w.watch("hall")
+            await until(presence, users_are("w"))
+            conn = a.server.connection(w.connection_id)
+            assert conn is not None
+            conn.leave("hall")
+            with trio.fail_after(30):
+                await wait_until(lambda: not presence.watching)
+            assert presence.end_code == "forbidden"
+            async with client_of(a, user="y"):
+                await settled([a], lambda server: len(server.cluster.room("hall")) == 1)
+                with trio.fail_after(30):
+                    await wait_until(lambda: "hall" not in a.server.cluster.watched())
+            assert presence.user_ids() == {"w"}  # as it was when the watch ended
+            with pytest.raises(CallFailedError) as refused:
+                await w.watch("hall")
+            assert refused.value.code == "forbidden"
+
+
+async def test_the_server_ends_a_watch_with_connection_unwatch(
+    open_transport: OpenTransport, unique: Callable[[str], str], clock: object
+) -> None:
+    async with cluster_of(
+        open_transport, unique, 1, on_connect=joins_hall, authorize_presence=lambda c, r: True
+    ) as (a,):
+        async with client_of(a, user="w") as w:
+            presence = await w.watch("hall")
+            conn = a.server.connection(w.connection_id)
+            assert conn is not None
+            conn.leave("hall")  # a hook decides here: leaving ends nothing
+            assert conn.unwatch("hall")
+            assert not conn.unwatch("hall")  # no longer watching
+            with trio.fail_after(30):
+                await wait_until(lambda: not presence.watching)
+            assert presence.end_code == "forbidden"
+            assert "hall" not in a.server.cluster.watched()
+            again = await w.watch("hall")  # the hook still allows it
+            assert again.watching and again.end_code is None
 
 
 async def test_room_presence_over_real_websockets() -> None:
@@ -393,6 +442,23 @@ async def test_a_watch_refused_by_a_revision_1_server_sends_it_nothing() -> None
     kinds = [type(frame).__name__ for frame in received]
     assert kinds[0] == "HelloFrame"
     assert not {"WatchFrame", "UnwatchFrame"} & set(kinds), kinds
+
+
+def test_a_server_ends_a_watch_and_the_client_forgets_the_room() -> None:
+    client, server = open_machines()
+    watch_id, message = client.watch("hall")
+    server.receive(message, 0.0)
+    for answer in server.accept_watch(watch_id, 0, ()).messages:
+        client.receive(answer, 0.0)
+    assert client.is_watching("hall")
+    with pytest.raises(meshline.LocalProtocolError):
+        server.end_watch("elsewhere", "forbidden")  # not watched
+    ended = client.receive(server.end_watch("hall", "too_large"), 0.0)
+    assert ended == UnwatchFrame("hall", "too_large")
+    assert not client.is_watching("hall") and not server.is_watching("hall")
+    assert client.receive(MSGPACK.encode(PresenceDiffFrame("hall", 1)), 0.0) is None
+    assert client.receive(MSGPACK.encode(UnwatchFrame("hall", "forbidden")), 0.0) is None
+    assert client.counters.unwatched_presence == 2
 
 
 def test_a_watch_withdrawn_before_its_answer_is_answered_cancelled() -> None:

@@ -86,6 +86,7 @@ from ._frames import (
     ResultFrame,
     Side,
     UnsubscribeFrame,
+    UnwatchFrame,
     WelcomeFrame,
     codec_for_subprotocol,
 )
@@ -653,6 +654,8 @@ class _Session:
                     running.cancel()
             case UnsubscribeFrame(topic=topic):
                 self.client._subscription_ended(topic)
+            case UnwatchFrame(room=room, code=code):
+                self.client._watch_ended(room, code, self)
             case PingFrame(seq=seq):
                 self.send_control(lambda: self.protocol.pong(seq))
             case PongFrame():
@@ -1819,6 +1822,22 @@ class SocketClient:
                     session.withdraw_watch(room)
 
         return on_answer
+
+    def _watch_ended(self, room: str, code: str, session: _Session) -> None:
+        """The server ended the watch of ``room`` (``code``: why)."""
+        watch = self._watches.pop(room, None)
+        if watch is None:
+            return
+        logger.warning(
+            "socket client %r: the server ended the watch of %r (%s)",
+            self.client_id,
+            room,
+            code or "no reason given",
+        )
+        watch.presence.end_code = code or None
+        presence_ended(watch.presence)
+        if session.protocol.watch_pending(room):  # a watch again crossed the end
+            session.withdraw_watch(room)
 
     def _presence_frame(
         self, frame: PresenceStateFrame | PresenceDiffFrame, session: _Session

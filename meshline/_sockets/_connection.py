@@ -595,6 +595,30 @@ class Connection:
         self._rooms.pop(room, None)
         if self._visible:
             self._hub.registry.remove_from_room(room, self)
+        if self._hub.settings.authorize_presence is None:  # the rule: members only
+            self._end_watch(room, ErrorCode.FORBIDDEN, "left the room")
+
+    def unwatch(self, room: str) -> bool:
+        """End the client's watch of ``room``'s presence (its permission was
+        revoked): the client is told (code ``forbidden``), and no more presence of
+        the room reaches it. Returns False when it was not watching, or the
+        connection is not open. (With the default rule, leaving a room does this.)
+
+        :raises InvalidArgumentError: a bad room name.
+        """
+        check_name(room, "room name")
+        return self._end_watch(room, ErrorCode.FORBIDDEN, "no longer allowed")
+
+    def _end_watch(self, room: str, code: str, why: str) -> bool:
+        if not self.is_open or not self._protocol.is_watching(room):
+            return False
+        logger.info("connection %s: watch of %s ended (%s: %s)", self.id, _shown(room), code, why)
+        message = self._protocol.end_watch(room, code)
+        source = self._hub.presence
+        if source is not None:
+            source.remove_watcher(room, self)
+        self._deliver(message, None, control=True)
+        return True
 
     def unsubscribe(self, topic: str) -> bool:
         """End the client's subscription to ``topic`` (its permission was revoked,
@@ -1669,7 +1693,10 @@ def fan_out(
 def fan_out_presence(connections: Iterable[Connection], frame: PresenceDiffFrame) -> int:
     """Queue a room presence diff to the connections that watch the room,
     encoded once per encoding, as a control message (never dropped: a lost
-    diff would leave the client's view wrong). Returns how many it was queued to.
+    diff would leave the client's view wrong). A watcher whose client accepts
+    smaller messages has its watch ended (``too_large``) instead: it is told,
+    rather than left with a view that lacks the change. Returns how many it was
+    queued to.
 
     :raises FrameEncodeError: a member's fields cannot be encoded.
     """
@@ -1704,6 +1731,8 @@ def _queue_to_all(
                 what,
                 len(message),
             )
+            if isinstance(frame, PresenceDiffFrame):
+                conn._end_watch(frame.room, ErrorCode.TOO_LARGE, "a change over its limit")
             continue
         if conn._deliver(message, key, control=control):
             count += 1

@@ -451,11 +451,15 @@ class WatchFrame(_FrameBase, tag="watch", frozen=True):
 
 
 class UnwatchFrame(_FrameBase, tag="unwatch", frozen=True):
-    """Client to server (revision 2): stop watching ``room`` (also withdraws a
-    watch not yet answered). Never answered."""
+    """Revision 2. Client to server: stop watching ``room`` (also withdraws a
+    watch not yet answered). Server to client: the server ended the watch,
+    ``code`` says why (``forbidden``: the client may no longer watch the room;
+    ``too_large``: a change of it did not fit the client's message limit).
+    Never answered."""
 
-    senders = _FROM_CLIENT
+    senders = _BOTH
     room: str
+    code: str = ""
 
 
 class PresenceStateFrame(_FrameBase, tag="presence_state", frozen=True):
@@ -546,6 +550,7 @@ ServerFrame: TypeAlias = (
     | RequestFrame
     | CancelFrame
     | UnsubscribeFrame
+    | UnwatchFrame
     | PresenceStateFrame
     | PresenceDiffFrame
     | PingFrame

@@ -213,8 +213,13 @@ class RoomPresence:
         self._book = book
         self._changed = trio.Event()
         self.watching = True
-        """False once the client stopped watching (or the server refused the
-        watch again after a reconnect): nothing changes any more."""
+        """False once the watch ended (the client unwatched or closed for good,
+        the server refused the watch again after a reconnect, or ended it):
+        nothing changes any more."""
+        self.end_code: str | None = None
+        """Why the server ended the watch, when it did: ``forbidden`` (the client
+        may no longer watch the room) or ``too_large`` (a change did not fit the
+        client's message limit); None otherwise."""
 
     @property
     def room(self) -> str:

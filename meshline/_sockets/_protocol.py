@@ -600,6 +600,14 @@ class SocketProtocol:
         del self._subscriptions[frame.topic]
         return frame
 
+    def _receive_unwatch_at_client(self, frame: UnwatchFrame) -> Event | None:
+        if frame.room not in self._watches:
+            self.counters.unwatched_presence += 1
+            self._ignored(f"end of the watch of {frame.room!r}, not watched")
+            return None
+        del self._watches[frame.room]
+        return frame
+
     def _receive_presence(self, frame: PresenceStateFrame | PresenceDiffFrame) -> Event | None:
         room = frame.room
         if room not in self._watches and _WatchOf(room) not in self._calls.values():
@@ -950,6 +958,24 @@ class SocketProtocol:
             del self._calls[call_id]
         return message
 
+    def watch_pending(self, room: str) -> bool:
+        """Client: whether a watch of ``room`` waits for its answer."""
+        return _WatchOf(room) in self._calls.values()
+
+    def end_watch(self, room: str, code: str) -> Message:
+        """Server: end the client's watch of ``room``, for the reason ``code`` (an
+        error code: ``forbidden``, ``too_large``...). The room leaves
+        :attr:`watches` at once.
+
+        :raises LocalProtocolError: not a server, not open, or not watched.
+        """
+        self._require(Side.SERVER, ProtocolState.OPEN, "an unwatch")
+        if room not in self._watches:
+            raise self._local_error(f"not watching {room!r}")
+        message = self._encode(UnwatchFrame(room, code))
+        del self._watches[room]
+        return message
+
     def accept_watch(
         self, call_id: int, rev: int, members: tuple[PresenceMember, ...]
     ) -> WatchAnswer:
@@ -1211,6 +1237,7 @@ _RECEIVERS: dict[tuple[Side, ProtocolState], dict[type[Any], _Receiver]] = {
         RequestFrame: SocketProtocol._receive_request,
         CancelFrame: SocketProtocol._receive_cancel_at_client,
         UnsubscribeFrame: SocketProtocol._receive_unsubscribe_at_client,
+        UnwatchFrame: SocketProtocol._receive_unwatch_at_client,
         PresenceStateFrame: SocketProtocol._receive_presence,
         PresenceDiffFrame: SocketProtocol._receive_presence,
         PingFrame: SocketProtocol._receive_as_is,
