@@ -475,3 +475,85 @@ async def test_an_unregister_overtaking_a_reassertion_in_flight_is_not_undone(
             with trio.fail_after(20):
                 while backend.lookup("leaving") is not None or registry.holds("leaving"):
                     await trio.sleep(0.05)
+
+
+class SlowToRemove(meshline.MemoryRegistryBackend):
+    """Removing "slow" takes a second (cancellable); the others are quick."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_flight = trio.Event()
+
+    async def cleanup_client(
+        self, client_id: str, node_id: int, *, incarnation: int | None = None
+    ) -> Any:
+        if client_id == "slow":
+            self.in_flight.set()
+            await trio.sleep(1)
+        return await super().cleanup_client(client_id, node_id, incarnation=incarnation)
+
+
+async def test_closing_the_registry_during_a_cleanup_reports_what_was_removed(
+    open_transport: OpenTransport, unique: Callable[[str], str], clock: object
+) -> None:
+    """The registry closes while the leader's cleanup of a dead node is under way:
+    what was removed is still reported, and the leader stays up. (The cleanup's
+    report used to come after the report channel had closed: the error took the
+    node down, and the removed client was never reported.)"""
+    backend = SlowToRemove()
+    reported: list[str] = []
+    async with open_mesh(open_transport, unique("closing")) as mesh:
+        leader = await mesh.start(ttl=TTL)
+        doomed = await mesh.start(ttl=TTL, can_lead=False)
+        await backend.register("quick", doomed.id, b"{}")
+        await backend.register("slow", doomed.id, b"{}")
+        async with meshline.open_client_registry(
+            leader.node,
+            backend=backend,
+            on_orphaned=lambda node_id, clients: reported.extend(c.client_id for c in clients),
+        ):
+            await doomed.crash()
+            with trio.fail_after(10):
+                await backend.in_flight.wait()
+                while await backend.get_client("quick") is not None:
+                    await trio.sleep(0.01)
+        assert reported == ["quick"]
+        assert leader.node.is_alive(leader.id)
+
+
+class RefusesOne(meshline.MemoryRegistryBackend):
+    """Removing "stuck" always fails (a store that keeps refusing one key)."""
+
+    async def cleanup_client(
+        self, client_id: str, node_id: int, *, incarnation: int | None = None
+    ) -> Any:
+        if client_id == "stuck":
+            await trio.lowlevel.checkpoint()
+            raise meshline.TransportError("refused")
+        return await super().cleanup_client(client_id, node_id, incarnation=incarnation)
+
+
+async def test_a_removal_that_keeps_failing_holds_back_no_report(
+    open_transport: OpenTransport, unique: Callable[[str], str], clock: object
+) -> None:
+    """Each cleanup pass reports what it removed when it ends: one removal that
+    keeps failing does not hold back the others' report (with one report per
+    cleanup, they waited for as long as it failed)."""
+    backend = RefusesOne()
+    reported: list[str] = []
+    async with open_mesh(open_transport, unique("refuses")) as mesh:
+        leader = await mesh.start(ttl=TTL)
+        doomed = await mesh.start(ttl=TTL, can_lead=False)
+        for client_id in ["a", "b", "c", "stuck"]:
+            await backend.register(client_id, doomed.id, b"{}")
+        async with meshline.open_client_registry(
+            leader.node,
+            backend=backend,
+            on_orphaned=lambda node_id, clients: reported.extend(c.client_id for c in clients),
+        ) as registry:
+            await doomed.crash()
+            with trio.fail_after(30):
+                await wait_until(lambda: sorted(reported) == ["a", "b", "c"])
+                await wait_until(lambda: registry.cleanup_restarts >= 2)
+            assert sorted(reported) == ["a", "b", "c"]  # nothing twice
+            assert await backend.count_clients_for_node(doomed.id) == 1

@@ -291,6 +291,47 @@ async def test_a_client_closed_for_good_ends_its_presences(
             assert w.watched_rooms == frozenset()
 
 
+async def test_a_permission_revoked_while_the_hook_decides_is_not_granted(
+    open_transport: OpenTransport, unique: Callable[[str], str], clock: object
+) -> None:
+    """The hook looked the permission up (allowed) and has not answered yet; the
+    application revokes it with ``conn.unwatch``: the watch is refused (the hook's
+    answer used to be taken, and the client watched on)."""
+    looked_up, answer = trio.Event(), trio.Event()
+
+    async def authorize(conn: meshline.Connection, room: str) -> bool:
+        allowed = True  # as the application's store said a moment ago
+        looked_up.set()
+        await answer.wait()
+        return allowed
+
+    async with cluster_of(
+        open_transport, unique, 1, on_connect=joins_hall, authorize_presence=authorize
+    ) as (a,):
+        async with client_of(a, user="w") as w:
+            outcome: list[RoomPresence | CallFailedError] = []
+
+            async def watch() -> None:
+                try:
+                    outcome.append(await w.watch("hall"))
+                except CallFailedError as exc:
+                    outcome.append(exc)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watch)
+                with trio.fail_after(30):
+                    await looked_up.wait()
+                conn = a.server.connection(w.connection_id)
+                assert conn is not None
+                assert not conn.unwatch("hall")  # not watching yet: nothing to end
+                answer.set()
+            [refused] = outcome
+            assert isinstance(refused, CallFailedError) and refused.code == "forbidden"
+            assert "hall" not in a.server.cluster.watched()
+            again = await w.watch("hall")  # asked afresh: the hook allows it
+            assert again.watching
+
+
 def big_bio(conn: meshline.Connection) -> dict[str, Any]:
     return {"bio": "x" * (8000 if conn.user_id == "big" else 10)}
 

@@ -10,6 +10,7 @@ The timing tests (backoff, heartbeat) are in ``test_socket_client_timing.py``, o
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -818,6 +819,53 @@ async def test_implement_answers_server_requests() -> None:
         remove()
         reply = await conn.reply_to(await conn.request("slow"))
         assert isinstance(reply, ReplyErrorFrame) and reply.code == ErrorCode.UNKNOWN_REQUEST
+
+
+async def test_an_implementation_that_cannot_be_called_is_answered_internal() -> None:
+    """Calling an async implementation raises at once (it takes no argument): the
+    request is answered ``internal`` and the connection stays (it used to close
+    the connection with 1011)."""
+    async with tcp_server() as server, open_socket_client(server.url, client_id="c") as client:
+
+        async def takes_nothing() -> Any:
+            return 1
+
+        client.implement("broken", takes_nothing)  # type: ignore[arg-type]
+        conn = server.last
+        reply = await conn.reply_to(await conn.request("broken"))
+        assert isinstance(reply, ReplyErrorFrame) and reply.code == ErrorCode.INTERNAL
+        reply = await conn.reply_to(await conn.request("broken"))  # the same connection
+        assert isinstance(reply, ReplyErrorFrame) and reply.code == ErrorCode.INTERNAL
+        assert client.state is ClientState.CONNECTED
+
+
+_TAG: contextvars.ContextVar[str] = contextvars.ContextVar("_TAG", default="unset")
+
+
+async def test_plain_handlers_do_not_leak_context_into_the_next_one() -> None:
+    """A plain implementation or event handler runs in a context of its own, as it
+    would in a task: what it sets is not seen by the next one (run in the
+    client's reader, they shared its context)."""
+    async with tcp_server() as server, open_socket_client(server.url, client_id="c") as client:
+        seen: list[str] = []
+
+        def tag(data: Any) -> None:
+            _TAG.set(data)
+
+        client.implement("tag", tag)
+        client.implement("read", lambda data: _TAG.get())
+        client.on("tag", tag)
+        client.on("read", lambda data: seen.append(_TAG.get()))
+        conn = server.last
+        await conn.reply_to(await conn.request("tag", "request 1"))
+        reply = await conn.reply_to(await conn.request("read"))
+        assert isinstance(reply, ReplyFrame) and conn.decode(reply.data) == "unset"
+        await conn.emit("tag", "event 1")
+        await conn.emit("read")
+        with trio.fail_after(10):
+            while not seen:
+                await trio.sleep(0.01)
+        assert seen == ["unset"]
 
 
 async def test_request_handlers_are_cancelled_when_the_connection_drops() -> None:

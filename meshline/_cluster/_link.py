@@ -1348,6 +1348,8 @@ async def open_cluster_link(
         async def call(node_id: int, clients: list[RegisteredClient[Any]]) -> None:
             assert hook is not None
             found = [conn for conn in map(_cluster_connection, clients) if conn is not None]
+            if not found:  # no record was a connection's
+                return
             result = hook(node_id, found)
             if inspect.isawaitable(result):
                 await result

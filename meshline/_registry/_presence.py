@@ -4,7 +4,7 @@
 where nodes crash, stall and lose their connection, and where writes can be lost:
 
 - The leader removes the registrations of dead nodes and reports them to
-  ``on_orphaned``, once per dead node, when the cleanup is over. Cleanup is
+  ``on_orphaned``, once per cleanup pass (one pass, unless removals failed). Cleanup is
   fenced: it removes only records written by the incarnation that was declared
   dead, it waits while the leader's own view may be stale, and it stops as soon as
   the node is seen alive again.
@@ -329,8 +329,18 @@ class NodeClientRegistry(ClientRegistry[MetadataT], Generic[MetadataT]):
             del self._own[client_id]
 
     def _report(self, hook: str, node_id: int, records: list[ClientRecord]) -> None:
-        if self._reports is not None and records:
+        if self._reports is None or not records:
+            return
+        try:
             self._reports.send_nowait(_Report(hook, node_id, records))
+        except trio.ClosedResourceError:  # the registry closed; never raise from here
+            logger.error(
+                "node %d: %d client(s) of node %d for %s not reported: the registry had closed",
+                self.node_id,
+                len(records),
+                node_id,
+                hook,
+            )
 
     async def _remove_own(self) -> None:
         """Remove every own registration (ownership- and token-safe), concurrently."""
@@ -415,8 +425,9 @@ async def open_client_registry(
         the registry is typed after it (``NodeClientRegistry[Session]`` for
         ``metadata_type=Session``; ``dict`` by default).
     :param on_orphaned: called on the leader as ``(dead_node_id, clients)`` with the
-        registrations it removed for a dead node: one call, once that node's
-        cleanup is over (or stopped: the node came back, or this node lost the lead).
+        registrations it removed for a dead node: one call per cleanup pass, when
+        the pass is over (or stopped: the node came back, this node lost the lead,
+        or the registry closed); a pass follows another only when removals failed.
         A client whose metadata does not decode is still reported, with the raw
         bytes as its metadata.
     :param on_restored: called on this node as ``(node_id, clients)`` with its own
@@ -493,21 +504,15 @@ async def open_client_registry(
     """Dead nodes being cleaned up now -> the incarnation being cleaned up."""
 
     async def clean_up(dead: int) -> None:
-        """Remove the dead incarnation's records of ``dead``; report them once.
+        """Remove the dead incarnation's records of ``dead``, reporting each pass.
 
         Each pass lists them and removes them (see :func:`clean_pass`); a pass that
         left failed removals behind is followed by a fresh one, and so is a pass
         during which ``dead`` came back and died again as a newer incarnation
         (:func:`start_cleanup` raised the incarnation to clean up to). Stops once
-        ``dead`` is seen alive again.
-
-        Everything removed is reported in one ``on_orphaned`` call when the cleanup
-        ends (done, stopped, or cancelled): the application hears of a dead node
-        once, with all its clients, not in pieces as the removals land.
-        Cancellation (the term ends, or the registry closes) cancels the removals
-        in flight; whatever was removed is still reported.
+        ``dead`` is seen alive again. Cancellation (the term ends, or the registry
+        closes) cancels the removals in flight; whatever was removed is reported.
         """
-        removed: list[ClientRecord] = []
         try:
             while True:
                 await node.wait_for_trustworthy_view()
@@ -520,7 +525,7 @@ async def open_client_registry(
                     for record in await backend.list_clients_for_node(dead)
                     if incarnation is None or record.incarnation <= incarnation
                 ]
-                failed = await clean_pass(dead, incarnation, targets, removed)
+                failed = await clean_pass(dead, incarnation, targets)
                 if failed is None:
                     # Seen alive again: the loop's top stops, unless the node died
                     # again (as a newer incarnation) while removals were in flight.
@@ -549,17 +554,18 @@ async def open_client_registry(
                 await trio.sleep(_RETRY_DELAY)
         finally:
             del cleaning[dead]
-            registry._report("on_orphaned", dead, removed)
 
     async def clean_pass(
-        dead: int,
-        incarnation: int | None,
-        targets: list[ClientRecord],
-        removed: list[ClientRecord],
+        dead: int, incarnation: int | None, targets: list[ClientRecord]
     ) -> int | None:
-        """Remove ``targets`` (fenced by ``incarnation``), adding what was removed to
-        ``removed``; return how many removals failed, or None if ``dead`` was seen
+        """Remove ``targets`` (fenced by ``incarnation``) and report what was
+        removed; return how many removals failed, or None if ``dead`` was seen
         alive again meanwhile.
+
+        What the pass removed is reported in one ``on_orphaned`` call when it ends
+        (done, stopped, or cancelled): the application hears of a dead node once,
+        with all its clients, not in pieces as the removals land. Only a pass with
+        failed removals is followed by another, which reports the rest.
 
         :data:`MAX_WRITES_IN_FLIGHT` workers take the records in turn. While this
         node's view cannot be trusted they pause, and they go on where they were once
@@ -618,10 +624,25 @@ async def open_client_registry(
             if record_removed is not None:
                 removed.append(record_removed)
 
-        await _in_workers(targets, remove)
+        removed: list[ClientRecord] = []
+        try:
+            await _in_workers(targets, remove)
+        finally:
+            registry._report("on_orphaned", dead, removed)
         return None if alive_again else failed
 
+    duty_ended: trio.Event | None = None
+    """Set once the running leader duty (its cleanups too) has ended."""
+
     async def leader_duty() -> None:
+        nonlocal duty_ended
+        ended = duty_ended = trio.Event()
+        try:
+            await lead()
+        finally:
+            ended.set()
+
+    async def lead() -> None:
         async with node.membership_events() as events, trio.open_nursery() as nursery:
 
             def start_cleanup(dead: int, incarnation: int | None) -> None:
@@ -683,6 +704,8 @@ async def open_client_registry(
                 remove_handler()
                 remove_listener()
                 with trio.move_on_after(2.0, shield=True):
+                    if duty_ended is not None:  # its cleanups report what they removed
+                        await duty_ended.wait()
                     await registry._remove_own()
                     send_reports.close()
                     await reports_delivered.wait()

@@ -488,11 +488,6 @@ run at once returned that must be awaited (it returned a coroutine)."""
 class _Implementation:
     handler: Callable[[Any], object]
     input: Any
-    is_async: bool = attrs.field(init=False)
-
-    @is_async.default
-    def _is_async(self) -> bool:
-        return _is_async_callable(self.handler)
 
 
 @attrs.frozen
@@ -706,24 +701,24 @@ class _Session:
 
     def _start_request(self, frame: RequestFrame) -> None:
         """Answer the server's request: at once when its implementation is a plain
-        function that returns the reply (called here, in the reader), else from a
-        task of its own, cancelled when the server cancels the request."""
+        function that returns the reply (called here, in the reader, in a context
+        of its own as a task would have), else from a task of its own that awaits
+        what it returned, cancelled when the server cancels the request."""
         try:
             prepared = self._prepare_request(frame)
             if not isinstance(prepared, _Prepared):
                 self.queue(prepared, control=True)
                 return
-            handler, data = prepared.implementation.handler, prepared.decoded
-            started = None
-            if not prepared.implementation.is_async:
-                try:
-                    started = handler(data)
-                except Exception as exc:
-                    self.queue(self._request_failed(frame, exc), control=True)
-                    return
-                if not inspect.isawaitable(started):
-                    self.queue(self._reply(frame, started), control=True)
-                    return
+            try:
+                started = contextvars.copy_context().run(
+                    prepared.implementation.handler, prepared.decoded
+                )
+            except Exception as exc:  # a plain one raised, or an async one cannot be called
+                self.queue(self._request_failed(frame, exc), control=True)
+                return
+            if not inspect.isawaitable(started):
+                self.queue(self._reply(frame, started), control=True)
+                return
         except ProtocolClosedError:
             logger.debug("socket client: request %r outlived its connection", frame.name)
             return
@@ -732,13 +727,7 @@ class _Session:
             scope.deadline = trio.current_time() + frame.timeout
         self.requests[frame.id] = scope
         assert self.nursery is not None and self.context is not None
-        self.context.run(
-            self.nursery.start_soon,
-            self._answer_request,
-            frame,
-            scope,
-            started if started is not None else handler(data),
-        )
+        self.context.run(self.nursery.start_soon, self._answer_request, frame, scope, started)
 
     def _prepare_request(self, frame: RequestFrame) -> _Prepared | Message:
         """The request's implementation, with its data decoded; or the error
@@ -1571,7 +1560,7 @@ class SocketClient:
             )
             return None
         try:
-            return listener.handler(data)
+            return contextvars.copy_context().run(listener.handler, data)
         except Exception:
             logger.exception(
                 "socket client %r: a handler of event %r raised", self.client_id, frame.name

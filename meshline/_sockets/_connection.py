@@ -372,6 +372,7 @@ class Connection:
         "_own_writer",
         "_protocol",
         "_requests",
+        "_revoked",
         "_role_calls",
         "_role_events",
         "_rooms",
@@ -460,6 +461,10 @@ class Connection:
         self._role_calls: Mapping[str, CallSpec] = settings.roles.calls[role]
         self._role_events: Mapping[str, EventSpec] = settings.roles.events[role]
         self._rooms: dict[str, None] = {}
+        self._revoked: dict[tuple[str, str], int] | None = None
+        """How many times the application revoked each (kind, name) permission
+        (``unsubscribe``, ``unwatch``): a hook's answer given across a revocation
+        is not taken. Made at the first revocation."""
         self._calls: dict[int, _RunningCall] = {}
         self._event_scopes: dict[trio.CancelScope, None] = {}
         self._idle: trio.Event | None = None
@@ -601,13 +606,25 @@ class Connection:
     def unwatch(self, room: str) -> bool:
         """End the client's watch of ``room``'s presence (its permission was
         revoked): the client is told (code ``forbidden``), and no more presence of
-        the room reaches it. Returns False when it was not watching, or the
+        the room reaches it. A watch of it whose ``authorize_presence`` hook is
+        still deciding is refused. Returns False when it was not watching, or the
         connection is not open. (With the default rule, leaving a room does this.)
 
         :raises InvalidArgumentError: a bad room name.
         """
         check_name(room, "room name")
+        self._revoke("room", room)
         return self._end_watch(room, ErrorCode.FORBIDDEN, "no longer allowed")
+
+    def _revoke(self, kind: str, name: str) -> None:
+        """Count a revocation of ``name``: an authorization hook deciding on it now
+        has its answer refused (see :meth:`_run_authorization`)."""
+        if self._revoked is None:
+            self._revoked = {}
+        self._revoked[kind, name] = self._revoked.get((kind, name), 0) + 1
+
+    def _revocations(self, kind: str, name: str) -> int:
+        return 0 if self._revoked is None else self._revoked.get((kind, name), 0)
 
     def _end_watch(self, room: str, code: str, why: str) -> bool:
         if not self.is_open or not self._protocol.is_watching(room):
@@ -623,12 +640,14 @@ class Connection:
     def unsubscribe(self, topic: str) -> bool:
         """End the client's subscription to ``topic`` (its permission was revoked,
         the topic is gone): the client is told, and nothing more published to the
-        topic reaches it. Returns False when it was not subscribed, or the
+        topic reaches it. A subscribe to it whose ``authorize_topic`` hook is still
+        deciding is refused. Returns False when it was not subscribed, or the
         connection is not open.
 
         :raises InvalidArgumentError: a bad topic name.
         """
         check_name(topic, "topic")
+        self._revoke("topic", topic)
         if not self.is_open or topic not in self._protocol.subscriptions:
             return False
         message = self._protocol.end_subscription(topic)
@@ -1571,6 +1590,7 @@ class Connection:
     ) -> None:
         hook = authorization.hook
         assert hook is not None
+        revocations = self._revocations(authorization.kind, name)
         try:
             with running.scope:
                 try:
@@ -1589,9 +1609,9 @@ class Connection:
                     )
                     self._answer_error(call_id, ErrorCode.INTERNAL, "internal error")
                     return
-                if allowed is True:
+                if allowed is True and revocations == self._revocations(authorization.kind, name):
                     accept(call_id, name)
-                else:
+                else:  # refused, or revoked while the hook decided
                     self._refuse(call_id, name, authorization)
                 return
             if self._closing:
