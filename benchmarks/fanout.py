@@ -57,6 +57,13 @@ event name, the events its clients received and the time of the first and last
   Requests completed in a window after a warm-up, per second.
   ``request_ratio`` = socket requests/s / node requests/s (both medians); a
   socket request is a node request plus the WebSocket round trip to the client.
+* **Ceilings of a socket request** (shown beside it): as many tasks in node B's
+  client process, each with a bare connection to an echo server in node B's
+  process, send the request's payload (msgpack) and await it back, in a loop:
+  over trio-websocket on both ends (``serve_websocket`` / ``open_websocket_url``),
+  and over plain trio TCP. Round trips per second against the node requests: the
+  first says how close to them any socket request can come with trio-websocket,
+  whatever the library does (``_fanout_worker.py``, ``echo``).
 * **Room presence** (shown, not in the last line; meshline only): on each node,
   the first W clients connect with ``watch=1``, so their node puts them in the
   room ``watched``, and they watch it (``client.watch("watched", on_change=...)``,
