@@ -17,7 +17,7 @@ import trio
 
 import meshline
 
-from .node_helpers import OpenTransport, RunningNode, open_mesh, wait_until
+from .node_helpers import Mesh, OpenTransport, RunningNode, open_mesh, wait_until
 
 TTL = 1
 
@@ -45,6 +45,21 @@ class OnlineSet:
 
     def hooks(self) -> dict[str, Any]:
         return {"on_orphaned": self.on_orphaned, "on_restored": self.on_restored}
+
+
+async def leader_and_doomed(
+    mesh: Mesh, app: OnlineSet, clients: set[str]
+) -> tuple[RunningNode, RunningNode]:
+    """A leader, and a node that cannot lead holding ``clients``, once the
+    leader's replica has them all."""
+    leader = await mesh.start(ttl=TTL, registry=app.hooks())
+    doomed = await mesh.start(ttl=TTL, can_lead=False, registry=app.hooks())
+    for client_id in sorted(clients):
+        await registry_of(doomed).register(client_id, {})
+    with trio.fail_after(20):
+        while await registry_of(leader).count_clients_for_node(doomed.id) != len(clients):
+            await trio.sleep(0.05)
+    return leader, doomed
 
 
 def registry_of(running: RunningNode) -> meshline.NodeClientRegistry[Any]:
@@ -90,13 +105,7 @@ async def test_a_dead_node_is_reported_orphaned_in_one_call_with_all_its_clients
     app = OnlineSet()
     clients = {f"client {index}" for index in range(300)}
     async with open_mesh(open_transport, unique("onecall")) as mesh:
-        leader = await mesh.start(ttl=TTL, registry=app.hooks())
-        doomed = await mesh.start(ttl=TTL, can_lead=False, registry=app.hooks())
-        for client_id in sorted(clients):
-            await registry_of(doomed).register(client_id, {})
-        with trio.fail_after(20):
-            while await registry_of(leader).count_clients_for_node(doomed.id) != len(clients):
-                await trio.sleep(0.05)
+        leader, doomed = await leader_and_doomed(mesh, app, clients)
         await doomed.crash()
         with trio.fail_after(30):
             await wait_until(lambda: bool(app.orphan_reports))
@@ -254,13 +263,7 @@ async def test_a_cleanup_pauses_while_the_view_is_untrustworthy_and_never_starts
     app = OnlineSet()
     clients = {f"client {index}" for index in range(300)}
     async with open_mesh(open_transport, unique("pause")) as mesh:
-        leader = await mesh.start(ttl=TTL, registry=app.hooks())
-        doomed = await mesh.start(ttl=TTL, can_lead=False, registry=app.hooks())
-        for client_id in sorted(clients):
-            await registry_of(doomed).register(client_id, {})
-        with trio.fail_after(20):
-            while await registry_of(leader).count_clients_for_node(doomed.id) != len(clients):
-                await trio.sleep(0.05)
+        leader, doomed = await leader_and_doomed(mesh, app, clients)
         # The cleanup's removals hang, so it is still under way when the leader's
         # view goes stale (its watches fall silent: its own heartbeats stop coming
         # back). The lease is untouched: its writes still land.
