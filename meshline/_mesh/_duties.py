@@ -65,7 +65,10 @@ class Duties:
             self._term = None
 
     async def _run(self, duty: Duty) -> None:
-        """Run ``duty`` for the term; restart it after an error; stop when removed."""
+        """Run ``duty`` for the term; restart it after an error; stop when removed
+        (also when it was removed after this task was started, before it ran)."""
+        if duty not in self._duties:
+            return
         with trio.CancelScope() as scope:
             self._scopes[duty] = scope
             try:

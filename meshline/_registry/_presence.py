@@ -4,7 +4,7 @@
 where nodes crash, stall and lose their connection, and where writes can be lost:
 
 - The leader removes the registrations of dead nodes and reports them to
-  ``on_orphaned``, once per cleanup pass (one pass, unless removals failed). Cleanup is
+  ``on_orphaned``, once per cleanup pass (usually one per dead node). Cleanup is
   fenced: it removes only records written by the incarnation that was declared
   dead, it waits while the leader's own view may be stale, and it stops as soon as
   the node is seen alive again.
@@ -61,6 +61,10 @@ kept the node's event loop busy for close to a second at 10,000, long enough to
 hold up its own heartbeat)."""
 
 _RETRY_DELAY = 0.5
+REMOVAL_GRACE = 1.0
+"""Seconds a cleanup removal already sent may still take once the cleanup is
+cancelled (the lead lost, the registry closing): so that a removal that landed
+is known, and reported, rather than cut off with its answer."""
 """Seconds before a failed cleanup or removal is tried again."""
 
 _UNCERTAIN_AFTER = 1.0
@@ -427,7 +431,8 @@ async def open_client_registry(
     :param on_orphaned: called on the leader as ``(dead_node_id, clients)`` with the
         registrations it removed for a dead node: one call per cleanup pass, when
         the pass is over (or stopped: the node came back, this node lost the lead,
-        or the registry closed); a pass follows another only when removals failed.
+        or the registry closed): usually one per dead node; another pass follows
+        when a removal failed, or when the node came back and died again.
         A client whose metadata does not decode is still reported, with the raw
         bytes as its metadata.
     :param on_restored: called on this node as ``(node_id, clients)`` with its own
@@ -563,9 +568,10 @@ async def open_client_registry(
         alive again meanwhile.
 
         What the pass removed is reported in one ``on_orphaned`` call when it ends
-        (done, stopped, or cancelled): the application hears of a dead node once,
-        with all its clients, not in pieces as the removals land. Only a pass with
-        failed removals is followed by another, which reports the rest.
+        (done, stopped, or cancelled), not in pieces as the removals land (the
+        report task may still merge two passes' reports into one call). A removal
+        already sent when the pass is cancelled gets :data:`REMOVAL_GRACE` seconds
+        to end, shielded, so that one that landed is known and reported.
 
         :data:`MAX_WRITES_IN_FLIGHT` workers take the records in turn. While this
         node's view cannot be trusted they pause, and they go on where they were once
@@ -607,10 +613,18 @@ async def open_client_registry(
             if alive_again or node.is_alive(dead):
                 alive_again = True
                 return
+            await trio.lowlevel.checkpoint_if_cancelled()  # no new removal once cancelled
             try:
-                record_removed = await backend.cleanup_client(
-                    record.client_id, dead, incarnation=incarnation
-                )
+                with trio.CancelScope(shield=True) as in_flight:
+                    removals_in_flight.add(in_flight)
+                    try:
+                        record_removed = await backend.cleanup_client(
+                            record.client_id, dead, incarnation=incarnation
+                        )
+                    finally:
+                        removals_in_flight.discard(in_flight)
+                if in_flight.cancelled_caught:  # its grace ran out: unknown, so failed
+                    raise TransportError("the removal did not end in time")
             except TransportClosedError:
                 raise
             except TransportError as exc:
@@ -624,9 +638,23 @@ async def open_client_registry(
             if record_removed is not None:
                 removed.append(record_removed)
 
+        async def grace_once_cancelled() -> None:
+            """When the pass is cancelled, give the removals in flight
+            :data:`REMOVAL_GRACE` seconds to end (they are shielded until then)."""
+            try:
+                await trio.sleep_forever()
+            finally:
+                deadline = trio.current_time() + REMOVAL_GRACE
+                for scope in removals_in_flight:
+                    scope.deadline = min(scope.deadline, deadline)
+
         removed: list[ClientRecord] = []
+        removals_in_flight: set[trio.CancelScope] = set()
         try:
-            await _in_workers(targets, remove)
+            async with trio.open_nursery() as grace:
+                grace.start_soon(grace_once_cancelled)
+                await _in_workers(targets, remove)
+                grace.cancel_scope.cancel()
         finally:
             registry._report("on_orphaned", dead, removed)
         return None if alive_again else failed

@@ -239,7 +239,7 @@ class _RunningCall:
     timer of the server's, rather than a deadline on the scope: see
     :mod:`~meshline._sockets._timers`), and why it was cancelled."""
 
-    __slots__ = ("cancelled_by_client", "scope", "timeout", "timer")
+    __slots__ = ("cancelled_by_client", "revoked", "scope", "timeout", "timer")
 
     def __init__(
         self, timeout: float, timers: Timers | None, scope: trio.CancelScope | None = None
@@ -250,6 +250,8 @@ class _RunningCall:
         if timers is not None and timeout < math.inf:
             self.timer = timers.add(trio.current_time() + timeout, self._expire)
         self.cancelled_by_client = False
+        self.revoked = False
+        """An authorization the application revoked while its hook decided."""
 
     def _expire(self, now: float) -> None:
         self.scope.cancel()
@@ -361,6 +363,7 @@ class Connection:
         "_closing",
         "_connected",
         "_context",
+        "_deciding",
         "_drain",
         "_event_scopes",
         "_finished",
@@ -372,7 +375,6 @@ class Connection:
         "_own_writer",
         "_protocol",
         "_requests",
-        "_revoked",
         "_role_calls",
         "_role_events",
         "_rooms",
@@ -461,10 +463,10 @@ class Connection:
         self._role_calls: Mapping[str, CallSpec] = settings.roles.calls[role]
         self._role_events: Mapping[str, EventSpec] = settings.roles.events[role]
         self._rooms: dict[str, None] = {}
-        self._revoked: dict[tuple[str, str], int] | None = None
-        """How many times the application revoked each (kind, name) permission
-        (``unsubscribe``, ``unwatch``): a hook's answer given across a revocation
-        is not taken. Made at the first revocation."""
+        self._deciding: dict[tuple[str, str], list[_RunningCall]] | None = None
+        """The authorization hooks deciding now, by (kind, name) asked for: a
+        revocation meanwhile (``unsubscribe``, ``unwatch``) refuses their answer.
+        Made at the first hook that runs (most connections never need it)."""
         self._calls: dict[int, _RunningCall] = {}
         self._event_scopes: dict[trio.CancelScope, None] = {}
         self._idle: trio.Event | None = None
@@ -617,14 +619,10 @@ class Connection:
         return self._end_watch(room, ErrorCode.FORBIDDEN, "no longer allowed")
 
     def _revoke(self, kind: str, name: str) -> None:
-        """Count a revocation of ``name``: an authorization hook deciding on it now
-        has its answer refused (see :meth:`_run_authorization`)."""
-        if self._revoked is None:
-            self._revoked = {}
-        self._revoked[kind, name] = self._revoked.get((kind, name), 0) + 1
-
-    def _revocations(self, kind: str, name: str) -> int:
-        return 0 if self._revoked is None else self._revoked.get((kind, name), 0)
+        """The application revoked the permission to ``name``: the authorization
+        hooks deciding on it now have their answer refused."""
+        for running in (self._deciding or {}).get((kind, name), ()):
+            running.revoked = True
 
     def _end_watch(self, room: str, code: str, why: str) -> bool:
         if not self.is_open or not self._protocol.is_watching(room):
@@ -1572,6 +1570,9 @@ class Connection:
         running = self._start_call(call_id, None)
         if running is None:
             return
+        if self._deciding is None:
+            self._deciding = {}
+        self._deciding.setdefault((authorization.kind, name), []).append(running)
         self._spawn(self._run_authorization, call_id, name, authorization, accept, running)
 
     def _refuse(self, call_id: int, name: str, authorization: _Authorization) -> None:
@@ -1590,7 +1591,6 @@ class Connection:
     ) -> None:
         hook = authorization.hook
         assert hook is not None
-        revocations = self._revocations(authorization.kind, name)
         try:
             with running.scope:
                 try:
@@ -1609,7 +1609,7 @@ class Connection:
                     )
                     self._answer_error(call_id, ErrorCode.INTERNAL, "internal error")
                     return
-                if allowed is True and revocations == self._revocations(authorization.kind, name):
+                if allowed is True and not running.revoked:
                     accept(call_id, name)
                 else:  # refused, or revoked while the hook decided
                     self._refuse(call_id, name, authorization)
@@ -1624,6 +1624,11 @@ class Connection:
                 )
         finally:
             self._call_finished(call_id)
+            assert self._deciding is not None
+            deciding = self._deciding[authorization.kind, name]
+            deciding.remove(running)
+            if not deciding:
+                del self._deciding[authorization.kind, name]
 
     def _accept_subscribe(self, call_id: int, topic: str) -> None:
         try:
