@@ -182,6 +182,12 @@ class Profile:
     presence_joins: int
     """Connections of node A that join it (presence diffs to every watcher)."""
 
+    @property
+    def request_window(self) -> str:
+        """``CONCURRENCY WARMUP DURATION``, as the workers' request and echo
+        commands take them."""
+        return f"{self.request_concurrency} {self.request_warmup:g} {self.request_duration:g}"
+
 
 FULL = Profile(
     "full",
@@ -505,13 +511,11 @@ class Cluster:
         )
 
     def requests(self, kind: str, profile: Profile) -> dict[str, Any]:
-        options = (
-            f"{profile.request_concurrency} {profile.request_warmup:g} {profile.request_duration:g}"
-        )
         if kind == "socket":
-            command = f"requests {options}"
+            command = f"requests {profile.request_window}"
         else:
-            command = f"node_requests {self.hellos[1]['baseline_node_id']} {options}"
+            peer = self.hellos[1]["baseline_node_id"]
+            command = f"node_requests {peer} {profile.request_window}"
         self.nodes[0].send(command)
         self.nodes[0].read(profile.request_warmup + 30)  # the window opens
         before = self.cpu()
@@ -521,41 +525,36 @@ class Cluster:
         spent = [after - was for after, was in zip(self.cpu(), before, strict=True)]
         self.nodes[1].send("stats")
         gc_s = result["gc_s"] + self.nodes[1].read(10)["gc_s"]
-        done = result["requests"]
-        if result["errors"] or not done:
-            raise SectionFailed(
-                f"{kind} requests: {result['errors']} errors, {done} answered; "
-                f"first error: {result['first_error']}"
-            )
-
-        return request_figures(result, spent, gc_s)
+        return request_figures(f"{kind} requests", result, spent, gc_s)
 
     def echo(self, kind: str, profile: Profile) -> dict[str, Any]:
         """Bare round trips (``kind``: websocket or tcp) from node B's client
         process to node B's process: the ceilings of a socket request's
         WebSocket leg, with nothing of meshline in the way."""
         port = self.hellos[1]["echo_ports"][kind]
-        self.clients[1].send(
-            f"echo {kind} {port} {profile.request_concurrency} "
-            f"{profile.request_warmup:g} {profile.request_duration:g}"
-        )
+        self.clients[1].send(f"echo {kind} {port} {profile.request_window}")
         self.clients[1].read(profile.request_warmup + 30)  # the window opens
         before = self.cpu()
         result = self.clients[1].read(profile.request_duration + 30)
         spent = [after - was for after, was in zip(self.cpu(), before, strict=True)]
-        if result["errors"] or not result["requests"]:
-            raise SectionFailed(
-                f"{kind} echo: {result['errors']} errors, {result['requests']} answered; "
-                f"first error: {result['first_error']}"
-            )
-        figures = request_figures(result, spent, result["gc_s"])
+        figures = request_figures(f"{kind} echo", result, spent, result["gc_s"])
         return {**figures, "leg_us": figures["node_b_us"] + figures["clients_us"]}
 
 
-def request_figures(result: dict[str, Any], spent: list[float], gc_s: float) -> dict[str, Any]:
+def request_figures(
+    what: str, result: dict[str, Any], spent: list[float], gc_s: float
+) -> dict[str, Any]:
     """The rate of a request measurement and where its CPU went, per request
-    (``spent``: CPU seconds of :attr:`Cluster.pids` over the window)."""
+    (``spent``: CPU seconds of :attr:`Cluster.pids` over the window).
+
+    :raises SectionFailed: a request failed, or none was answered.
+    """
     done = result["requests"]
+    if result["errors"] or not done:
+        raise SectionFailed(
+            f"{what}: {result['errors']} errors, {done} answered; "
+            f"first error: {result['first_error']}"
+        )
 
     def per(seconds: float) -> float:
         return 1e6 * seconds / done

@@ -1,13 +1,16 @@
-"""Child processes that speak JSON lines, for the process tests and benchmarks:
-commands go in on stdin, one JSON object a line; every line the child prints is
-kept, as a dict, with ``"arrived"``: the parent's ``time.monotonic()`` when it was
-read (one clock for every process on the machine)."""
+"""Child processes for the process tests and benchmarks.
+
+:class:`Process` speaks JSON lines: commands go in on stdin, one JSON object a
+line; every line the child prints is kept, as a dict, with ``"arrived"``: the
+parent's ``time.monotonic()`` when it was read (one clock for every process on
+the machine). :func:`run_script` runs a benchmark script to its end."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -86,3 +89,15 @@ async def spawn(nursery: trio.Nursery, *args: str) -> AsyncIterator[Process]:
             process.kill()
         with trio.CancelScope(shield=True):
             await process.wait()
+
+
+def run_script(script: Path, *arguments: str) -> str:
+    """Run the Python script ``script`` with ``arguments`` (at most 300 s); its
+    standard output. :raises subprocess.CalledProcessError: it failed."""
+    return subprocess.run(
+        [sys.executable, str(script), *arguments],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    ).stdout

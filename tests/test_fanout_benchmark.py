@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pytest
 
+from .json_processes import run_script
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 BENCHMARK = BENCHMARKS / "fanout.py"
 FLOAT = r"(nan|inf|\d+\.\d+)"
@@ -44,13 +46,7 @@ def baseline_installed() -> bool:
 
 def test_tiny_profile_measures_everything(tmp_path: Path) -> None:
     output = tmp_path / "fanout.json"
-    stdout = subprocess.run(
-        [sys.executable, str(BENCHMARK), "--tiny", "--json", str(output)],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    ).stdout
+    stdout = run_script(BENCHMARK, "--tiny", "--json", str(output))
     last = stdout.strip().splitlines()[-1]
     assert LAST_LINE.fullmatch(last), last
     assert "FAILED" not in stdout and "> " not in stdout, stdout
@@ -93,13 +89,7 @@ def test_tiny_profile_measures_everything(tmp_path: Path) -> None:
 def test_socket_kill_benchmark_checks_the_hooks() -> None:
     """``benchmarks/socket_kill.py``, one small round: it measured every time, and
     the hooks it saw were the truth (one orphan report, the right users offline)."""
-    stdout = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "socket_kill.py"), "--tiny"],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    ).stdout
+    stdout = run_script(BENCHMARKS / "socket_kill.py", "--tiny")
     last = stdout.strip().splitlines()[-1]
     match = re.fullmatch(rf"gone_s={FLOAT} orphaned_s={FLOAT} wrong_hooks=(\d+)", last)
     assert match is not None, stdout

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 import pytest
+
+from .json_processes import run_script
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "scale.py"
 LAST_LINE = re.compile(
@@ -28,13 +28,7 @@ pytestmark = pytest.mark.slow
 
 
 def run(*arguments: str) -> str:
-    return subprocess.run(
-        [sys.executable, str(BENCHMARK), *arguments],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    ).stdout
+    return run_script(BENCHMARK, *arguments)
 
 
 def test_tiny_profile_measures_everything(tmp_path: Path) -> None:

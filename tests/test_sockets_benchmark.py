@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 import math
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from .json_processes import run_script
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "sockets.py"
 FLOAT = r"(nan|inf|\d+\.\d+)"
@@ -27,13 +27,7 @@ pytestmark = pytest.mark.slow
 
 def test_tiny_profile_measures_everything(tmp_path: Path) -> None:
     output = tmp_path / "sockets.json"
-    stdout = subprocess.run(
-        [sys.executable, str(BENCHMARK), "--tiny", "--json", str(output)],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    ).stdout
+    stdout = run_script(BENCHMARK, "--tiny", "--json", str(output))
     last = stdout.strip().splitlines()[-1]
     assert LAST_LINE.fullmatch(last), last
     assert "FAILED" not in stdout and "> " not in stdout, stdout

@@ -468,15 +468,10 @@ class _Listener:
 
     @is_async.default
     def _is_async(self) -> bool:
-        return _is_async_callable(self.handler)
-
-
-def _is_async_callable(handler: Callable[..., object]) -> bool:
-    """Whether calling ``handler`` only makes a coroutine (an async function, or
-    an object whose ``__call__`` is one)."""
-    return inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
-        type(handler).__call__
-    )
+        handler = self.handler
+        return inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
+            type(handler).__call__
+        )
 
 
 _Queued = tuple[EventFrame, Codec] | Awaitable[object]
